@@ -1,0 +1,320 @@
+"""Typed wrappers over the compiled module, one per function of csrc/cfn_fast.h.
+
+This is the only module that touches cffi. C returns 0 (or a count) or a
+negative code; ``raise_for`` turns a code and the C error text into the
+matching CfnError. Nothing here knows about configuration or the environment.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any, NamedTuple, Optional
+
+from cfn_fast import errors as E
+from cfn_fast._native import ffi, lib
+
+Handle = Any  # an ffi "cfn_bus *" owned by a Python object (closed by ffi.gc)
+
+AGENT_MAX: int = lib.CFN_AGENT_MAX
+TYPE_MAX: int = lib.CFN_TYPE_MAX
+
+_CODES: dict[int, type[E.CfnError]] = {
+    lib.CFN_E_FULL: E.InboxFull,
+    lib.CFN_E_TIMEOUT: E.BackpressureTimeout,
+    lib.CFN_E_NOINBOX: E.InboxNotFound,
+    lib.CFN_E_BADID: E.InvalidAgentId,
+    lib.CFN_E_BADJSON: E.InvalidPayload,
+    lib.CFN_E_TOOBIG: E.PayloadTooLarge,
+    lib.CFN_E_BADTYPE: E.InvalidMessageType,
+    lib.CFN_E_BADSTATE: E.StateFileError,
+    lib.CFN_E_NOSLOT: E.TooManyAgents,
+    lib.CFN_E_BADARG: E.InvalidArgument,
+    lib.CFN_E_UNSAFE: E.UnsafePath,
+}
+
+BACKOFF_CODES = {
+    "fixed": lib.CFN_BACKOFF_FIXED,
+    "exponential": lib.CFN_BACKOFF_EXPONENTIAL,
+    "decorrelated": lib.CFN_BACKOFF_DECORRELATED,
+}
+
+
+def new_err() -> Any:
+    return ffi.new("cfn_err *")
+
+
+def error_for(rc: int, err: Any) -> E.CfnError:
+    text = ffi.string(err.what).decode("utf-8", "replace") if err is not None else ""
+    cls = _CODES.get(rc)
+    if cls is not None:
+        return cls(text or cls.__doc__ or "cfn-fast error")
+    if -1000 < rc < 0:
+        code = -rc
+        msg = text or os.strerror(code)
+        if code == _errno.EINTR:
+            return E.CfnOSError(code, msg)
+        return E.CfnOSError(code, f"{msg}: {os.strerror(code)}" if text else msg)
+    return E.CfnError(text or f"cfn-fast error code {rc}")
+
+
+def raise_for(rc: int, err: Any) -> None:
+    raise error_for(rc, err)
+
+
+def agent_bytes(agent: object, role: str = "agent id") -> bytes:
+    """Encodes an agent id for C; C checks the characters, but cannot see past a NUL."""
+    if not isinstance(agent, str):
+        raise E.InvalidAgentId(f"{role} must be a str, not {type(agent).__name__}")
+    if "\0" in agent:
+        raise E.InvalidAgentId(f"{role} {agent!r} contains a NUL byte")
+    try:
+        return agent.encode("ascii")
+    except UnicodeEncodeError:
+        raise E.InvalidAgentId(
+            f"{role} {agent!r} has a non-ASCII character; use letters, digits, '.', '_' and '-'"
+        ) from None
+
+
+def open_bus(base_dir: str, create: bool, dir_mode: int) -> Handle:
+    err = new_err()
+    h = lib.cfn_bus_open(os.fsencode(base_dir), lib.CFN_OPEN_CREATE if create else 0, dir_mode, err)
+    if h == ffi.NULL:
+        raise_for(err.code, err)
+    return ffi.gc(h, lib.cfn_bus_close)
+
+
+def close_bus(h: Handle) -> None:
+    ffi.release(h)
+
+
+def check_agent(agent: bytes) -> None:
+    err = new_err()
+    rc = lib.cfn_check_agent(agent, err)
+    if rc:
+        raise_for(rc, err)
+
+
+def check_json(payload: bytes) -> None:
+    err = new_err()
+    rc = lib.cfn_check_json(payload, len(payload), err)
+    if rc:
+        raise_for(rc, err)
+
+
+def init_agent(h: Handle, agent: bytes, dir_mode: int, gid: Optional[int]) -> None:
+    err = new_err()
+    rc = lib.cfn_init_agent(h, agent, dir_mode, -1 if gid is None else gid, err)
+    if rc:
+        raise_for(rc, err)
+
+
+def forget_agent(h: Handle, agent: bytes) -> None:
+    err = new_err()
+    rc = lib.cfn_forget_agent(h, agent, err)
+    if rc:
+        raise_for(rc, err)
+
+
+class SendResult(NamedTuple):
+    msg_id: str
+    sequence: int
+    timestamp: int
+    retries: int
+    wakeups: int
+    waited_ns: int
+    outbox_copied: bool
+
+
+def new_send_opts(**fields: int) -> Any:
+    opts = ffi.new("cfn_send_opts *")
+    for name, value in fields.items():
+        setattr(opts, name, value)
+    return opts
+
+
+def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts: Any) -> SendResult:
+    err = new_err()
+    res = ffi.new("cfn_send_result *")
+    rc = lib.cfn_send(h, sender, to, mtype, len(mtype), payload, len(payload), opts, res, err)
+    if rc == -_errno.EINTR and opts.max_retries >= 0:
+        rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
+    if rc:
+        raise_for(rc, err)
+    return SendResult(
+        ffi.string(res.msg_id).decode("ascii"),
+        res.sequence,
+        res.timestamp,
+        res.retries,
+        res.wakeups,
+        res.waited_ns,
+        bool(res.outbox_copied),
+    )
+
+
+def _resume_after_signal(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes,
+                         opts: Any, res: Any, err: Any) -> int:
+    """A signal cut a backpressure wait short. Python has run its handler by
+    now (a KeyboardInterrupt would have left already); carry on with what is
+    left of the retries and the time budget."""
+    retries, waited = 0, 0
+    budget_ms = opts.max_total_ms or opts.wait_ms * opts.max_retries
+    rc = -_errno.EINTR
+    while rc == -_errno.EINTR:
+        retries += res.retries
+        waited += res.waited_ns
+        left = ffi.new("cfn_send_opts *", opts[0])
+        left.max_retries = max(0, opts.max_retries - retries)
+        left.max_total_ms = max(1, budget_ms - waited // 1_000_000)
+        rc = lib.cfn_send(h, sender, to, mtype, len(mtype), payload, len(payload), left, res, err)
+    res.retries += retries
+    res.waited_ns += waited
+    return rc
+
+
+def inbox_size(h: Handle, agent: bytes) -> int:
+    err = new_err()
+    n = lib.cfn_inbox_size(h, agent, err)
+    if n < 0:
+        raise_for(n, err)
+    return int(n)
+
+
+def scan_count(h: Handle, agent: bytes, box: bytes) -> int:
+    err = new_err()
+    n = lib.cfn_scan_count(h, agent, box, err)
+    if n < 0:
+        raise_for(n, err)
+    return int(n)
+
+
+class ReconcileResult(NamedTuple):
+    count: int
+    files: int
+    claimed: int
+    before: int
+    stale_tmp_removed: int
+    recovered: int
+    scanned: bool
+
+
+def reconcile(h: Handle, agent: bytes, force: bool) -> ReconcileResult:
+    err = new_err()
+    res = ffi.new("cfn_reconcile_result *")
+    rc = lib.cfn_reconcile(h, agent, 1 if force else 0, res, err)
+    if rc:
+        raise_for(rc, err)
+    return ReconcileResult(res.count, res.files, res.claimed, res.before, res.stale_tmp_removed,
+                           res.recovered, bool(res.scanned))
+
+
+def read_messages(h: Handle, agent: bytes, consume: bool, max_messages: int,
+                  max_bytes: int) -> tuple[list[bytes], int]:
+    """Raw message files, oldest first, and how many bad files were quarantined."""
+    err = new_err()
+    blob = ffi.new("cfn_blob *")
+    rc = lib.cfn_read_messages(h, agent, 1 if consume else 0, max_messages, max_bytes, blob, err)
+    try:
+        if rc:
+            raise_for(rc, err)
+        data = ffi.unpack(blob.data, blob.len) if blob.len else b""
+        count, bad = blob.count, blob.quarantined
+    finally:
+        lib.cfn_blob_free(blob)
+    out: list[bytes] = []
+    view = memoryview(data)
+    pos = 0
+    for _ in range(count):
+        n = int.from_bytes(view[pos:pos + 4], "little")
+        out.append(bytes(view[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return out, int(bad)
+
+
+def clear_inbox(h: Handle, agent: bytes) -> int:
+    err = new_err()
+    n = lib.cfn_clear_inbox(h, agent, err)
+    if n < 0:
+        raise_for(n, err)
+    return int(n)
+
+
+class SlotInfo(NamedTuple):
+    agent: str
+    count: int  # -1 when never scanned
+    capacity: int
+    waiters: int
+    reconcile_ns: int
+
+
+def slots(h: Handle) -> list[SlotInfo]:
+    info = ffi.new("cfn_slot_info *")
+    out = []
+    for i in range(lib.CFN_SLOTS):
+        if lib.cfn_slot_info_at(h, i, info) == 1:
+            out.append(SlotInfo(ffi.string(info.agent).decode("ascii", "replace"), info.count,
+                                info.capacity, info.waiters, info.reconcile_ns))
+    return out
+
+
+def counter_add(h: Handle, index: int, delta: int) -> int:
+    return int(lib.cfn_counter_add(h, index, delta))
+
+
+def counter_get(h: Handle, index: int) -> int:
+    return int(lib.cfn_counter_get(h, index))
+
+
+class RateSettings(NamedTuple):
+    batch_size: int
+    wait_ms: int
+    load_milli: int
+    updated_ns: int
+    interval_ms: int
+
+
+def rate_publish(h: Handle, s: RateSettings) -> None:
+    lib.cfn_rate_publish(h, ffi.new("cfn_rate_settings *", s._asdict()))
+
+
+def rate_read(h: Handle) -> RateSettings:
+    out = ffi.new("cfn_rate_settings *")
+    lib.cfn_rate_read(h, out)
+    return RateSettings(out.batch_size, out.wait_ms, out.load_milli, out.updated_ns, out.interval_ms)
+
+
+def cooldown_try(h: Handle, key: bytes, now_ns: int, cooldown_ns: int) -> bool:
+    return bool(lib.cfn_cooldown_try(h, key, len(key), now_ns, cooldown_ns))
+
+
+def set_metrics_fd(h: Handle, fd: int) -> None:
+    lib.cfn_set_metrics_fd(h, fd)
+
+
+def metric_emit(h: Handle, name: bytes, value: float, unit: bytes, tags_json: bytes) -> None:
+    err = new_err()
+    rc = lib.cfn_metric_emit(h, name, value, unit, tags_json, len(tags_json), err)
+    if rc:
+        raise_for(rc, err)
+
+
+def state_path(h: Handle) -> str:
+    buf = ffi.new("char[]", 4200)
+    lib.cfn_bus_state_path(h, buf, 4200)
+    return os.fsdecode(ffi.string(buf))
+
+
+COUNTERS: dict[str, int] = {
+    "sent": lib.CFN_CTR_SENT,
+    "consumed": lib.CFN_CTR_CONSUMED,
+    "send_full": lib.CFN_CTR_SEND_FULL,
+    "backpressure_wait": lib.CFN_CTR_BP_WAIT,
+    "backpressure_success": lib.CFN_CTR_BP_SUCCESS,
+    "backpressure_failure": lib.CFN_CTR_BP_FAILURE,
+    "reconcile": lib.CFN_CTR_RECONCILE,
+    "quarantined": lib.CFN_CTR_QUARANTINED,
+    "recovered": lib.CFN_CTR_RECOVERED,
+    "stale_tmp_removed": lib.CFN_CTR_STALE_TMP,
+    "metrics": lib.CFN_CTR_METRICS,
+    "alerts": lib.CFN_CTR_ALERTS,
+    "alerts_suppressed": lib.CFN_CTR_ALERTS_SUPPRESSED,
+}

@@ -1,0 +1,244 @@
+"""MessageBus: the bash original's message-bus and rate-limiting functions,
+over one base folder, backed by the C core.
+
+Storage sits behind the compiled handle (``_core``): the folder layout, the
+shared counters and the send loop. Everything here is argument handling,
+configuration and turning message files into dicts.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from typing import Any, Optional, Union
+
+from cfn_fast import _core
+from cfn_fast.config import Config
+from cfn_fast.errors import InboxNotFound, InvalidArgument, InvalidMessageType, InvalidPayload
+
+Payload = Union[str, bytes, bytearray, dict, list, int, float, bool, None]
+Message = dict[str, Any]
+
+# A message file holds the payload plus ~300 bytes of envelope; allow for escaping headroom.
+_ENVELOPE_BYTES = 64 * 1024
+
+
+def encode_payload(payload: Payload) -> bytes:
+    """JSON text (str/bytes) passes as it is (C checks it); other values are serialised."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        try:
+            return payload.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidPayload(f"payload is not valid Unicode text: {e.reason}") from None
+    import json
+
+    try:
+        return json.dumps(payload, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+    except (TypeError, ValueError) as e:
+        raise InvalidPayload(f"payload cannot be serialised as strict JSON: {e}") from None
+
+
+def encode_type(msg_type: object) -> bytes:
+    if not isinstance(msg_type, str):
+        raise InvalidMessageType(f"message type must be a str, not {type(msg_type).__name__}")
+    try:
+        return msg_type.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessageType("message type is not valid Unicode text") from None
+
+
+class MessageBus:
+    """One base folder of agent inboxes.
+
+    ``MessageBus()`` uses ``Config.from_env()``; ``MessageBus(base_dir)``
+    overrides MESSAGE_BASE_DIR. Methods are safe to call from many threads.
+    """
+
+    def __init__(self, base_dir: Optional[Union[str, os.PathLike[str]]] = None,
+                 config: Optional[Config] = None) -> None:
+        cfg = config if config is not None else Config.from_env()
+        if base_dir is not None:
+            cfg = cfg.replace(base_dir=os.fspath(base_dir))
+        self.config: Config = cfg
+        self.base_dir: str = cfg.base_dir
+        self._handle: Optional[_core.Handle] = None
+        self._lock = threading.Lock()
+        common = dict(
+            capacity=cfg.max_inbox_size,
+            wait_ms=cfg.backpressure_wait_ms,
+            max_total_ms=cfg.backpressure_max_total_ms,
+            max_payload=cfg.max_message_bytes,
+            stale_after_ms=int(cfg.rate_limit_check_interval * 3000),
+            backoff=_core.BACKOFF_CODES[cfg.backpressure_backoff],
+            fsync=1 if cfg.fsync else 0,
+            file_mode=cfg.file_mode,
+            dir_mode=cfg.dir_mode,
+        )
+        self._plain_opts = _core.new_send_opts(max_retries=-1, **common)
+        self._bp_opts = _core.new_send_opts(max_retries=cfg.backpressure_max_retries, **common)
+        self._max_file = cfg.max_message_bytes + _ENVELOPE_BYTES
+
+    # -- the handle ----------------------------------------------------------
+    def _bus(self, create: bool = False) -> Optional[_core.Handle]:
+        """The mapped state, opened on first use. Without ``create``, a base
+        folder that does not exist yet gives None (nothing is made by a read)."""
+        h = self._handle
+        if h is not None:
+            return h
+        with self._lock:
+            if self._handle is None:
+                try:
+                    self._handle = _core.open_bus(self.base_dir, create, self.config.dir_mode)
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    return None
+                self._on_open(self._handle)
+            return self._handle
+
+    def _on_open(self, handle: _core.Handle) -> None:
+        """Hook for subclasses and the telemetry layer (metrics descriptor)."""
+
+    def _need(self, agent: bytes) -> _core.Handle:
+        h = self._bus()
+        if h is None:
+            raise InboxNotFound(f"agent '{agent.decode()}' has no inbox (base folder {self.base_dir} does not exist)")
+        return h
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                _core.close_bus(self._handle)
+                self._handle = None
+
+    def __enter__(self) -> "MessageBus":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MessageBus({self.base_dir!r})"
+
+    # -- message bus ---------------------------------------------------------
+    def init_message_bus_system(self) -> None:
+        """Creates the base folder (0700) and its shared state file."""
+        self._bus(create=True)
+
+    def cleanup_message_bus_system(self) -> None:
+        """Removes the base folder and everything in it."""
+        self.close()
+        _rmtree(self.base_dir)
+
+    def init_message_bus(self, agent_id: str) -> None:
+        """Creates the agent's inbox and outbox. Idempotent."""
+        agent = _core.agent_bytes(agent_id)
+        h = self._bus(create=True)
+        _core.init_agent(h, agent, self.config.dir_mode, self.config.group)
+
+    def cleanup_message_bus(self, agent_id: str) -> None:
+        """Removes the agent's folder and every message in it."""
+        agent = _core.agent_bytes(agent_id)
+        h = self._bus()
+        if h is None:
+            return
+        _rmtree(os.path.join(self.base_dir, agent_id))
+        _core.forget_agent(h, agent)
+
+    def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
+        """Delivers one message; raises InboxFull at once when the inbox is full."""
+        return self._send(from_agent, to_agent, msg_type, payload, self._plain_opts).msg_id
+
+    def send_with_backpressure(self, from_agent: str, to_agent: str, msg_type: str,
+                               payload: Payload) -> str:
+        """Delivers one message, waiting for room while the inbox is full;
+        raises BackpressureTimeout after the last retry."""
+        return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts).msg_id
+
+    def _send(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
+              opts: Any) -> _core.SendResult:
+        sender = _core.agent_bytes(from_agent, "sender")
+        to = _core.agent_bytes(to_agent, "recipient")
+        data = encode_payload(payload)
+        mtype = encode_type(msg_type)
+        return _core.send(self._need(to), sender, to, mtype, data, opts)
+
+    def receive_messages(self, agent_id: str) -> list[Message]:
+        """Every message in the inbox, oldest first; removes nothing."""
+        return self._read(agent_id, consume=False, max_messages=-1)
+
+    def consume_messages(self, agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
+        """Takes up to max_messages (all when None), oldest first. Each message
+        goes to exactly one caller, however many consume at once."""
+        if max_messages is None:
+            n = -1
+        elif isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 0:
+            raise InvalidArgument(f"max_messages must be a whole number >= 0 or None, not {max_messages!r}")
+        else:
+            n = max_messages
+        if n == 0:
+            _core.agent_bytes(agent_id)
+            return []
+        return self._read(agent_id, consume=True, max_messages=n)
+
+    def _read(self, agent_id: str, consume: bool, max_messages: int) -> list[Message]:
+        import json
+
+        agent = _core.agent_bytes(agent_id)
+        raw, _bad = _core.read_messages(self._need(agent), agent, consume, max_messages, self._max_file)
+        return [json.loads(r) for r in raw]
+
+    def clear_inbox(self, agent_id: str) -> int:
+        """Deletes every message in the inbox; returns how many."""
+        agent = _core.agent_bytes(agent_id)
+        h = self._bus()
+        if h is None:
+            return 0
+        try:
+            return _core.clear_inbox(h, agent)
+        except InboxNotFound:
+            return 0
+
+    def message_count(self, agent_id: str, box: str = "inbox") -> int:
+        """Counts *.json files by a directory scan (authoritative); 0 when missing."""
+        agent = _core.agent_bytes(agent_id)
+        if box not in ("inbox", "outbox"):
+            raise InvalidArgument(f"box must be 'inbox' or 'outbox', not {box!r}")
+        h = self._bus()
+        return 0 if h is None else _core.scan_count(h, agent, box.encode())
+
+    # -- capacity ------------------------------------------------------------
+    def get_inbox_size(self, agent_id: str) -> int:
+        """Messages in the inbox (with sends in flight), from the shared counter: O(1)."""
+        agent = _core.agent_bytes(agent_id)
+        h = self._bus()
+        return 0 if h is None else _core.inbox_size(h, agent)
+
+    def check_inbox_capacity(self, agent_id: str) -> bool:
+        """True when the inbox has room (or does not exist yet)."""
+        return self.get_inbox_size(agent_id) < self.config.max_inbox_size
+
+    def get_inbox_utilization(self, agent_id: str) -> int:
+        """size * 100 // MAX_INBOX_SIZE, as the original."""
+        return self.get_inbox_size(agent_id) * 100 // self.config.max_inbox_size
+
+    def reconcile(self, agent_id: str, force: bool = True) -> _core.ReconcileResult:
+        """Sets the inbox's counter from a directory scan; with force, also
+        returns claims of dead consumers and removes stale temporary files."""
+        agent = _core.agent_bytes(agent_id)
+        return _core.reconcile(self._need(agent), agent, force)
+
+
+def _rmtree(path: str) -> None:
+    # rmtree uses the fd-based walk on Linux: it never follows a planted symlink.
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+__all__ = ["Message", "MessageBus", "Payload"]

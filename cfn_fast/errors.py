@@ -1,0 +1,80 @@
+"""Every exception cfn-fast raises derives from CfnError.
+
+Each class also derives from the builtin a caller would naturally catch, so
+``except ValueError`` or ``except TimeoutError`` work as well as ``except CfnError``.
+"""
+from __future__ import annotations
+
+
+class CfnError(Exception):
+    """Base of every cfn-fast error."""
+
+
+class ConfigError(CfnError, ValueError):
+    """A configuration value (usually an environment variable) is invalid."""
+
+
+class InvalidArgument(CfnError, ValueError):
+    """An argument to a call is out of range."""
+
+
+class InvalidAgentId(CfnError, ValueError):
+    """An agent id is empty, too long, starts with '.', or has a character outside [A-Za-z0-9._-]."""
+
+
+class InvalidPayload(CfnError, ValueError):
+    """A payload is not one strict RFC 8259 JSON value."""
+
+
+class PayloadTooLarge(InvalidPayload):
+    """A payload is over MAX_MESSAGE_BYTES."""
+
+
+class InvalidMessageType(CfnError, ValueError):
+    """A message type is empty, too long, or not UTF-8 text."""
+
+
+class InboxNotFound(CfnError, FileNotFoundError):
+    """The agent has no inbox (init_message_bus was never run for it)."""
+
+
+class InboxFull(CfnError, BlockingIOError):
+    """The inbox holds MAX_INBOX_SIZE messages; a plain send never evicts."""
+
+
+class BackpressureTimeout(InboxFull, TimeoutError):
+    """send_with_backpressure gave up: the inbox stayed full through every retry."""
+
+
+class StateFileError(CfnError):
+    """The shared-memory state file is foreign, truncated, or of another layout version."""
+
+
+class TooManyAgents(CfnError):
+    """The state file has no free inbox slot."""
+
+
+class UnsafePath(CfnError, PermissionError):
+    """A path is a symlink, of the wrong kind, or owned by another user; cfn-fast refuses it."""
+
+
+class CfnOSError(CfnError, OSError):
+    """A system call failed; errno and the operation are in the message."""
+
+
+__all__ = [
+    "BackpressureTimeout",
+    "CfnError",
+    "CfnOSError",
+    "ConfigError",
+    "InboxFull",
+    "InboxNotFound",
+    "InvalidAgentId",
+    "InvalidArgument",
+    "InvalidMessageType",
+    "InvalidPayload",
+    "PayloadTooLarge",
+    "StateFileError",
+    "TooManyAgents",
+    "UnsafePath",
+]

@@ -1,0 +1,178 @@
+/*
+ * cfn_fast.h - everything Python may call. This header is the contract:
+ * csrc/ffi_build.py feeds it to cffi's cdef() with the preprocessor lines
+ * dropped, so declare nothing here with a macro and nothing twice elsewhere.
+ *
+ * Conventions: a function returns 0 (or a count) on success, and on failure
+ * a negative code: -errno for a failed system call (errno values are below
+ * 1000), or one of CFN_E_* below. The cfn_err the caller passes gets the code
+ * and a short text naming the operation and the object that failed.
+ */
+#ifndef CFN_FAST_H
+#define CFN_FAST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    CFN_E_FULL = -1001,      /* inbox at capacity */
+    CFN_E_TIMEOUT = -1002,   /* backpressure: retries or time budget spent */
+    CFN_E_NOINBOX = -1003,   /* the agent has no inbox */
+    CFN_E_BADID = -1004,     /* agent id fails validation */
+    CFN_E_BADJSON = -1005,   /* payload is not strict RFC 8259 JSON */
+    CFN_E_TOOBIG = -1006,    /* payload over the configured byte limit */
+    CFN_E_BADTYPE = -1007,   /* message type empty, too long or not UTF-8 */
+    CFN_E_BADSTATE = -1008,  /* shared-memory state file foreign or damaged */
+    CFN_E_NOSLOT = -1009,    /* state file has no free inbox slot */
+    CFN_E_BADARG = -1010,    /* an option out of range */
+    CFN_E_UNSAFE = -1011     /* symlink, wrong owner or wrong file kind */
+};
+
+enum {
+    CFN_AGENT_MAX = 128,     /* longest agent id, in bytes */
+    CFN_TYPE_MAX = 256,      /* longest message type, in bytes */
+    CFN_MSG_ID_MAX = 80,     /* room for a message id and its NUL */
+    CFN_ERR_TEXT = 200,      /* room for an error text and its NUL */
+    CFN_SLOTS = 16384,       /* inbox slots in one state file */
+    CFN_COUNTERS = 64,       /* shared event counters */
+    CFN_COOLDOWNS = 1024,    /* shared alert cooldown entries */
+    CFN_LAYOUT_VERSION = 1
+};
+
+enum { CFN_BACKOFF_FIXED = 0, CFN_BACKOFF_EXPONENTIAL = 1, CFN_BACKOFF_DECORRELATED = 2 };
+
+/* Indexes of the shared event counters (cfn_counter_*). */
+enum {
+    CFN_CTR_SENT = 0,            /* messages delivered */
+    CFN_CTR_CONSUMED = 1,        /* messages consumed (acked) */
+    CFN_CTR_SEND_FULL = 2,       /* plain sends refused: inbox full */
+    CFN_CTR_BP_WAIT = 3,         /* backpressure waits (one per retry) */
+    CFN_CTR_BP_SUCCESS = 4,      /* backpressure sends delivered */
+    CFN_CTR_BP_FAILURE = 5,      /* backpressure sends failed after retries */
+    CFN_CTR_RECONCILE = 6,       /* reconciling scans done */
+    CFN_CTR_QUARANTINED = 7,     /* bad message files moved aside */
+    CFN_CTR_RECOVERED = 8,       /* claimed messages returned to an inbox */
+    CFN_CTR_STALE_TMP = 9,       /* stale temporary files removed */
+    CFN_CTR_METRICS = 10,        /* metric lines written */
+    CFN_CTR_ALERTS = 11,         /* alert lines written */
+    CFN_CTR_ALERTS_SUPPRESSED = 12, /* alerts held back by a cooldown */
+    CFN_CTR_FIRST_FREE = 13      /* 13..CFN_COUNTERS-1: free for later use */
+};
+
+/* Bits for cfn_bus_open's flags. */
+enum { CFN_OPEN_CREATE = 1 };
+
+typedef struct cfn_bus cfn_bus;     /* one base folder, mapped; owned by Python */
+
+typedef struct {
+    int code;                       /* the return code, repeated */
+    int sys_errno;                  /* errno of the failed call, or 0 */
+    char what[200];                 /* "renameat inbox/x.json: ..." */
+} cfn_err;
+
+typedef struct {
+    int64_t capacity;               /* MAX_INBOX_SIZE */
+    int64_t wait_ms;                /* BACKPRESSURE_WAIT_MS: base retry wait */
+    int64_t max_retries;            /* BACKPRESSURE_MAX_RETRIES; -1: plain send */
+    int64_t max_total_ms;           /* time budget; 0: wait_ms * max_retries */
+    int64_t max_payload;            /* MAX_MESSAGE_BYTES */
+    int64_t stale_after_ms;         /* shared wait override goes stale after this */
+    int32_t backoff;                /* CFN_BACKOFF_* */
+    int32_t fsync;                  /* 1: fsync file then folder before returning */
+    uint32_t file_mode;             /* mode of message files (0600) */
+    uint32_t dir_mode;              /* mode of created folders (0700) */
+} cfn_send_opts;
+
+typedef struct {
+    char msg_id[80];
+    int64_t sequence;
+    int64_t timestamp;
+    int64_t retries;                /* waits that ended without room */
+    int64_t wakeups;                /* waits ended early by a consumer's wake */
+    int64_t waited_ns;              /* time spent waiting in total */
+    int32_t outbox_copied;          /* 1 when the sender's outbox got a copy */
+} cfn_send_result;
+
+typedef struct {
+    int64_t count;                  /* occupancy after the scan */
+    int64_t files;                  /* *.json entries in the inbox */
+    int64_t claimed;                /* messages held in claim folders */
+    int64_t before;                 /* counter before the scan (-1: unknown) */
+    int64_t stale_tmp_removed;
+    int64_t recovered;              /* claims of dead consumers returned */
+    int32_t scanned;                /* 0 when a concurrent reconcile made it moot */
+} cfn_reconcile_result;
+
+/* Messages read by cfn_read_messages: `count` records, each a little-endian
+ * u32 byte length followed by the file's bytes, oldest first. */
+typedef struct {
+    char *data;
+    size_t len;
+    int64_t count;
+    int64_t quarantined;            /* bad files moved aside during the call */
+} cfn_blob;
+
+typedef struct {
+    int64_t count;                  /* counter value; -1 when never scanned */
+    int64_t capacity;               /* capacity last used by a sender; 0 unknown */
+    int64_t waiters;                /* senders asleep on the inbox now */
+    int64_t reconcile_ns;           /* CLOCK_REALTIME of the last scan; 0 never */
+    char agent[136];
+} cfn_slot_info;
+
+/* Live rate-limit settings, shared by every process on the base folder. */
+typedef struct {
+    int64_t batch_size;
+    int64_t wait_ms;
+    int64_t load_milli;             /* 1-minute load per CPU x 1000 */
+    int64_t updated_ns;             /* CLOCK_REALTIME of the update; 0 never */
+    int64_t interval_ms;            /* the publisher's check interval */
+} cfn_rate_settings;
+
+/* --- handle ------------------------------------------------------------- */
+cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, cfn_err *err);
+void cfn_bus_close(cfn_bus *bus);
+int cfn_bus_state_path(cfn_bus *bus, char *out, size_t cap);
+
+/* --- validation --------------------------------------------------------- */
+int cfn_check_agent(const char *agent, cfn_err *err);
+int cfn_check_json(const char *buf, size_t len, cfn_err *err);
+
+/* --- folders ------------------------------------------------------------ */
+int cfn_init_agent(cfn_bus *bus, const char *agent, uint32_t dir_mode, int32_t gid, cfn_err *err);
+int cfn_forget_agent(cfn_bus *bus, const char *agent, cfn_err *err);
+
+/* --- sending ------------------------------------------------------------ */
+int cfn_send(cfn_bus *bus, const char *from, const char *to,
+             const char *type, size_t type_len,
+             const char *payload, size_t payload_len,
+             const cfn_send_opts *opts, cfn_send_result *res, cfn_err *err);
+
+/* --- counting ----------------------------------------------------------- */
+int64_t cfn_inbox_size(cfn_bus *bus, const char *agent, cfn_err *err);
+int64_t cfn_scan_count(cfn_bus *bus, const char *agent, const char *box, cfn_err *err);
+int cfn_reconcile(cfn_bus *bus, const char *agent, int force,
+                  cfn_reconcile_result *res, cfn_err *err);
+int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out);
+int cfn_note_capacity(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err);
+
+/* --- receiving ---------------------------------------------------------- */
+int cfn_read_messages(cfn_bus *bus, const char *agent, int consume, int64_t max,
+                      int64_t max_bytes, cfn_blob *out, cfn_err *err);
+void cfn_blob_free(cfn_blob *blob);
+int64_t cfn_clear_inbox(cfn_bus *bus, const char *agent, cfn_err *err);
+
+/* --- shared counters and settings ---------------------------------------- */
+int64_t cfn_counter_add(cfn_bus *bus, int index, int64_t delta);
+int64_t cfn_counter_get(cfn_bus *bus, int index);
+void cfn_rate_publish(cfn_bus *bus, const cfn_rate_settings *s);
+void cfn_rate_read(cfn_bus *bus, cfn_rate_settings *out);
+int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len,
+                     int64_t now_ns, int64_t cooldown_ns);
+
+/* --- metrics: one JSONL line, one write(2) on an O_APPEND descriptor ------ */
+int cfn_set_metrics_fd(cfn_bus *bus, int fd);
+int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit,
+                    const char *tags_json, size_t tags_len, cfn_err *err);
+
+#endif
