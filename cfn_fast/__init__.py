@@ -10,11 +10,8 @@ base folder.
 from __future__ import annotations
 
 import os
-import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from cfn_fast.bus import Message, MessageBus, Payload
-from cfn_fast.config import Config
 from cfn_fast.errors import (
     BackpressureTimeout,
     CfnError,
@@ -32,15 +29,60 @@ from cfn_fast.errors import (
     UnsafePath,
 )
 
+if TYPE_CHECKING:  # imported lazily at run time: `import cfn_fast` stays cheap for the CLI
+    from cfn_fast.bus import Message, MessageBus, Payload
+    from cfn_fast.config import Config
+    from cfn_fast.monitors import (
+        apply_dynamic_rate_limit,
+        cleanup_rate_limiting,
+        get_all_inbox_stats,
+        get_batch_size,
+        get_system_load,
+        monitor_dynamic_rate_limit,
+        monitor_inbox_overflow,
+    )
+    from cfn_fast.telemetry import alerts_summary, clear_metrics, emit_alert, emit_metric, metrics_stats
+
 __version__ = "0.1.0"
 
+# name -> module that defines it; resolved on first use (PEP 562)
+_LAZY = {
+    "Message": "cfn_fast.bus",
+    "MessageBus": "cfn_fast.bus",
+    "Payload": "cfn_fast.bus",
+    "Config": "cfn_fast.config",
+    "emit_metric": "cfn_fast.telemetry",
+    "emit_alert": "cfn_fast.telemetry",
+    "metrics_stats": "cfn_fast.telemetry",
+    "clear_metrics": "cfn_fast.telemetry",
+    "alerts_summary": "cfn_fast.telemetry",
+    "monitor_inbox_overflow": "cfn_fast.monitors",
+    "monitor_dynamic_rate_limit": "cfn_fast.monitors",
+    "apply_dynamic_rate_limit": "cfn_fast.monitors",
+    "get_system_load": "cfn_fast.monitors",
+    "get_batch_size": "cfn_fast.monitors",
+    "get_all_inbox_stats": "cfn_fast.monitors",
+    "cleanup_rate_limiting": "cfn_fast.monitors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cfn_fast' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 _ENV_KEYS: Optional[tuple[str, ...]] = None
-_default_lock = threading.Lock()
-_default: tuple[tuple[Optional[str], ...], Optional[MessageBus]] = ((), None)
+_default: tuple[tuple[Optional[str], ...], Optional["MessageBus"]] = ((), None)
 
 
-def default_bus() -> MessageBus:
-    """The bus the environment describes; rebuilt when a setting changes."""
+def default_bus() -> "MessageBus":
+    """The bus the environment describes; rebuilt when one of its variables changes."""
     global _default, _ENV_KEYS
     if _ENV_KEYS is None:
         from cfn_fast.config import SETTINGS
@@ -51,10 +93,12 @@ def default_bus() -> MessageBus:
     have_key, bus = _default
     if bus is not None and have_key == key:
         return bus
-    with _default_lock:
-        if _default[1] is None or _default[0] != key:
-            _default = (key, MessageBus(config=Config.from_env()))
-        return _default[1]  # type: ignore[return-value]
+    from cfn_fast.bus import MessageBus
+    from cfn_fast.config import Config
+
+    bus = MessageBus(config=Config.from_env())
+    _default = (key, bus)  # a race builds two equal buses; either is right
+    return bus
 
 
 def init_message_bus_system() -> None:
@@ -73,20 +117,32 @@ def cleanup_message_bus(agent_id: str) -> None:
     default_bus().cleanup_message_bus(agent_id)
 
 
-def send_message(from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
+def send_message(from_agent: str, to_agent: str, msg_type: str, payload: "Payload") -> str:
     return default_bus().send_message(from_agent, to_agent, msg_type, payload)
 
 
-def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
+def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payload: "Payload") -> str:
     return default_bus().send_with_backpressure(from_agent, to_agent, msg_type, payload)
 
 
-def receive_messages(agent_id: str) -> list[Message]:
+def receive_messages(agent_id: str) -> list["Message"]:
     return default_bus().receive_messages(agent_id)
 
 
-def consume_messages(agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
+def consume_messages(agent_id: str, max_messages: Optional[int] = None) -> list["Message"]:
     return default_bus().consume_messages(agent_id, max_messages)
+
+
+def claim_messages(agent_id: str, max_messages: Optional[int] = None) -> list["Message"]:
+    return default_bus().claim_messages(agent_id, max_messages)
+
+
+def ack_messages(agent_id: str, msg_ids: Any) -> int:
+    return default_bus().ack_messages(agent_id, msg_ids)
+
+
+def recover(agent_id: Optional[str] = None) -> int:
+    return default_bus().recover(agent_id)
 
 
 def clear_inbox(agent_id: str) -> int:
@@ -128,18 +184,33 @@ __all__ = [
     "StateFileError",
     "TooManyAgents",
     "UnsafePath",
+    "ack_messages",
+    "alerts_summary",
+    "apply_dynamic_rate_limit",
     "check_inbox_capacity",
+    "claim_messages",
     "cleanup_message_bus",
     "cleanup_message_bus_system",
+    "cleanup_rate_limiting",
     "clear_inbox",
+    "clear_metrics",
     "consume_messages",
     "default_bus",
+    "emit_alert",
+    "emit_metric",
+    "get_all_inbox_stats",
+    "get_batch_size",
     "get_inbox_size",
     "get_inbox_utilization",
+    "get_system_load",
     "init_message_bus",
     "init_message_bus_system",
     "message_count",
+    "metrics_stats",
+    "monitor_dynamic_rate_limit",
+    "monitor_inbox_overflow",
     "receive_messages",
+    "recover",
     "send_message",
     "send_with_backpressure",
 ]

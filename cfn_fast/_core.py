@@ -207,12 +207,17 @@ def reconcile(h: Handle, agent: bytes, force: bool) -> ReconcileResult:
                            res.recovered, bool(res.scanned))
 
 
-def read_messages(h: Handle, agent: bytes, consume: bool, max_messages: int,
+READ_PEEK: int = lib.CFN_READ_PEEK
+READ_CONSUME: int = lib.CFN_READ_CONSUME
+READ_CLAIM: int = lib.CFN_READ_CLAIM
+
+
+def read_messages(h: Handle, agent: bytes, mode: int, max_messages: int,
                   max_bytes: int) -> tuple[list[bytes], int]:
     """Raw message files, oldest first, and how many bad files were quarantined."""
     err = new_err()
     blob = ffi.new("cfn_blob *")
-    rc = lib.cfn_read_messages(h, agent, 1 if consume else 0, max_messages, max_bytes, blob, err)
+    rc = lib.cfn_read_messages(h, agent, mode, max_messages, max_bytes, blob, err)
     try:
         if rc:
             raise_for(rc, err)
@@ -228,6 +233,15 @@ def read_messages(h: Handle, agent: bytes, consume: bool, max_messages: int,
         out.append(bytes(view[pos + 4:pos + 4 + n]))
         pos += 4 + n
     return out, int(bad)
+
+
+def ack(h: Handle, agent: bytes, msg_ids: list[bytes]) -> int:
+    err = new_err()
+    packed = b"".join(i + b"\0" for i in msg_ids)
+    n = lib.cfn_ack(h, agent, packed, len(packed), err)
+    if n < 0:
+        raise_for(n, err)
+    return int(n)
 
 
 def clear_inbox(h: Handle, agent: bytes) -> int:
@@ -295,6 +309,17 @@ def metric_emit(h: Handle, name: bytes, value: float, unit: bytes, tags_json: by
     rc = lib.cfn_metric_emit(h, name, value, unit, tags_json, len(tags_json), err)
     if rc:
         raise_for(rc, err)
+
+
+def metric_format(name: bytes, value: float, unit: bytes, tags_json: bytes) -> bytes:
+    """The metric's JSONL line (newline included), formatted by the same C code the send loop uses."""
+    err = new_err()
+    cap = 256 + 6 * (len(name) + len(unit)) + len(tags_json)
+    buf = ffi.new("char[]", cap)
+    n = lib.cfn_metric_format(buf, cap, name, value, unit, tags_json, len(tags_json), err)
+    if n < 0:
+        raise_for(n, err)
+    return ffi.unpack(buf, n)
 
 
 def state_path(h: Handle) -> str:

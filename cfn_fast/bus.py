@@ -10,11 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 from cfn_fast import _core
 from cfn_fast.config import Config
-from cfn_fast.errors import InboxNotFound, InvalidArgument, InvalidMessageType, InvalidPayload
+from cfn_fast.errors import (
+    BackpressureTimeout,
+    InboxNotFound,
+    InvalidArgument,
+    InvalidMessageType,
+    InvalidPayload,
+)
 
 Payload = Union[str, bytes, bytearray, dict, list, int, float, bool, None]
 Message = dict[str, Any]
@@ -67,6 +73,8 @@ class MessageBus:
         self.base_dir: str = cfg.base_dir
         self._handle: Optional[_core.Handle] = None
         self._lock = threading.Lock()
+        self._metrics_fd: Optional[int] = None
+        self.metrics_error: Optional[str] = None
         common = dict(
             capacity=cfg.max_inbox_size,
             wait_ms=cfg.backpressure_wait_ms,
@@ -101,7 +109,25 @@ class MessageBus:
             return self._handle
 
     def _on_open(self, handle: _core.Handle) -> None:
-        """Hook for subclasses and the telemetry layer (metrics descriptor)."""
+        """Gives the C send loop the metrics file, so its backpressure metrics
+        are written where they happen, one write(2) each on an O_APPEND descriptor."""
+        fd = self.metrics_fd()
+        if fd is not None:
+            _core.set_metrics_fd(handle, fd)
+
+    def metrics_fd(self) -> Optional[int]:
+        """The O_APPEND descriptor of METRICS_FILE (opened once), or None when
+        metrics are off (CFN_METRICS=0) or the file cannot be opened; then
+        ``metrics_error`` says why."""
+        if not self.config.metrics_enabled:
+            return None
+        if self._metrics_fd is None and self.metrics_error is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            try:
+                self._metrics_fd = os.open(self.config.metrics_file, flags, self.config.file_mode)
+            except OSError as e:
+                self.metrics_error = f"cannot open METRICS_FILE {self.config.metrics_file}: {e.strerror}"
+        return self._metrics_fd
 
     def _need(self, agent: bytes) -> _core.Handle:
         h = self._bus()
@@ -112,8 +138,12 @@ class MessageBus:
     def close(self) -> None:
         with self._lock:
             if self._handle is not None:
+                _core.set_metrics_fd(self._handle, -1)
                 _core.close_bus(self._handle)
                 self._handle = None
+            if self._metrics_fd is not None:
+                os.close(self._metrics_fd)
+                self._metrics_fd = None
 
     def __enter__(self) -> "MessageBus":
         return self
@@ -157,7 +187,18 @@ class MessageBus:
                                payload: Payload) -> str:
         """Delivers one message, waiting for room while the inbox is full;
         raises BackpressureTimeout after the last retry."""
-        return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts).msg_id
+        try:
+            return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts).msg_id
+        except BackpressureTimeout:
+            self._on_backpressure_failure(from_agent, to_agent)
+            raise
+
+    def _on_backpressure_failure(self, from_agent: str, to_agent: str) -> None:
+        """The C loop has written the backpressure.send.failure metric; the
+        inbox_overflow alert (one per cooldown per recipient) is the telemetry layer's."""
+        from cfn_fast import telemetry
+
+        telemetry.alert_backpressure_failure(self, from_agent, to_agent)
 
     def _send(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
               opts: Any) -> _core.SendResult:
@@ -169,27 +210,72 @@ class MessageBus:
 
     def receive_messages(self, agent_id: str) -> list[Message]:
         """Every message in the inbox, oldest first; removes nothing."""
-        return self._read(agent_id, consume=False, max_messages=-1)
+        return self._read(agent_id, _core.READ_PEEK, -1)
 
     def consume_messages(self, agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
         """Takes up to max_messages (all when None), oldest first. Each message
         goes to exactly one caller, however many consume at once."""
-        if max_messages is None:
-            n = -1
-        elif isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 0:
-            raise InvalidArgument(f"max_messages must be a whole number >= 0 or None, not {max_messages!r}")
-        else:
-            n = max_messages
-        if n == 0:
-            _core.agent_bytes(agent_id)
-            return []
-        return self._read(agent_id, consume=True, max_messages=n)
+        n = _max_arg(max_messages)
+        return self._read(agent_id, _core.READ_CONSUME, n)
 
-    def _read(self, agent_id: str, consume: bool, max_messages: int) -> list[Message]:
+    def claim_messages(self, agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
+        """At-least-once: moves up to max_messages (all when None), oldest
+        first, into this process's claim folder and returns them. They still
+        count against capacity until ``ack_messages``; if this process dies
+        first, the next reconcile (or ``recover``) puts them back in the inbox."""
+        return self._read(agent_id, _core.READ_CLAIM, _max_arg(max_messages))
+
+    def ack_messages(self, agent_id: str, msg_ids: Iterable[Union[str, Message]]) -> int:
+        """Deletes claimed messages for good (ids, or the dicts claim returned); returns how many."""
+        agent = _core.agent_bytes(agent_id)
+        ids = []
+        for m in msg_ids:
+            mid = m.get("msg_id") if isinstance(m, dict) else m
+            if not isinstance(mid, str) or not mid or "/" in mid or "\0" in mid:
+                raise InvalidArgument(f"not a message id: {mid!r}")
+            ids.append(mid.encode("utf-8", "surrogateescape"))
+        return _core.ack(self._need(agent), agent, ids) if ids else 0
+
+    def recover(self, agent_id: Optional[str] = None) -> int:
+        """Returns messages claimed by dead consumers to their inboxes (one
+        agent, or every agent of the base folder); returns how many."""
+        agents = [agent_id] if agent_id is not None else self.list_agents()
+        total = 0
+        for a in agents:
+            try:
+                total += self.reconcile(a, force=True).recovered
+            except InboxNotFound:
+                if agent_id is not None:
+                    raise
+        return total
+
+    def list_agents(self) -> list[str]:
+        """Agents of the base folder that have an inbox, sorted."""
+        try:
+            names = os.listdir(self.base_dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                _core.check_agent(name.encode("ascii", "replace"))
+            except Exception:
+                continue
+            inbox = os.path.join(self.base_dir, name, "inbox")
+            if os.path.isdir(inbox) and not os.path.islink(inbox) and not os.path.islink(
+                    os.path.join(self.base_dir, name)):
+                out.append(name)
+        return sorted(out)
+
+    def _read(self, agent_id: str, mode: int, max_messages: int) -> list[Message]:
         import json
 
         agent = _core.agent_bytes(agent_id)
-        raw, _bad = _core.read_messages(self._need(agent), agent, consume, max_messages, self._max_file)
+        if max_messages == 0:
+            return []
+        raw, _bad = _core.read_messages(self._need(agent), agent, mode, max_messages, self._max_file)
         return [json.loads(r) for r in raw]
 
     def clear_inbox(self, agent_id: str) -> int:
@@ -231,6 +317,14 @@ class MessageBus:
         returns claims of dead consumers and removes stale temporary files."""
         agent = _core.agent_bytes(agent_id)
         return _core.reconcile(self._need(agent), agent, force)
+
+
+def _max_arg(max_messages: Optional[int]) -> int:
+    if max_messages is None:
+        return -1
+    if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 0:
+        raise InvalidArgument(f"max_messages must be a whole number >= 0 or None, not {max_messages!r}")
+    return max_messages
 
 
 def _rmtree(path: str) -> None:

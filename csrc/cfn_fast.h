@@ -59,6 +59,10 @@ enum {
     CFN_CTR_FIRST_FREE = 13      /* 13..CFN_COUNTERS-1: free for later use */
 };
 
+/* How cfn_read_messages reads: leave the files, take them for good, or move
+ * them into this process's claim folder until cfn_ack (at-least-once). */
+enum { CFN_READ_PEEK = 0, CFN_READ_CONSUME = 1, CFN_READ_CLAIM = 2 };
+
 /* Bits for cfn_bus_open's flags. */
 enum { CFN_OPEN_CREATE = 1 };
 
@@ -157,8 +161,10 @@ int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out);
 int cfn_note_capacity(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err);
 
 /* --- receiving ---------------------------------------------------------- */
-int cfn_read_messages(cfn_bus *bus, const char *agent, int consume, int64_t max,
+int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max,
                       int64_t max_bytes, cfn_blob *out, cfn_err *err);
+/* Deletes claimed messages: ids is `count` NUL-terminated message ids back to back. */
+int64_t cfn_ack(cfn_bus *bus, const char *agent, const char *ids, size_t ids_len, cfn_err *err);
 void cfn_blob_free(cfn_blob *blob);
 int64_t cfn_clear_inbox(cfn_bus *bus, const char *agent, cfn_err *err);
 
@@ -174,5 +180,9 @@ int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len,
 int cfn_set_metrics_fd(cfn_bus *bus, int fd);
 int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit,
                     const char *tags_json, size_t tags_len, cfn_err *err);
+/* Formats the line cfn_metric_emit writes (newline included) into out;
+ * returns its length, or a negative code (CFN_E_BADARG, or -ERANGE when cap is short). */
+int64_t cfn_metric_format(char *out, size_t cap, const char *name, double value, const char *unit,
+                          const char *tags_json, size_t tags_len, cfn_err *err);
 
 #endif

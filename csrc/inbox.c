@@ -904,10 +904,13 @@ static int blob_build(struct recs *r, cfn_blob *out, cfn_err *err)
     return 0;
 }
 
-int cfn_read_messages(cfn_bus *bus, const char *agent, int consume, int64_t max, int64_t max_bytes,
+int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, int64_t max_bytes,
                       cfn_blob *out, cfn_err *err)
 {
     memset(out, 0, sizeof *out);
+    bool consume = mode != CFN_READ_PEEK;
+    if (mode < CFN_READ_PEEK || mode > CFN_READ_CLAIM)
+        return cfn_fail(err, CFN_E_BADARG, "unknown read mode %d", mode);
     if (max_bytes < 1)
         return cfn_fail(err, CFN_E_BADARG, "message size limit must be positive");
     struct cfn_ent *e;
@@ -982,6 +985,13 @@ int cfn_read_messages(cfn_bus *bus, const char *agent, int consume, int64_t max,
         }
         taken++;
     }
+    if (mode == CFN_READ_CLAIM) {
+        /* at-least-once: they stay claimed (and counted) until cfn_ack, or
+         * until a reconcile finds this process dead and returns them */
+        rc = blob_build(&r, out, err);
+        taken = 0;
+        goto out;
+    }
     /* ack: the messages are in memory now; remove them for good */
     for (size_t i = 0; i < r.n; i++) {
         struct rec *x = &r.v[i];
@@ -1007,6 +1017,48 @@ out:
     recs_free(&r);
     cfn_ent_put(bus, e);
     return rc;
+}
+
+int64_t cfn_ack(cfn_bus *bus, const char *agent, const char *ids, size_t ids_len, cfn_err *err)
+{
+    struct cfn_ent *e;
+    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = &bus->slots[e->slot];
+    int claimfd = -1;
+    int64_t done = 0;
+    if ((rc = claim_dir(bus, e, &claimfd, err)) != 0)
+        goto out;
+    if ((rc = cfn_gate_shared(e, err)) != 0)
+        goto out;
+    for (size_t at = 0; at < ids_len;) {
+        const char *id = ids + at;
+        size_t n = strnlen(id, ids_len - at);
+        at += n + 1;
+        char name[NAME_MAX + 1];
+        if (n == 0 || n > CFN_MSG_ID_MAX || memchr(id, '/', n))
+            continue;  /* not an id we could have handed out */
+        snprintf(name, sizeof name, "%.*s.json", (int)n, id);
+        if (unlinkat(claimfd, name, 0) == 0)
+            done++;
+        else if (errno != ENOENT) {
+            rc = cfn_fail_sys(err, "unlink claimed %s", name);
+            break;
+        }
+    }
+    atomic_fetch_sub(&s->claimed, done);
+    cfn_slot_sub(s, done);
+    cfn_gate_release(e);
+    if (done) {
+        cfn_slot_wake(s, (int)(done > INT32_MAX ? INT32_MAX : done));
+        cfn_counter_add(bus, CFN_CTR_CONSUMED, done);
+    }
+out:
+    if (claimfd >= 0)
+        close(claimfd);
+    cfn_ent_put(bus, e);
+    return rc ? rc : done;
 }
 
 void cfn_blob_free(cfn_blob *blob)
@@ -1049,12 +1101,9 @@ int64_t cfn_clear_inbox(cfn_bus *bus, const char *agent, cfn_err *err)
 
 /* ---- metrics ---------------------------------------------------------------- */
 
-int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit, const char *tags_json,
-                    size_t tags_len, cfn_err *err)
+int64_t cfn_metric_format(char *line, size_t cap, const char *name, double value, const char *unit,
+                          const char *tags_json, size_t tags_len, cfn_err *err)
 {
-    int fd = atomic_load_explicit(&bus->metrics_fd, memory_order_relaxed);
-    if (fd < 0)
-        return 0;
     size_t nl = strlen(name), ul = strlen(unit);
     if (nl == 0 || nl > 200 || cfn_utf8_check(name, nl) != 0)
         return cfn_fail(err, CFN_E_BADARG, "metric name must be 1 to 200 bytes of UTF-8");
@@ -1069,22 +1118,19 @@ int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *un
     if (tags_len > 8192 || cfn_json_check(tags_json, tags_len, NULL, NULL) != 0 ||
         tags_json[strspn(tags_json, " \t\r\n")] != '{')
         return cfn_fail(err, CFN_E_BADARG, "metric tags must be a JSON object of at most 8 KiB");
+    char num[40];
+    if (value == (double)(int64_t)value && fabs(value) < 1e15)
+        snprintf(num, sizeof num, "%" PRId64, (int64_t)value);
+    else
+        snprintf(num, sizeof num, "%.17g", value);
+    if (cap < 128 + 6 * (nl + ul) + tags_len + strlen(num))
+        return cfn_fail(err, -ERANGE, "metric line buffer too small");
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
     char stamp[40];
     strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
-    char num[40];
-    if (value == (double)(int64_t)value && fabs(value) < 1e15)
-        snprintf(num, sizeof num, "%" PRId64, (int64_t)value);
-    else
-        snprintf(num, sizeof num, "%.17g", value);
-    size_t cap = 128 + 6 * (nl + ul) + tags_len + strlen(num);
-    char small[2048];
-    char *line = cap <= sizeof small ? small : malloc(cap);
-    if (!line)
-        return cfn_fail(err, -ENOMEM, "allocating a metric line");
     size_t o = (size_t)snprintf(line, cap, "{\"timestamp\":\"%s.%03ldZ\",\"metric\":\"", stamp,
                                 ts.tv_nsec / 1000000);
     o += cfn_json_escape(line + o, name, nl);
@@ -1096,15 +1142,34 @@ int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *un
     o += tags_len;
     memcpy(line + o, "}\n", 2);
     o += 2;
-    /* one write on an O_APPEND descriptor: concurrent writers never interleave */
-    ssize_t w = write(fd, line, o);
+    return (int64_t)o;
+}
+
+int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit, const char *tags_json,
+                    size_t tags_len, cfn_err *err)
+{
+    int fd = atomic_load_explicit(&bus->metrics_fd, memory_order_relaxed);
+    if (fd < 0)
+        return 0;
+    size_t cap = 256 + 6 * (strlen(name) + strlen(unit)) + tags_len;
+    char small[2048];
+    char *line = cap <= sizeof small ? small : malloc(cap);
+    if (!line)
+        return cfn_fail(err, -ENOMEM, "allocating a metric line");
+    int64_t len = cfn_metric_format(line, cap, name, value, unit, tags_json, tags_len, err);
     int rc = 0;
-    if (w < 0)
-        rc = cfn_fail_sys(err, "write metrics file");
-    else if ((size_t)w != o)
-        rc = cfn_fail(err, -EIO, "short write to metrics file (%zd of %zu bytes)", w, o);
-    else
-        cfn_counter_add(bus, CFN_CTR_METRICS, 1);
+    if (len < 0) {
+        rc = (int)len;
+    } else {
+        /* one write on an O_APPEND descriptor: concurrent writers never interleave */
+        ssize_t w = write(fd, line, (size_t)len);
+        if (w < 0)
+            rc = cfn_fail_sys(err, "write metrics file");
+        else if (w != len)
+            rc = cfn_fail(err, -EIO, "short write to metrics file (%zd of %lld bytes)", w, (long long)len);
+        else
+            cfn_counter_add(bus, CFN_CTR_METRICS, 1);
+    }
     if (line != small)
         free(line);
     return rc;
