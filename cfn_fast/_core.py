@@ -261,12 +261,14 @@ class SlotInfo(NamedTuple):
 
 
 def slots(h: Handle) -> list[SlotInfo]:
-    info = ffi.new("cfn_slot_info *")
+    """Every inbox the state file tracks, in one C call."""
+    buf = ffi.new("cfn_slot_info[]", lib.CFN_SLOTS)
+    n = lib.cfn_slots_snapshot(h, buf, lib.CFN_SLOTS)
     out = []
-    for i in range(lib.CFN_SLOTS):
-        if lib.cfn_slot_info_at(h, i, info) == 1:
-            out.append(SlotInfo(ffi.string(info.agent).decode("ascii", "replace"), info.count,
-                                info.capacity, info.waiters, info.reconcile_ns))
+    for i in range(n):
+        info = buf[i]
+        out.append(SlotInfo(ffi.string(info.agent).decode("ascii", "replace"), info.count,
+                            info.capacity, info.waiters, info.reconcile_ns))
     return out
 
 

@@ -344,6 +344,15 @@ int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out)
     return 1;
 }
 
+int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap)
+{
+    int64_t n = 0;
+    for (int64_t i = 0; i < CFN_SLOTS && n < cap; i++)
+        if (cfn_slot_info_at(bus, i, &out[n]) == 1)
+            n++;
+    return n;
+}
+
 /* ---- delivery -------------------------------------------------------------- */
 
 static int opts_check(const cfn_send_opts *o, cfn_err *err)
