@@ -1,0 +1,219 @@
+"""Every command of the CLI in one table: its name, arguments and help.
+
+Both front ends are built from ``COMMANDS``: the click app (cli.py) for help,
+usage errors and the slower commands, and the fast path (_fastpath.py) that
+runs the hot commands before click is imported. Neither declares a command's
+syntax itself, so they cannot drift. This module imports nothing costly.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+EXIT_OK = 0     # success
+EXIT_NO = 1     # the original's "no": full, failed after retries, not found
+EXIT_USAGE = 2  # bad usage or bad input (click's convention)
+
+PROG = "cfn-fast"
+
+Default = Union[str, int, float, bool, None]
+
+
+class Param(NamedTuple):
+    name: str                      # Python name; a positional shows as NAME
+    help: str
+    kind: str = "text"             # text | agent | json | number | seconds | count | ms | choice | flag
+    required: bool = True
+    default: Default = None
+    choices: tuple[str, ...] = ()
+    option: bool = False           # --name instead of a positional
+
+    @property
+    def metavar(self) -> str:
+        return self.name.upper()
+
+
+class Command(NamedTuple):
+    path: tuple[str, ...]          # ("get-size",) or ("bus", "send")
+    function: str                  # the bash original's function (or the drop-in's)
+    help: str                      # first line: the summary
+    params: tuple[Param, ...] = ()
+    hot: bool = False              # run by the fast path, before click is imported
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+    @property
+    def usage(self) -> str:
+        parts = [PROG, *self.path]
+        for p in self.params:
+            if p.option:
+                continue
+            parts.append(p.metavar if p.required else f"[{p.metavar}]")
+        if any(p.option for p in self.params):
+            parts.insert(len(self.path) + 1, "[OPTIONS]")
+        return " ".join(parts)
+
+
+GROUPS: dict[str, str] = {
+    "bus": "The message bus: inboxes, sending and receiving (message-bus.sh).",
+    "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh).",
+    "alerts": "Alerts: JSONL lines in ALERT_LOG_FILE, with a shared cooldown (alerting.sh).",
+}
+
+_AGENT = Param("agent", "the agent id (letters, digits, '.', '_' and '-')", "agent")
+_FROM = Param("sender", "the sending agent's id", "agent")
+_TO = Param("recipient", "the receiving agent's id; its inbox must exist", "agent")
+_TYPE = Param("type", "the message type, for example 'task'")
+_PAYLOAD = Param("payload", "the payload: one JSON value, checked strictly (RFC 8259)", "json")
+
+COMMANDS: tuple[Command, ...] = (
+    # -- rate limiting (rate-limiting.sh), at the top level -----------------
+    Command(("check-capacity",), "check_inbox_capacity",
+            "Exit 0 when the agent's inbox has room (or does not exist yet), 1 when it is full.\n\n"
+            "Counts the inbox's files first, so messages removed by other tools are seen.",
+            (_AGENT,), hot=True),
+    Command(("get-size",), "get_inbox_size",
+            "Print how many messages the agent's inbox holds; 0 when it has no inbox.\n\n"
+            "Counts the inbox's files first, so messages removed by other tools are seen.",
+            (_AGENT,), hot=True),
+    Command(("get-utilization",), "get_inbox_utilization",
+            "Print the inbox's fill level: size * 100 / MAX_INBOX_SIZE, rounded down.",
+            (_AGENT,), hot=True),
+    Command(("send-backpressure",), "send_with_backpressure",
+            "Send a message, waiting while the recipient's inbox is full; print its id.\n\n"
+            "Retries BACKPRESSURE_MAX_RETRIES times, BACKPRESSURE_WAIT_MS apart (see "
+            "BACKPRESSURE_BACKOFF), and exits 1 when the inbox stayed full throughout.",
+            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True),
+    Command(("monitor-overflow",), "monitor_inbox_overflow",
+            "Watch every inbox, emit size metrics and overflow alerts; runs until signalled.",
+            (Param("interval", "seconds between checks", "seconds", False, 5.0),)),
+    Command(("apply-rate-limit",), "apply_dynamic_rate_limit",
+            "Check the system load once and publish the batch size and retry wait for it.\n\n"
+            "Every sender on the base folder picks up the new wait. With --export, print "
+            "shell assignments for CFN_BATCH_SIZE and BACKPRESSURE_WAIT_MS (for eval).",
+            (Param("export", "print 'export NAME=value' lines for eval", "flag", False, False,
+                   option=True),)),
+    Command(("monitor-rate-limit",), "monitor_dynamic_rate_limit",
+            "Apply the dynamic rate limit periodically; runs until signalled.",
+            (Param("interval", "seconds between checks [default: RATE_LIMIT_CHECK_INTERVAL]",
+                   "seconds", False, None),)),
+    Command(("get-stats",), "get_all_inbox_stats",
+            "Print a JSON array with one {agent, size, utilization, max_size} per inbox."),
+    Command(("get-load",), "get_system_load",
+            "Print the 1-minute load average per CPU, with two decimals."),
+    Command(("cleanup",), "cleanup_rate_limiting",
+            "Stop the monitors started on this base folder (by their pid files, never by name)."),
+    Command(("env",), "env",
+            "Print every environment variable cfn-fast reads, its value in force and its meaning."),
+    Command(("shell",), "shell",
+            "Print the bash drop-in: source <(cfn-fast shell) defines the original's functions.",
+            (Param("path", "print the file's path instead of its text", "flag", False, False,
+                   option=True),)),
+    Command(("demo",), "demo",
+            "Run a small swarm on a private temporary base folder and report what happened.\n\n"
+            "Several sender processes flood one slow consumer; backpressure holds the inbox "
+            "at its capacity and nothing is lost.",
+            (Param("senders", "sender processes", "count", False, 4, option=True),
+             Param("messages", "messages each sender sends", "count", False, 300, option=True),
+             Param("capacity", "the consumer's inbox capacity (MAX_INBOX_SIZE)", "count", False, 50,
+                   option=True),
+             Param("batch", "messages the consumer takes per read", "count", False, 10, option=True),
+             Param("consume_delay_ms", "the consumer's pause between reads, ms", "ms", False, 5,
+                   option=True),
+             Param("quiet", "no progress bar", "flag", False, False, option=True))),
+    # -- the message bus (message-bus.sh), under `bus` -------------------------
+    Command(("bus", "init"), "init_message_bus",
+            "Create the agent's inbox and outbox (idempotent).", (_AGENT,)),
+    Command(("bus", "send"), "send_message",
+            "Send a message and print its id; exit 1 when the inbox is missing or full.\n\n"
+            "A full inbox never evicts a message: use send-backpressure to wait for room.",
+            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True),
+    Command(("bus", "send-batch"), "send_batch",
+            "Send one message per line of stdin (a JSON payload each), with backpressure.\n\n"
+            "Prints each message id; a line that fails is reported on stderr with its line "
+            "number and the others still go. Exits 1 when any line failed.",
+            (_FROM, _TO, _TYPE)),
+    Command(("bus", "receive"), "receive_messages",
+            "Print the inbox's messages as a JSON array, oldest first; removes nothing.",
+            (_AGENT,)),
+    Command(("bus", "consume"), "consume_messages",
+            "Take messages out of the inbox and print them as a JSON array, oldest first.\n\n"
+            "Each message goes to exactly one consumer, however many run at once.",
+            (_AGENT, Param("max", "take at most this many", "count", False, None, option=True))),
+    Command(("bus", "clear"), "clear_inbox",
+            "Delete every message in the agent's inbox; exit 1 when it has no inbox.", (_AGENT,)),
+    Command(("bus", "count"), "message_count",
+            "Print how many messages the agent's inbox (or outbox) holds; 0 when missing.",
+            (_AGENT, Param("box", "which folder to count", "choice", False, "inbox",
+                           ("inbox", "outbox"))), hot=True),
+    Command(("bus", "cleanup"), "cleanup_message_bus",
+            "Remove the agent's folder and every message in it.", (_AGENT,)),
+    Command(("bus", "init-system"), "init_message_bus_system",
+            "Create the base folder (MESSAGE_BASE_DIR) and its shared state."),
+    Command(("bus", "cleanup-system"), "cleanup_message_bus_system",
+            "Remove the base folder and everything in it."),
+    # -- metrics (metrics.sh) and alerts (alerting.sh) ---------------------------
+    Command(("metrics", "emit"), "emit_metric",
+            "Append one metric line to METRICS_FILE.",
+            (Param("metric", "the metric's name, for example coordination.time"),
+             Param("value", "a number", "number"),
+             Param("unit", "the unit", "text", False, "count"),
+             Param("tags", "a JSON object of tags", "json", False, "{}"))),
+    Command(("metrics", "stats"), "get_metrics_stats",
+            "Show the metrics file's size and line count; exit 1 when it does not exist.",
+            (Param("json", "print the figures as one JSON object", "flag", False, False,
+                   option=True),)),
+    Command(("metrics", "clear"), "clear_metrics",
+            "Empty the metrics file (asks first unless --force).",
+            (Param("force", "do not ask", "flag", False, False, option=True),)),
+    Command(("alerts", "emit"), "emit_alert",
+            "Append one alert line to ALERT_LOG_FILE, unless the same alert is cooling down.",
+            (Param("alert", "the alert's type, for example inbox_overflow"),
+             Param("message", "what happened, for people"),
+             Param("severity", "info, warning or critical", "text", False, "info"),
+             Param("metadata", "a JSON object of details", "json", False, "{}"))),
+    Command(("alerts", "summary"), "alerts_summary",
+            "Print a JSON summary of the alert log (counts by type and severity).",
+            (Param("minutes", "only the last this many minutes", "count", False, None, option=True),)),
+)
+
+BY_PATH: dict[tuple[str, ...], Command] = {c.path: c for c in COMMANDS}
+
+
+def split(argv: Sequence[str]) -> tuple[Optional[Command], list[str]]:
+    """The command argv names, and the arguments after its name."""
+    if not argv:
+        return None, []
+    if argv[0] in GROUPS:
+        if len(argv) < 2:
+            return None, []
+        return BY_PATH.get((argv[0], argv[1])), list(argv[2:])
+    return BY_PATH.get((argv[0],)), list(argv[1:])
+
+
+def plain_values(cmd: Command, args: Sequence[str]) -> Optional[list[str]]:
+    """The argument values when ``args`` is a plain positional call of a hot
+    command (the right count, no options, choices respected); None otherwise,
+    and then click parses it and explains what is wrong. A JSON payload may
+    start with '-' (a negative number); click's side accepts that too."""
+    if not cmd.hot:
+        return None
+    positional = [p for p in cmd.params if not p.option]
+    required = sum(1 for p in positional if p.required)
+    if not required <= len(args) <= len(positional):
+        return None
+    values: list[str] = []
+    for p, a in zip(positional, args):
+        if a.startswith("-") and not (p.kind == "json" and a[1:2].isdigit()):
+            return None
+        if p.choices and a not in p.choices:
+            return None
+        values.append(a)
+    for p in positional[len(args):]:
+        values.append(str(p.default))
+    return values
+
+
+__all__ = ["BY_PATH", "COMMANDS", "Command", "EXIT_NO", "EXIT_OK", "EXIT_USAGE", "GROUPS", "Param",
+           "plain_values", "split"]
