@@ -1,0 +1,586 @@
+"""The overflow monitor, dynamic rate limiting and the monitors' lifecycle.
+
+Everything a monitor decides lives in the base folder's shared-memory state:
+the rate-limit settings every sender reads on its next retry, the alert
+cooldowns, the counters. So an adjustment made by one process holds for every
+process on the machine (the original ``export``ed it inside the monitor's own
+shell: defect 8), and ``cleanup`` stops the monitors of one base folder by the
+pid files they wrote, never by a name pattern (defect 9).
+
+Every function takes an optional ``bus=`` (default ``cfn_fast.default_bus()``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+
+from cfn_fast import _core, telemetry
+from cfn_fast.errors import CfnError, CfnOSError, InboxNotFound, InvalidArgument
+
+if TYPE_CHECKING:
+    from cfn_fast.bus import MessageBus
+    from cfn_fast.config import Config
+
+PID_DIR = ".monitors"  # under the base folder; a dotfile, so never an agent
+HIGH_UTILIZATION = 80  # percent: above it, inbox_high_utilization (warning)
+
+
+def _resolve(bus: Optional["MessageBus"]) -> "MessageBus":
+    return telemetry._resolve(bus)
+
+
+def _check_interval(value: object, what: str = "interval") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0) \
+            or value == float("inf"):
+        raise InvalidArgument(f"{what} must be a finite number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+def _check_iterations(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"iterations must be a whole number >= 0 or None, not {value!r}")
+    return value
+
+
+# --- system load and tiers -----------------------------------------------------
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1  # what nproc prints
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def get_system_load() -> float:
+    """The 1-minute load average per CPU, two decimals (may exceed 1)."""
+    try:
+        one = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        try:
+            import psutil  # only where the OS call is missing
+
+            one = psutil.getloadavg()[0]
+        except Exception as e:  # ImportError, or psutil's own failure
+            raise CfnOSError(0, f"cannot read the system load average: {e}") from None
+    return round(one / _cpu_count(), 2)
+
+
+class Tier(NamedTuple):
+    name: str
+    batch_size: int
+    wait_ms: int
+
+
+TIERS: dict[str, Tier] = {
+    "high": Tier("high", 5, 200),
+    "medium": Tier("medium", 10, 100),
+    "low": Tier("low", 20, 50),
+}
+
+
+def choose_tier(load_per_cpu: float, config: "Config") -> Tier:
+    """The seed's tiers: above the high threshold, above the medium one, else low."""
+    if load_per_cpu > config.rate_limit_high_load_threshold:
+        return TIERS["high"]
+    if load_per_cpu > config.rate_limit_medium_load_threshold:
+        return TIERS["medium"]
+    return TIERS["low"]
+
+
+def _stale_after_ns(config: "Config") -> int:
+    # the same rule as the C send loop: MessageBus sets stale_after_ms = 3 x the interval
+    return int(config.rate_limit_check_interval * 3000) * 1_000_000
+
+
+def _fresh(rs: _core.RateSettings, config: "Config", now_ns: Optional[int] = None) -> bool:
+    now = time.time_ns() if now_ns is None else now_ns
+    return rs.updated_ns > 0 and now - rs.updated_ns <= _stale_after_ns(config)
+
+
+def apply_dynamic_rate_limit(*, bus: Optional["MessageBus"] = None, load_per_cpu: Optional[float] = None,
+                             interval: Optional[float] = None) -> dict[str, Any]:
+    """One load check: picks the tier, publishes its batch size and wait in the
+    shared state (every sender's next retry uses the wait; ``get_batch_size``
+    returns the batch size) and emits system.load_per_cpu,
+    rate_limit.batch_size and rate_limit.backpressure_wait_ms.
+    ``load_per_cpu`` overrides the measured load (for tests and what-ifs)."""
+    b = _resolve(bus)
+    cfg = b.config
+    if load_per_cpu is None:
+        load = get_system_load()
+    else:
+        if isinstance(load_per_cpu, bool) or not isinstance(load_per_cpu, (int, float)) or \
+                not (0 <= load_per_cpu < float("inf")):
+            raise InvalidArgument(f"load_per_cpu must be a finite number >= 0, not {load_per_cpu!r}")
+        load = float(load_per_cpu)
+    every = cfg.rate_limit_check_interval if interval is None else _check_interval(interval)
+    tier = choose_tier(load, cfg)
+    now = time.time_ns()
+    h = b._bus(create=True)
+    assert h is not None
+    _core.rate_publish(h, _core.RateSettings(tier.batch_size, tier.wait_ms, int(round(load * 1000)),
+                                             now, int(every * 1000)))
+    _core.counter_add(h, telemetry.COUNTERS["rate_limit_adjustments"], 1)
+    lines = b"".join((
+        telemetry.format_metric("system.load_per_cpu", int(round(load * 100)), "percent"),
+        telemetry.format_metric("rate_limit.batch_size", tier.batch_size, "count"),
+        telemetry.format_metric("rate_limit.backpressure_wait_ms", tier.wait_ms, "milliseconds"),
+    ))
+    telemetry.write_metric_lines(b, lines, 3)
+    return {"load_per_cpu": load, "batch_size": tier.batch_size, "wait_ms": tier.wait_ms,
+            "tier": tier.name, "updated_ns": now}
+
+
+def current_rate_limit(*, bus: Optional["MessageBus"] = None) -> dict[str, Any]:
+    """The settings in force now: published ones while fresh, else the configured ones."""
+    b = _resolve(bus)
+    cfg = b.config
+    h = b._bus()
+    rs = _core.rate_read(h) if h is not None else _core.RateSettings(0, 0, 0, 0, 0)
+    fresh = _fresh(rs, cfg)
+    return {
+        "published": fresh,
+        "batch_size": rs.batch_size if fresh and rs.batch_size > 0 else cfg.batch_size,
+        "wait_ms": rs.wait_ms if fresh and rs.wait_ms > 0 else cfg.backpressure_wait_ms,
+        "load_per_cpu": rs.load_milli / 1000 if rs.updated_ns else None,
+        "age_ms": (time.time_ns() - rs.updated_ns) // 1_000_000 if rs.updated_ns else None,
+        "stale_after_ms": _stale_after_ns(cfg) // 1_000_000,
+    }
+
+
+def get_batch_size(*, bus: Optional["MessageBus"] = None) -> int:
+    """The published batch size while fresh (updated within three check
+    intervals), else the configured CFN_BATCH_SIZE."""
+    b = _resolve(bus)
+    h = b._bus()
+    if h is not None:
+        rs = _core.rate_read(h)
+        if rs.batch_size > 0 and _fresh(rs, b.config):
+            return int(rs.batch_size)
+    return b.config.batch_size
+
+
+# --- inbox statistics ----------------------------------------------------------
+def get_all_inbox_stats(*, bus: Optional["MessageBus"] = None) -> list[dict[str, Any]]:
+    """``{"agent","size","utilization","max_size"}`` for every agent folder with
+    an inbox, sorted by agent, from the shared counters (no directory scans
+    once an inbox is tracked)."""
+    b = _resolve(bus)
+    agents = b.list_agents()
+    cap = b.config.max_inbox_size
+    h = b._bus()
+    known: dict[str, int] = {}
+    if h is not None and len(agents) > 32:  # one C call beats one per agent
+        known = {s.agent: s.count for s in _core.slots(h)}
+    out = []
+    for agent in agents:
+        size = known.get(agent, -1)
+        if size < 0:
+            try:
+                size = b.get_inbox_size(agent)
+            except InboxNotFound:  # removed since the listing
+                continue
+        out.append({"agent": agent, "size": size, "utilization": size * 100 // cap, "max_size": cap})
+    return out
+
+
+# --- lifecycle -----------------------------------------------------------------
+class _Stop(BaseException):
+    """Raised by the signal handler, only while a monitor sleeps."""
+
+
+def _proc_start(pid: int) -> Optional[int]:
+    """The process's start time (clock ticks since boot), or None when it is
+    gone or a zombie. With the pid, it names one process: a reused pid has another."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    if not fields or fields[0] in (b"Z", b"X"):
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_dir(bus: "MessageBus") -> str:
+    return os.path.join(bus.base_dir, PID_DIR)
+
+
+class _Lifecycle:
+    """Stops a monitor cleanly on SIGTERM and SIGINT (the pass in progress
+    completes; a sleep is cut short) and keeps its pid file for the duration."""
+
+    def __init__(self, bus: "MessageBus", kind: str, pidfile: bool) -> None:
+        self.bus, self.kind, self.want_pidfile = bus, kind, pidfile
+        self.stopping = False
+        self._sleeping = False
+        self._old: dict[int, Any] = {}
+        self.pidfile: Optional[str] = None
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        if self._sleeping:
+            raise _Stop()
+
+    def __enter__(self) -> "_Lifecycle":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            if self.want_pidfile:
+                self.pidfile = self._write_pidfile()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _write_pidfile(self) -> str:
+        b = self.bus
+        b.init_message_bus_system()
+        d = _pid_dir(b)
+        try:
+            os.mkdir(d, b.config.dir_mode)
+        except FileExistsError:
+            pass
+        st = os.lstat(d)
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise CfnOSError(0, f"{d} is not a folder of this user; refusing it")
+        pid = os.getpid()
+        start = _proc_start(pid) or 0
+        path = os.path.join(d, f"{self.kind}-{pid}.pid")
+        tmp = os.path.join(d, f".{self.kind}-{pid}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     b.config.file_mode)
+        try:
+            os.write(fd, f"{pid} {start} {self.kind}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        return path
+
+    def sleep(self, seconds: float) -> None:
+        if self.stopping or seconds <= 0:
+            return
+        self._sleeping = True
+        try:
+            if not self.stopping:
+                time.sleep(seconds)
+        finally:
+            self._sleeping = False
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        self._sleeping = False
+        try:
+            if self.pidfile is not None:
+                try:
+                    os.unlink(self.pidfile)
+                except FileNotFoundError:
+                    pass
+        finally:
+            self._restore()
+        return isinstance(exc, _Stop)
+
+
+def _report(what: str, e: BaseException, seen: set[str]) -> None:
+    """A telemetry failure must not stop a monitor: say so once per kind on stderr."""
+    import sys
+
+    text = f"{what}: {e}"
+    if text not in seen and len(seen) < 100:
+        seen.add(text)
+        print(f"cfn-fast monitor: {text}", file=sys.stderr, flush=True)
+
+
+class PassResult(NamedTuple):
+    inboxes: int
+    lines: int
+    alerts: int
+    reconciled: int
+
+
+class OverflowMonitor:
+    """One overflow check per ``run_pass``: every tracked inbox's counter gives
+    inbox.size and inbox.utilization (two lines each, one write for all) and
+    the alerts (inbox_overflow at 100 %, inbox_high_utilization above 80 %).
+    Every ``reconcile_every`` passes (and on the first) it first finds inboxes
+    the state does not track yet (made by bash agents) and reconciles each
+    counter against a directory scan, skipping inboxes another process
+    reconciled within the last half period."""
+
+    def __init__(self, bus: "MessageBus", interval: float = 5.0, reconcile_every: int = 12) -> None:
+        if isinstance(reconcile_every, bool) or not isinstance(reconcile_every, int) or reconcile_every < 1:
+            raise InvalidArgument(f"reconcile_every must be a whole number >= 1, not {reconcile_every!r}")
+        self.bus = bus
+        self.interval = interval
+        self.reconcile_every = reconcile_every
+        self.passes = 0
+        self._gone: set[str] = set()  # tracked agents whose inbox was missing at the last reconcile
+        self._size = telemetry.LineTemplate("inbox.size", "count", "agent")
+        self._util = telemetry.LineTemplate("inbox.utilization", "percent", "agent")
+        self.errors: set[str] = set()
+
+    def reconcile_all(self, h: _core.Handle, everyone: bool = False) -> int:
+        """Scans every inbox of the base folder and sets its counter; returns how many were scanned."""
+        b = self.bus
+        try:
+            entries = list(os.scandir(b.base_dir))
+        except FileNotFoundError:
+            return 0
+        period_ns = int(self.interval * self.reconcile_every * 1e9)
+        recent = time.time_ns() - period_ns // 2
+        last = {} if everyone else {s.agent: s.reconcile_ns for s in _core.slots(h)}
+        on_disk: set[str] = set()
+        done = drift = 0
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            if not everyone and last.get(name, 0) > recent:
+                on_disk.add(name)
+                continue
+            try:
+                r = b.reconcile(name, force=True)
+            except InboxNotFound:
+                continue
+            except CfnError as e:  # a bad name (not an agent), an unsafe folder, ...
+                if not isinstance(e, ValueError):
+                    _report("reconcile", e, self.errors)
+                continue
+            on_disk.add(name)
+            if r.scanned:
+                done += 1
+                if r.before >= 0 and r.before != r.count:
+                    drift += 1
+        self._gone = {s.agent for s in _core.slots(h) if s.count >= 0} - on_disk
+        counters = telemetry.COUNTERS
+        _core.counter_add(h, counters["monitor_reconciles"], done)
+        if drift:
+            _core.counter_add(h, counters["inbox_drift"], drift)
+        return done
+
+    def run_pass(self, reconcile: Optional[bool] = None) -> PassResult:
+        b = self.bus
+        h = b._bus()
+        if h is None:  # no base folder yet: nothing to watch
+            self.passes += 1
+            return PassResult(0, 0, 0, 0)
+        if reconcile is None:
+            reconcile = self.passes % self.reconcile_every == 0
+        reconciled = self.reconcile_all(h) if reconcile else 0
+        cap = b.config.max_inbox_size
+        metrics_on = b.config.metrics_enabled
+        if metrics_on:
+            try:
+                self._size.refresh()
+                self._util.refresh()
+            except CfnError as e:
+                _report("metrics", e, self.errors)
+                metrics_on = False
+        size_line, util_line = self._size.line, self._util.line
+        gone = self._gone
+        out: list[bytes] = []
+        hot: list[tuple[str, int, int]] = []
+        n = 0
+        for s in _core.slots(h):
+            size = s.count
+            if size < 0 or (gone and s.agent in gone):
+                continue
+            n += 1
+            util = size * 100 // cap
+            if metrics_on:
+                out.append(size_line(size, s.agent))
+                out.append(util_line(util, s.agent))
+            if util > HIGH_UTILIZATION:
+                hot.append((s.agent, size, util))
+        if out:
+            try:
+                telemetry.write_metric_lines(b, b"".join(out), len(out))
+            except CfnError as e:
+                _report("metrics", e, self.errors)
+        alerts = 0
+        for agent, size, util in hot:
+            meta = {"agent": agent, "size": size, "max_size": cap, "utilization": util}
+            try:
+                if util >= 100:
+                    sent = telemetry.emit_alert(
+                        "inbox_overflow", f"Inbox of {agent} is full: {size}/{cap} messages ({util}%)",
+                        "critical", meta, bus=b)
+                else:
+                    sent = telemetry.emit_alert(
+                        "inbox_high_utilization",
+                        f"Inbox of {agent} is at {util}% of capacity ({size}/{cap} messages)",
+                        "warning", meta, bus=b)
+                alerts += sent
+            except CfnError as e:
+                _report("alerts", e, self.errors)
+        _core.counter_add(h, telemetry.COUNTERS["monitor_passes"], 1)
+        self.passes += 1
+        return PassResult(n, len(out), alerts, reconciled)
+
+
+def monitor_inbox_overflow(interval: float = 5, iterations: Optional[int] = None, *, pidfile: bool = False,
+                           bus: Optional["MessageBus"] = None, reconcile_every: int = 12) -> int:
+    """Checks every inbox each ``interval`` seconds (see OverflowMonitor) until
+    ``iterations`` passes are done (forever when None) or SIGTERM/SIGINT
+    arrives. With ``pidfile``, writes <base>/.monitors/overflow-<pid>.pid for
+    ``cleanup_rate_limiting``. Returns the number of passes."""
+    every = _check_interval(interval)
+    count = _check_iterations(iterations)
+    b = _resolve(bus)
+    mon = OverflowMonitor(b, every, reconcile_every)
+    with _Lifecycle(b, "overflow", pidfile) as life:
+        while not life.stopping and (count is None or mon.passes < count):
+            t0 = time.monotonic()
+            try:
+                mon.run_pass()
+            except (CfnError, OSError) as e:  # e.g. the base folder removed under us
+                _report("pass", e, mon.errors)
+                mon.passes += 1
+            if count is None or mon.passes < count:
+                life.sleep(every - (time.monotonic() - t0))
+    return mon.passes
+
+
+def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Optional[int] = None, *,
+                               pidfile: bool = False, bus: Optional["MessageBus"] = None) -> int:
+    """Runs ``apply_dynamic_rate_limit`` every ``interval`` seconds (default
+    RATE_LIMIT_CHECK_INTERVAL) until ``iterations`` are done or SIGTERM/SIGINT
+    arrives. With ``pidfile``, writes <base>/.monitors/rate-<pid>.pid. Returns
+    the number of checks."""
+    b = _resolve(bus)
+    every = b.config.rate_limit_check_interval if interval is None else _check_interval(interval)
+    count = _check_iterations(iterations)
+    done = 0
+    errors: set[str] = set()
+    with _Lifecycle(b, "rate", pidfile) as life:
+        while not life.stopping and (count is None or done < count):
+            t0 = time.monotonic()
+            try:
+                apply_dynamic_rate_limit(bus=b, interval=every)
+            except (CfnError, OSError) as e:
+                _report("rate limit", e, errors)
+            done += 1
+            if count is None or done < count:
+                life.sleep(every - (time.monotonic() - t0))
+    return done
+
+
+def _read_pidfile(path: str) -> Optional[tuple[int, int]]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return None
+        fields = os.read(fd, 256).split()
+        return int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def list_monitors(*, bus: Optional["MessageBus"] = None) -> list[dict[str, Any]]:
+    """The monitors of this base folder whose pid files name a live process."""
+    b = _resolve(bus)
+    d = _pid_dir(b)
+    try:
+        names = sorted(os.listdir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name in names:
+        if not name.endswith(".pid") or name.startswith("."):
+            continue
+        rec = _read_pidfile(os.path.join(d, name))
+        if rec and rec[1] and _proc_start(rec[0]) == rec[1]:
+            out.append({"pid": rec[0], "kind": name.rsplit("-", 1)[0], "pidfile": os.path.join(d, name)})
+    return out
+
+
+def cleanup_rate_limiting(*, bus: Optional["MessageBus"] = None, timeout: float = 5.0) -> int:
+    """Stops this base folder's monitors: SIGTERM to each process its pid
+    file names (only while that pid still belongs to the process that wrote
+    the file: same start time), then SIGKILL to any still running after
+    ``timeout`` seconds. Stale pid files are removed. Returns how many it stopped."""
+    b = _resolve(bus)
+    d = _pid_dir(b)
+    try:
+        names = os.listdir(d)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    me = os.getpid()
+    targets: list[tuple[int, int, str]] = []
+    for name in names:
+        path = os.path.join(d, name)
+        if name.startswith(".") or not name.endswith(".pid"):
+            continue
+        rec = _read_pidfile(path)
+        if rec is not None and rec[0] == me:
+            continue  # a monitor running in this very process
+        if rec is None or not rec[1] or _proc_start(rec[0]) != rec[1]:
+            _unlink(path)  # stale: its process is gone, or the pid now names another one
+            continue
+        try:
+            os.kill(rec[0], signal.SIGTERM)
+        except ProcessLookupError:
+            _unlink(path)
+            continue
+        except PermissionError:
+            continue
+        targets.append((rec[0], rec[1], path))
+    deadline = time.monotonic() + timeout
+    left = targets
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = [t for t in left if _proc_start(t[0]) == t[1]]
+    for pid, _start, _path in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for _pid, _start, path in targets:
+        _unlink(path)
+    if targets:
+        telemetry.count(b, "monitors_stopped", len(targets))
+    return len(targets)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+__all__ = [
+    "OverflowMonitor",
+    "TIERS",
+    "Tier",
+    "apply_dynamic_rate_limit",
+    "choose_tier",
+    "cleanup_rate_limiting",
+    "current_rate_limit",
+    "get_all_inbox_stats",
+    "get_batch_size",
+    "get_system_load",
+    "list_monitors",
+    "monitor_dynamic_rate_limit",
+    "monitor_inbox_overflow",
+]
