@@ -7,7 +7,7 @@ syntax itself, so they cannot drift. This module imports nothing costly.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 EXIT_OK = 0     # success
 EXIT_NO = 1     # the original's "no": full, failed after retries, not found
@@ -18,41 +18,49 @@ PROG = "cfn-fast"
 Default = Union[str, int, float, bool, None]
 
 
-class Param(NamedTuple):
-    name: str                      # Python name; a positional shows as NAME
-    help: str
-    kind: str = "text"             # text | agent | json | number | seconds | count | ms | choice | flag
-    required: bool = True
-    default: Default = None
-    choices: tuple[str, ...] = ()
-    option: bool = False           # --name instead of a positional
+class Param:
+    """One argument or option. (Plain classes: a NamedTuple costs ~1 ms to
+    create at import, and this module is on every hot command's path.)"""
+
+    __slots__ = ("name", "help", "kind", "required", "default", "choices", "option")
+
+    def __init__(self, name: str, help: str, kind: str = "text", required: bool = True,
+                 default: Default = None, choices: tuple[str, ...] = (), option: bool = False) -> None:
+        self.name = name            # Python name; a positional shows as NAME
+        self.help = help
+        self.kind = kind            # text | agent | json | number | seconds | count | ms | choice | flag
+        self.required = required
+        self.default = default
+        self.choices = choices
+        self.option = option        # --name instead of a positional
 
     @property
     def metavar(self) -> str:
         return self.name.upper()
 
+    def __repr__(self) -> str:
+        return f"Param({self.name!r}, kind={self.kind!r})"
 
-class Command(NamedTuple):
-    path: tuple[str, ...]          # ("get-size",) or ("bus", "send")
-    function: str                  # the bash original's function (or the drop-in's)
-    help: str                      # first line: the summary
-    params: tuple[Param, ...] = ()
-    hot: bool = False              # run by the fast path, before click is imported
+
+class Command:
+    """One command: where it sits, the original function it stands for, its help and parameters."""
+
+    __slots__ = ("path", "function", "help", "params", "hot")
+
+    def __init__(self, path: tuple[str, ...], function: str, help: str,
+                 params: tuple[Param, ...] = (), hot: bool = False) -> None:
+        self.path = path            # ("get-size",) or ("bus", "send")
+        self.function = function    # the bash original's function (or the drop-in's)
+        self.help = help            # first line: the summary
+        self.params = params
+        self.hot = hot              # run by the fast path, before click is imported
 
     @property
     def name(self) -> str:
         return self.path[-1]
 
-    @property
-    def usage(self) -> str:
-        parts = [PROG, *self.path]
-        for p in self.params:
-            if p.option:
-                continue
-            parts.append(p.metavar if p.required else f"[{p.metavar}]")
-        if any(p.option for p in self.params):
-            parts.insert(len(self.path) + 1, "[OPTIONS]")
-        return " ".join(parts)
+    def __repr__(self) -> str:
+        return f"Command({' '.join(self.path)!r})"
 
 
 GROUPS: dict[str, str] = {
