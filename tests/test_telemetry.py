@@ -1,0 +1,295 @@
+"""Metrics and alerts: the original's JSONL formats, shared totals, and the
+alert cooldown shared by every process on the base folder."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import cfn_fast
+from cfn_fast import telemetry
+from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def lines(path: str | Path) -> list[dict]:
+    p = Path(path)
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def metrics_file() -> str:
+    return os.environ["METRICS_FILE"]
+
+
+def alerts_file() -> str:
+    return os.environ["ALERT_LOG_FILE"]
+
+
+def run_children(code: str, n: int, *args: str) -> list[str]:
+    """Starts n interpreters running code (argv[1] is the child's index), lets
+    them all go at once (each waits for a line on stdin), returns their stdout."""
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(i), *args],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(n)]
+    for p in procs:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        outs.append(out)
+    return outs
+
+
+# --- metrics -------------------------------------------------------------------
+def test_metric_line_has_the_original_format(bus):
+    assert cfn_fast.emit_metric("inbox.size", 7, "count", {"agent": "bob"}) is True
+    raw = Path(metrics_file()).read_text()
+    assert raw.endswith("\n") and raw.count("\n") == 1
+    rec = json.loads(raw)
+    assert list(rec) == ["timestamp", "metric", "value", "unit", "tags"]
+    assert STAMP.match(rec["timestamp"])
+    assert rec == {"timestamp": rec["timestamp"], "metric": "inbox.size", "value": 7, "unit": "count",
+                   "tags": {"agent": "bob"}}
+
+
+def test_metric_defaults_and_values(bus):
+    telemetry.emit_metric("a.b", 1.5)
+    telemetry.emit_metric("a.c", "12")  # the CLI passes text
+    telemetry.emit_metric("a.d", 3, "ms", '{"x":"y"}')  # JSON object text, as the CLI passes it
+    recs = lines(metrics_file())
+    assert [(r["metric"], r["value"], r["unit"], r["tags"]) for r in recs] == [
+        ("a.b", 1.5, "count", {}), ("a.c", 12, "count", {}), ("a.d", 3, "ms", {"x": "y"})]
+
+
+@pytest.mark.parametrize("args", [
+    ("", 1), ("x", float("nan")), ("x", True), ("x", "abc"), ("x", None),
+    ("x", 1, "count", {"bad": float("inf")}), ("x", 1, "count", "[1]"), ("x", 1, "count", "{nope"),
+    ("x", 1, "count", ["not", "a", "dict"]), ("x\0y", 1),
+])
+def test_bad_metrics_are_refused_and_nothing_is_written(bus, args):
+    with pytest.raises(InvalidArgument):
+        telemetry.emit_metric(*args)
+    assert lines(metrics_file()) == []
+
+
+def test_metrics_off_writes_nothing(base, monkeypatch):
+    monkeypatch.setenv("CFN_METRICS", "0")
+    assert telemetry.emit_metric("x", 1) is False
+    assert not Path(metrics_file()).exists()
+
+
+def test_counter_metrics_are_totalled_in_shared_memory(bus):
+    for v in (3, 4):
+        telemetry.emit_metric("coordination.message_sent", v, tags={"agent": "alice"})
+    telemetry.emit_metric("coordination.latency", 12, "milliseconds")
+    telemetry.emit_metric("coordination.latency", 30, "milliseconds")
+    telemetry.emit_metric("something.else", 99)
+    other = cfn_fast.MessageBus()  # another handle on the same state sees the totals
+    try:
+        c = telemetry.counters(other)
+    finally:
+        other.close()
+    assert c["coordination_message_sent"] == 7
+    assert c["coordination_latency_samples"] == 2 and c["coordination_latency_ms_total"] == 42
+    assert c["metrics"] == 5
+
+
+def test_metrics_stats_and_clear(bus):
+    for i in range(5):
+        telemetry.emit_metric("m", i)
+    st = telemetry.metrics_stats()
+    assert st["lines"] == 5 and st["exists"] and st["size_bytes"] == Path(metrics_file()).stat().st_size
+    assert st["counters"]["metrics"] == 5
+    telemetry.clear_metrics()
+    assert Path(metrics_file()).stat().st_size == 0
+    telemetry.emit_metric("after", 1)  # the open O_APPEND descriptor carries on at the new end
+    assert [r["metric"] for r in lines(metrics_file())] == ["after"]
+    assert telemetry.metrics_stats()["counters"]["metrics"] == 6  # totals are cumulative
+
+
+def test_metrics_stats_without_a_file_or_base(base):
+    st = telemetry.metrics_stats()
+    assert st["exists"] is False and st["lines"] == 0 and st["counters"]["metrics"] == 0
+    telemetry.clear_metrics()  # nothing to clear: no error
+
+
+def test_line_template_matches_the_c_format(bus):
+    t = telemetry.LineTemplate("inbox.utilization", "percent", "agent")
+    t.refresh()
+    got = json.loads(t.line(87, "agent-1.x_y"))
+    ref = json.loads(telemetry.format_metric("inbox.utilization", 87, "percent", {"agent": "agent-1.x_y"}))
+    got.pop("timestamp"), ref.pop("timestamp")
+    assert got == ref
+    assert t.line(5, "a").startswith(b'{"timestamp":"') and t.line(5, "a").endswith(b"}\n")
+
+
+@pytest.mark.slow
+def test_eight_processes_append_at_once_and_no_line_is_torn_or_lost(bus):
+    per = 400
+    run_children("""
+        import sys
+        from cfn_fast import telemetry
+        me = int(sys.argv[1])
+        pad = "x" * 300  # long lines make a torn write likelier
+        print("ready", flush=True); sys.stdin.readline()
+        for i in range(%d):
+            telemetry.emit_metric("load.test", i, "count", {"proc": me, "i": i, "pad": pad})
+    """ % per, 8)
+    raw = Path(metrics_file()).read_bytes()
+    assert raw.endswith(b"\n")
+    recs = [json.loads(x) for x in raw.split(b"\n")[:-1]]  # every line valid JSON
+    assert len(recs) == 8 * per
+    assert {(r["tags"]["proc"], r["tags"]["i"]) for r in recs} == {(p, i) for p in range(8) for i in range(per)}
+    assert telemetry.counters(bus)["metrics"] == 8 * per
+
+
+# --- alerts --------------------------------------------------------------------
+def test_alert_line_format_and_stderr(bus, capsys):
+    assert cfn_fast.emit_alert("disk_low", "Only 5% left", "warning", {"agent": "bob", "free": 5}) is True
+    (rec,) = lines(alerts_file())
+    assert list(rec) == ["timestamp", "alert", "message", "severity", "metadata"]
+    assert STAMP.match(rec["timestamp"])
+    assert rec["alert"] == "disk_low" and rec["message"] == "Only 5% left" and rec["severity"] == "warning"
+    assert rec["metadata"] == {"agent": "bob", "free": 5}
+    err = capsys.readouterr().err
+    assert "WARNING disk_low: Only 5% left" in err and "\033[" not in err  # not a terminal: no colour codes
+
+
+def test_alert_colour_when_forced(bus, capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    telemetry.emit_alert("x", "boom", "critical")
+    assert "\033[1;31m" in capsys.readouterr().err
+
+
+def test_alert_defaults_and_validation(bus):
+    assert telemetry.emit_alert("note", "hi") is True
+    assert lines(alerts_file())[0]["severity"] == "info" and lines(alerts_file())[0]["metadata"] == {}
+    for bad in [("", "m"), ("t", "m", "loud"), ("t", "m", "info", [1]), ("t", 5)]:
+        with pytest.raises(InvalidArgument):
+            telemetry.emit_alert(*bad)
+
+
+def test_cooldown_is_keyed_by_type_and_subject(bus):
+    assert telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "a"})
+    assert not telemetry.emit_alert("inbox_overflow", "full again", "critical", {"agent": "a"})
+    assert telemetry.emit_alert("inbox_overflow", "other inbox", "critical", {"agent": "b"})
+    assert telemetry.emit_alert("inbox_high_utilization", "other type", "warning", {"agent": "a"})
+    # a send's subject is its recipient: same key as the monitor's alert for that inbox
+    assert not telemetry.emit_alert("inbox_overflow", "send failed", "critical", {"from": "x", "to": "a"})
+    assert len(lines(alerts_file())) == 3
+    c = telemetry.counters(bus)
+    assert c["alerts"] == 3 and c["alerts_suppressed"] == 2 and c["alerts_inbox_overflow"] == 2
+
+
+def test_zero_cooldown_never_suppresses(base, make_bus):
+    b = make_bus(alert_cooldown_seconds=0)
+    b.init_message_bus("a")
+    assert all(telemetry.emit_alert("t", "m", metadata={"agent": "a"}, bus=b) for _ in range(3))
+
+
+def test_cooldown_without_a_base_folder_is_kept_in_process(base, monkeypatch):
+    monkeypatch.setattr(telemetry, "_local_cooldowns", {})
+    assert telemetry.emit_alert("t", "m", metadata={"agent": "a"})
+    assert not telemetry.emit_alert("t", "m", metadata={"agent": "a"})
+    assert not base.exists()  # an alert creates no base folder
+
+
+@pytest.mark.slow
+def test_cooldown_holds_across_two_processes(bus):
+    assert telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "alice"})
+    code = """
+        import sys
+        from cfn_fast import telemetry
+        print("ready", flush=True); sys.stdin.readline()
+        print(telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "alice"}),
+              telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "bob"}))
+    """
+    (out,) = run_children(code, 1)
+    assert out.split() == ["False", "True"]
+    assert [r["metadata"]["agent"] for r in lines(alerts_file())] == ["alice", "bob"]
+
+
+@pytest.mark.slow
+def test_of_many_racing_processes_exactly_one_alerts(bus):
+    outs = run_children("""
+        import sys
+        from cfn_fast import telemetry
+        print("ready", flush=True); sys.stdin.readline()
+        print(sum(telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "bob"}) for _ in range(20)))
+    """, 6)
+    assert sum(int(o) for o in outs) == 1
+    assert len(lines(alerts_file())) == 1
+
+
+def test_backpressure_failure_gives_one_metric_each_and_one_alert_per_cooldown(make_bus):
+    b = make_bus(max_inbox_size=1, backpressure_max_retries=2, backpressure_wait_ms=1)
+    b.init_message_bus("alice")
+    b.init_message_bus("bob")
+    b.send_message("alice", "bob", "t", 1)
+    for _ in range(3):
+        with pytest.raises(BackpressureTimeout):
+            b.send_with_backpressure("alice", "bob", "t", 2)
+    fails = [r for r in lines(metrics_file()) if r["metric"] == "backpressure.send.failure"]
+    assert len(fails) == 3
+    assert fails[0]["tags"] == {"from": "alice", "to": "bob", "retries": 2}
+    (alert,) = lines(alerts_file())
+    assert alert["alert"] == "inbox_overflow" and alert["severity"] == "critical"
+    assert alert["metadata"] == {"from": "alice", "to": "bob", "retries": 2, "max_size": 1}
+    assert telemetry.counters(b)["backpressure_failure"] == 3
+
+
+def test_alert_backpressure_failure_never_raises(bus, monkeypatch):
+    monkeypatch.setenv("ALERT_LOG_FILE", "/nonexistent-dir/alerts.jsonl")
+    b = cfn_fast.MessageBus()
+    try:
+        assert telemetry.alert_backpressure_failure(b, "alice", "bob") is False
+    finally:
+        b.close()
+    with pytest.raises(CfnError):  # emit_alert itself reports the failure
+        telemetry.emit_alert("t", "m", metadata={"agent": "zz"})
+
+
+def test_alerts_summary_groups_by_severity_and_type(bus):
+    path = Path(alerts_file())
+    old = {"timestamp": "2020-01-01T00:00:00.000Z", "alert": "inbox_overflow", "message": "old",
+           "severity": "critical", "metadata": {}}
+    path.write_text(json.dumps(old) + "\nnot json\n")
+    telemetry.emit_alert("inbox_overflow", "m", "critical", {"agent": "a"})
+    telemetry.emit_alert("inbox_overflow", "m", "critical", {"agent": "b"})
+    telemetry.emit_alert("inbox_high_utilization", "m", "warning", {"agent": "a"})
+    telemetry.emit_alert("inbox_overflow", "m", "critical", {"agent": "a"})  # suppressed
+    s = cfn_fast.alerts_summary()
+    assert s["total"] == 4 and s["invalid_lines"] == 1 and s["suppressed"] == 1
+    assert s["by_severity"] == {"critical": 3, "warning": 1}
+    assert list(s["by_severity"]) == ["critical", "warning"]  # most severe first
+    assert s["by_type"] == {"inbox_overflow": 3, "inbox_high_utilization": 1}
+    assert s["by_severity_and_type"] == {"critical": {"inbox_overflow": 3},
+                                         "warning": {"inbox_high_utilization": 1}}
+    recent = cfn_fast.alerts_summary(10)
+    assert recent["total"] == 3 and recent["by_severity"] == {"critical": 2, "warning": 1}
+    assert STAMP.match(recent["since"])
+    with pytest.raises(InvalidArgument):
+        cfn_fast.alerts_summary(-1)
+
+
+def test_alerts_summary_without_a_file(base):
+    s = telemetry.alerts_summary(5)
+    assert s["total"] == 0 and s["by_severity"] == {} and s["by_type"] == {}
+
+
+def test_counter_table_stays_inside_the_shared_area():
+    own = [v for k, v in telemetry.COUNTERS.items() if k not in cfn_fast._core.COUNTERS]
+    assert min(own) == 13 and max(own) < 64 and len(set(telemetry.COUNTERS.values())) == len(telemetry.COUNTERS)
