@@ -215,6 +215,8 @@ def apply_rate_limit(export: bool) -> int:
     from cfn_fast import monitors
 
     r = monitors.apply_dynamic_rate_limit()
+    log("RATE-LIMIT", f"{str(r.get('tier', '')).capitalize()} system load ({r['load_per_cpu']:.2f}): "
+                      f"batch size {r['batch_size']}, backpressure wait {r['wait_ms']}ms")
     if export:
         out(f"export CFN_BATCH_SIZE={int(r['batch_size'])}")
         out(f"export BACKPRESSURE_WAIT_MS={int(r['wait_ms'])}")
@@ -311,20 +313,16 @@ def _human_size(n: int) -> str:
 
 def metrics_stats(json: bool) -> int:
     from cfn_fast import telemetry
-    from cfn_fast.config import Config
 
-    path = Config.from_env().metrics_file
-    if not os.path.exists(path):
-        raise MissingFile(f"Metrics file does not exist: {path}")
     stats = telemetry.metrics_stats()
     if json:
         out(_dump(stats))
         return EXIT_OK
-    size = stats.get("size_bytes", stats.get("file_size", os.path.getsize(path)))
-    lines = stats.get("lines", stats.get("line_count", stats.get("entries")))
-    out(f"Metrics file: {path}")
-    out(f"Size: {_human_size(int(size))}")
-    out(f"Entries: {lines}")
+    if not stats["exists"]:
+        raise MissingFile(f"Metrics file does not exist: {stats['file']}")
+    out(f"Metrics file: {stats['file']}")
+    out(f"Size: {_human_size(int(stats['size_bytes']))}")
+    out(f"Entries: {stats['lines']}")
     return EXIT_OK
 
 
@@ -336,9 +334,14 @@ def metrics_clear(force: bool) -> int:
     if not os.path.exists(path):
         out(f"Metrics file does not exist: {path}")
         return EXIT_OK
-    if not force and not click.confirm(f"Clear all metrics in {path}?", default=False, err=True):
-        out("Metrics clear cancelled")
-        return EXIT_OK
+    if not force:
+        try:
+            sure = click.confirm(f"Clear all metrics in {path}?", default=False, err=True)
+        except click.Abort:  # no answer (stdin closed): the same as no
+            sure = False
+        if not sure:
+            out("Metrics clear cancelled")
+            return EXIT_OK
     telemetry.clear_metrics()
     out(f"Metrics cleared: {path}")
     return EXIT_OK
