@@ -138,7 +138,7 @@ def test_line_template_matches_the_c_format(bus):
 
 @pytest.mark.slow
 def test_eight_processes_append_at_once_and_no_line_is_torn_or_lost(bus):
-    per = 400
+    per = 1500
     run_children("""
         import sys
         from cfn_fast import telemetry
