@@ -7,6 +7,7 @@ configuration and turning message files into dicts.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Any, Iterable, Optional, Union
@@ -15,6 +16,7 @@ from cfn_fast import _core
 from cfn_fast.config import Config
 from cfn_fast.errors import (
     BackpressureTimeout,
+    CfnOSError,
     InboxNotFound,
     InvalidArgument,
     InvalidMessageType,
@@ -100,8 +102,8 @@ class MessageBus:
             if self._handle is None:
                 try:
                     self._handle = _core.open_bus(self.base_dir, create, self.config.dir_mode)
-                except FileNotFoundError:
-                    if create:
+                except CfnOSError as e:
+                    if create or e.errno != errno.ENOENT:
                         raise
                     return None
                 self._on_open(self._handle)
@@ -172,6 +174,7 @@ class MessageBus:
     def cleanup_message_bus(self, agent_id: str) -> None:
         """Removes the agent's folder and every message in it."""
         agent = _core.agent_bytes(agent_id)
+        _core.check_agent(agent)  # before any path is built from it: "" or ".." must not reach rmtree
         h = self._bus()
         if h is None:
             return

@@ -105,7 +105,7 @@ uint64_t cfn_proc_start_ticks(pid_t pid)
         return 0;
     /* after ") " come fields 3.. ; start time is field 22 */
     int field = 2;
-    for (p++; *p && field < 21; p++)
+    for (p++; *p && field < 22; p++)
         if (*p == ' ')
             field++;
     return strtoull(p, NULL, 10);
