@@ -8,6 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -355,3 +360,47 @@ def test_shell_prints_the_drop_in_and_its_path(run):
 def test_version(run):
     r = run("--version")
     assert r.exit_code == 0 and "cfn-fast" in r.stdout
+
+
+# -- monitors run in the foreground until signalled ------------------------------------------
+
+def _start(*args: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "cfn-fast-test-pycache")
+    return subprocess.Popen([sys.executable, "-m", "cfn_fast", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_pidfile(base: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while not list((base / ".monitors").glob(f"*-{proc.pid}.pid")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the monitor never wrote its pid file"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("command", [("monitor-overflow", "0.05"), ("monitor-rate-limit", "0.05")])
+def test_a_monitor_runs_until_sigterm_and_then_exits_0(run, agents, base, command):
+    proc = _start(*command)
+    try:
+        _wait_for_pidfile(base, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Starting" in err
+
+
+def test_cleanup_stops_the_monitors_of_this_base_folder(run, agents, base):
+    proc = _start("monitor-overflow", "0.05")
+    try:
+        _wait_for_pidfile(base, proc)
+        r = run("cleanup")
+        assert r.exit_code == 0 and "1 monitors stopped" in r.stderr
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,74 @@
+"""The bash drop-in: a script written for the original runs unchanged on cfn-fast.
+
+tests/shell/dropin_scenarios.sh sources `cfn-fast shell` under `set -euo
+pipefail` and runs the original's scenarios; this drives it and checks that
+the drop-in defines every function of the original.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cfn_fast.cli import shell_path
+from cfn_fast.config import SETTINGS
+
+SCENARIOS = Path(__file__).parent / "shell" / "dropin_scenarios.sh"
+
+ORIGINAL_FUNCTIONS = [
+    "init_message_bus", "send_message", "receive_messages", "clear_inbox", "message_count",
+    "cleanup_message_bus", "init_message_bus_system", "cleanup_message_bus_system",
+    "check_inbox_capacity", "get_inbox_size", "get_inbox_utilization", "send_with_backpressure",
+    "monitor_inbox_overflow", "apply_dynamic_rate_limit", "monitor_dynamic_rate_limit",
+    "get_system_load", "get_all_inbox_stats", "cleanup_rate_limiting", "emit_metric", "emit_alert",
+]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+@pytest.fixture
+def shell_env(workdir: Path) -> dict[str, str]:
+    """An environment whose PATH finds cfn-fast (the installed script, else a
+    two-line stand-in) and which does NOT export the bus settings: the script
+    sets them as plain shell variables, as the original's users do."""
+    bindir = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(bindir, "cfn-fast"), os.X_OK):
+        bindir = str(workdir / "bin")
+        os.makedirs(bindir)
+        stand_in = os.path.join(bindir, "cfn-fast")
+        with open(stand_in, "w") as f:
+            f.write(f'#!/bin/sh\nexec "{sys.executable}" -m cfn_fast "$@"\n')
+        os.chmod(stand_in, 0o755)
+    env = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "cfn-fast-test-pycache")
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def test_the_originals_scenarios_pass_under_strict_mode(workdir, shell_env):
+    r = subprocess.run(["bash", str(SCENARIOS), str(workdir / "run"), sys.executable],
+                       env=shell_env, capture_output=True, text=True, timeout=120)
+    failures = [ln for ln in r.stdout.splitlines() if ln.startswith("not ok")]
+    assert r.returncode == 0 and not failures, r.stdout + r.stderr
+    assert re.search(r"^1\.\.(\d+)$", r.stdout, re.M), r.stdout + r.stderr
+
+
+def test_the_drop_in_defines_every_function_of_the_original(shell_env):
+    names = " ".join(ORIGINAL_FUNCTIONS)
+    script = f'set -euo pipefail; source "{shell_path()}"; for f in {names}; do declare -F "$f" >/dev/null; done'
+    r = subprocess.run(["bash", "-c", script], env=shell_env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_drop_in_hands_over_every_setting_cfn_fast_reads():
+    text = Path(shell_path()).read_text()
+    listed = re.search(r"_CFN_FAST_SETTINGS=\(([^)]*)\)", text)
+    assert listed is not None
+    assert listed.group(1).split() == [s.env for s in SETTINGS]
