@@ -1,0 +1,91 @@
+"""Send cost against the plain-``os`` floor, at inbox sizes 10 to 10,000.
+
+The floor does the same work as a delivery with nothing else: build the
+message text, create a temporary file, write it, rename it into the inbox, and
+the same again into the sender's outbox. cfn-fast adds validation of the
+payload, the inbox gate, the atomic reservation, the per-pair sequence file,
+and for send_with_backpressure its metric line. The inbox is held at its size:
+each round's message is removed (untimed) before the next round; the capacity
+is set far above the size so there is always room.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from conftest import PAYLOAD, fill, new_bus
+from targets import SIZES
+
+
+class FloorSender:
+    """A delivery in plain Python ``os`` calls, with no locking, counting or checks."""
+
+    def __init__(self, root: Path, sender: str, to: str) -> None:
+        self.sender, self.to = sender, to
+        self.boxes = (str(root / to / "inbox"), str(root / sender / "outbox"))
+        for b in self.boxes:
+            os.makedirs(b, exist_ok=True)
+        self.seq = 0
+        self.pid = os.getpid()
+
+    def send(self, msg_type: str, payload: str) -> str:
+        self.seq += 1
+        ts = int(time.time())
+        mid = f"msg-{ts}-{self.seq:010d}-{self.pid}"
+        data = (f'{{"version":"1.1","msg_id":"{mid}","from":"{self.sender}","to":"{self.to}",'
+                f'"timestamp":{ts},"sequence":{self.seq},"type":"{msg_type}","payload":{payload},'
+                f'"requires_ack":false}}\n').encode()
+        for box in self.boxes:
+            tmp = f"{box}/.{mid}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(tmp, f"{box}/{mid}.json")
+        return mid
+
+
+SIDES = ("floor", "cfn", "cfn_bp")  # neighbours in time: each size's floor runs just before its sends
+KEYS = {"floor": "send.floor", "cfn": "send.cfn", "cfn_bp": "send_bp.cfn"}
+
+
+@pytest.mark.parametrize("size,side", [(n, s) for n in SIZES for s in SIDES],
+                         ids=[f"{s}-{n}" for n in SIZES for s in SIDES])
+def test_send(benchmark: Any, record: Any, workdir: Path, pick: Any, size: int, side: str) -> None:
+    n = pick(size, min(size, 1000))
+    benchmark.group = f"send, inbox holds {size}"
+    sent: list[str] = []
+    if side == "floor":
+        floor = FloorSender(workdir / "floor", "a", "b")
+        for _ in range(n):
+            floor.send("fill", PAYLOAD)
+        boxes = floor.boxes
+
+        def send() -> None:
+            sent.append(floor.send("t", PAYLOAD))
+    else:
+        bus = new_bus(workdir, max_inbox_size=10**7, metrics_enabled=(side == "cfn_bp"))
+        bus.init_message_bus("a")
+        bus.init_message_bus("b")
+        fill(bus, "b", n)
+        base = workdir / "messages"
+        boxes = (str(base / "b" / "inbox"), str(base / "a" / "outbox"))
+        op: Callable[..., str] = bus.send_message if side == "cfn" else bus.send_with_backpressure
+
+        def send() -> None:
+            sent.append(op("a", "b", "t", PAYLOAD))
+
+    def keep_size() -> None:  # untimed: the inbox stays at its size
+        while sent:
+            mid = sent.pop()
+            for box in boxes:
+                os.unlink(f"{box}/{mid}.json")
+
+    benchmark.pedantic(send, teardown=keep_size, rounds=pick(2000, 1), warmup_rounds=pick(100, 0))
+    assert len(os.listdir(boxes[0])) >= n
+    record(benchmark, f"{KEYS[side]}@{size}", size=size, side=side)

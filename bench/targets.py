@@ -1,0 +1,106 @@
+"""The rows of issue 6's table: what is measured against what, and the target.
+
+One source of truth for bench/conftest.py (the end-of-session summary and the
+ratios stored in each benchmark's ``extra_info``) and bench/plot.py (the
+README table). Keys name what a benchmark recorded (see ``record`` in
+conftest.py): timing keys hold a median in seconds, ``tput.*`` keys hold
+messages per second.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+HEADLINE_SEND_SIZE = 100  # messages already in the inbox for the send rows (room left)
+SIZES = (10, 100, 1_000, 10_000)  # growth curves of send and scan
+SENDERS = (1, 2, 4, 8)  # throughput curve
+SLOW_PEERS = ("persist-queue", "diskcache", "redis")
+FAST_PEERS = ("posix_ipc", "mp.Queue")
+SYSTEMS = ("cfn-fast",) + FAST_PEERS + SLOW_PEERS + ("plain files",)
+RESUME_INTERVAL_S = 0.100  # BACKPRESSURE_WAIT_MS=100
+
+
+class Row(NamedTuple):
+    name: str
+    key: str  # cfn-fast's figure
+    ref: str  # the reference's figure, measured in the same run
+    target: Optional[float]  # None: shown for orientation, no target
+    higher_is_better: bool = False  # throughput: ratio = cfn / peer, must be >= target
+
+    def ratio(self, values: dict[str, float]) -> Optional[float]:
+        a, b = values.get(self.key), values.get(self.ref)
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def verdict(self, ratio: Optional[float]) -> str:
+        if ratio is None:
+            return "not measured"
+        if self.target is None:
+            return "(orientation)"
+        if self.higher_is_better:
+            return "met" if ratio >= self.target else f"missed: {self.target / ratio:.2f}x short"
+        return "met" if ratio <= self.target else f"missed by {ratio / self.target:.2f}x"
+
+    def target_text(self) -> str:
+        if self.target is None:
+            return "-"
+        if self.higher_is_better:
+            return f">= {self.target:g}x" if self.target >= 1 else f">= 1/{1 / self.target:g}"
+        return f"<= {self.target:g}x"
+
+
+def _rows() -> list[Row]:
+    s = HEADLINE_SEND_SIZE
+    rows = [
+        Row(f"send_message 1 KiB (inbox holds {s})", f"send.cfn@{s}", f"send.floor@{s}", 1.2),
+        Row(f"send_with_backpressure, metrics on (inbox holds {s})", f"send_bp.cfn@{s}", f"send.floor@{s}", 1.5),
+        Row("get_inbox_size, 1,000 msgs", "size.cfn@1000", "scan.listdir@1000", 0.01),
+        Row("reconcile(force=False), 1,000 msgs", "scan.reconcile@1000", "scan.listdir@1000", 0.5),
+        Row("message_count, 1,000 msgs", "scan.count@1000", "scan.listdir@1000", 0.5),
+        Row("full reconcile, 100,000 msgs in 1,000 inboxes", "all.reconcile", "all.listdir", 0.5),
+        Row("full reconcile(force=False), same", "all.reconcile_noforce", "all.listdir", None),
+        Row("resume of a blocked sender vs the 100 ms interval", "resume.cfn-fast", "resume.interval", 0.001),
+        Row("resume of a blocked sender vs POSIX mq_send", "resume.cfn-fast", "resume.posix_ipc", None),
+    ]
+    for n in (1, 4):
+        for peer in SLOW_PEERS:
+            rows.append(Row(f"throughput {n} sender(s) vs {peer}", f"tput.cfn-fast@{n}", f"tput.{peer}@{n}",
+                            10, True))
+        rows.append(Row(f"throughput {n} sender(s) vs POSIX queue", f"tput.cfn-fast@{n}", f"tput.posix_ipc@{n}",
+                        0.2, True))
+        rows.append(Row(f"throughput {n} sender(s) vs multiprocessing.Queue", f"tput.cfn-fast@{n}",
+                        f"tput.mp.Queue@{n}", None, True))
+        rows.append(Row(f"throughput {n} sender(s) vs plain files (the original's design)", f"tput.cfn-fast@{n}",
+                        f"tput.plain files@{n}", None, True))
+    return rows
+
+
+ROWS: list[Row] = _rows()
+
+
+def fmt_value(key: str, v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    if key.startswith("tput."):
+        return f"{v:,.0f} msg/s"
+    if v >= 1:
+        return f"{v:.2f} s"
+    if v >= 1e-3:
+        return f"{v * 1e3:.2f} ms"
+    return f"{v * 1e6:.2f} us"
+
+
+def table(values: dict[str, float], markdown: bool = False) -> list[str]:
+    """The ratio table, as aligned text lines or as a Markdown table."""
+    head = ("operation", "cfn-fast", "reference", "ratio", "target", "verdict")
+    body = []
+    for r in ROWS:
+        q = r.ratio(values)
+        body.append((r.name, fmt_value(r.key, values.get(r.key)), fmt_value(r.ref, values.get(r.ref)),
+                     "-" if q is None else f"{q:.4g}x", r.target_text(), r.verdict(q)))
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return lines
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + body]
