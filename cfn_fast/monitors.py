@@ -335,29 +335,33 @@ class OverflowMonitor:
         self.errors: set[str] = set()
 
     def reconcile_all(self, h: _core.Handle, everyone: bool = False) -> int:
-        """Scans every inbox of the base folder and sets its counter; returns how many were scanned."""
+        """Scans every inbox of the base folder and sets its counter (also
+        returning dead consumers' claims and removing stale temp files);
+        returns how many were scanned. Without ``everyone``, an inbox another
+        process reconciled within the last half period is left alone."""
         b = self.bus
         try:
             entries = list(os.scandir(b.base_dir))
         except FileNotFoundError:
             return 0
-        period_ns = int(self.interval * self.reconcile_every * 1e9)
-        recent = time.time_ns() - period_ns // 2
-        last = {} if everyone else {s.agent: s.reconcile_ns for s in _core.slots(h)}
+        tracked = _core.slots(h)
+        recent = time.time_ns() - int(self.interval * self.reconcile_every * 1e9) // 2
+        fresh = set() if everyone else {s.agent for s in tracked if s.reconcile_ns > recent}
         on_disk: set[str] = set()
         done = drift = 0
+        reconcile = _core.reconcile
         for entry in entries:
             name = entry.name
-            if name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            if name[0] == "." or not entry.is_dir(follow_symlinks=False):
                 continue
-            if not everyone and last.get(name, 0) > recent:
+            if name in fresh:
                 on_disk.add(name)
                 continue
             try:
-                r = b.reconcile(name, force=True)
-            except InboxNotFound:
+                r = reconcile(h, name.encode("ascii"), True)
+            except InboxNotFound:  # an agent folder without an inbox (a sender's)
                 continue
-            except CfnError as e:  # a bad name (not an agent), an unsafe folder, ...
+            except (CfnError, UnicodeEncodeError) as e:  # not an agent id, an unsafe folder, ...
                 if not isinstance(e, ValueError):
                     _report("reconcile", e, self.errors)
                 continue
@@ -366,11 +370,11 @@ class OverflowMonitor:
                 done += 1
                 if r.before >= 0 and r.before != r.count:
                     drift += 1
-        self._gone = {s.agent for s in _core.slots(h) if s.count >= 0} - on_disk
-        counters = telemetry.COUNTERS
-        _core.counter_add(h, counters["monitor_reconciles"], done)
+        self._gone = {s.agent for s in tracked if s.count >= 0} - on_disk
+        if done:
+            _core.counter_add(h, telemetry.COUNTERS["monitor_reconciles"], done)
         if drift:
-            _core.counter_add(h, counters["inbox_drift"], drift)
+            _core.counter_add(h, telemetry.COUNTERS["inbox_drift"], drift)
         return done
 
     def run_pass(self, reconcile: Optional[bool] = None) -> PassResult:
