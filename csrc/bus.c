@@ -43,6 +43,8 @@ static void ent_close(struct cfn_ent *e)
     if (e->agentfd >= 0) close(e->agentfd);
     if (e->inboxfd >= 0) close(e->inboxfd);
     if (e->lockfd >= 0) close(e->lockfd);
+    int ob = atomic_exchange(&e->outboxfd, -1);
+    if (ob >= 0) close(ob);
     e->agentfd = e->inboxfd = e->lockfd = -1;
     e->used = false;
 }
@@ -62,6 +64,7 @@ static void caches_init(cfn_bus *bus)
         struct cfn_ent *e = &bus->ents[i];
         memset(e, 0, sizeof *e);
         e->agentfd = e->inboxfd = e->lockfd = -1;
+        atomic_store(&e->outboxfd, -1);
         pthread_mutex_init(&e->gate_mu, NULL);
         struct cfn_pair *p = &bus->pairs[i];
         memset(p, 0, sizeof *p);
@@ -190,6 +193,7 @@ int cfn_bus_state_path(cfn_bus *bus, char *out, size_t cap)
 static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool need_inbox, cfn_err *err)
 {
     e->agentfd = e->inboxfd = e->lockfd = -1;
+    atomic_store(&e->outboxfd, -1);
     e->agentfd = openat(bus->basefd, agent, DIR_FLAGS);
     if (e->agentfd < 0) {
         if (errno == ENOENT)
@@ -278,6 +282,7 @@ int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent
             return cfn_fail(err, -ENOMEM, "allocating a folder cache entry");
         e->dynamic = true;
         e->pins = 1;
+        atomic_store(&e->outboxfd, -1);
         pthread_mutex_init(&e->gate_mu, NULL);
     }
     rc = ent_open(bus, e, agent, need_inbox, err);

@@ -390,11 +390,78 @@ static int fsync_or_fail(int fd, cfn_err *err, const char *what)
     return fsync(fd) == 0 ? 0 : cfn_fail_sys(err, "fsync %s", what);
 }
 
-/* Writes buf as <dirfd>/<name> through a temporary name and a rename that
- * never replaces an existing file. On EEXIST *retry is set (caller picks a new name). */
+enum { LINK_UNKNOWN = 0, LINK_EMPTY_PATH = 1, LINK_PROC = 2, LINK_NONE = 3 };
+
+/* Gives the unnamed file fd the name dirfd/name; never replaces a file.
+ * linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on older kernels; the
+ * /proc/self/fd path works for everyone. The first call finds out which. */
+static int link_unnamed(cfn_bus *bus, int fd, int dirfd, const char *name)
+{
+    int mode = atomic_load_explicit(&bus->link_mode, memory_order_relaxed);
+    if (mode != LINK_PROC) {
+        if (linkat(fd, "", dirfd, name, AT_EMPTY_PATH) == 0) {
+            if (mode == LINK_UNKNOWN)
+                atomic_store(&bus->link_mode, LINK_EMPTY_PATH);
+            return 0;
+        }
+        if (mode == LINK_EMPTY_PATH || (errno != ENOENT && errno != EPERM && errno != EINVAL))
+            return -errno;
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    if (linkat(AT_FDCWD, path, dirfd, name, AT_SYMLINK_FOLLOW) != 0)
+        return -errno;
+    if (mode == LINK_UNKNOWN)
+        atomic_store(&bus->link_mode, LINK_PROC);
+    return 0;
+}
+
+static int write_fd(int fd, const char *buf, size_t len, const cfn_send_opts *o, cfn_err *err, const char *where)
+{
+    int rc = 0;
+    if ((o->file_mode & 0777) != 0600 && fchmod(fd, (mode_t)o->file_mode) != 0)
+        rc = cfn_fail_sys(err, "chmod new file in %s", where);
+    if (rc == 0 && (rc = cfn_write_all(fd, buf, len)) != 0)
+        rc = cfn_fail(err, rc, "write message to %s: %s", where, strerror(-rc));
+    if (rc == 0 && o->fsync)
+        rc = fsync_or_fail(fd, err, where);
+    return rc;
+}
+
+/* Writes buf as <dirfd>/<name> so that no reader ever sees it half-written:
+ * an unnamed O_TMPFILE given its name by linkat, or (where the filesystem
+ * has no O_TMPFILE) a temporary dotfile renamed into place. Neither ever
+ * replaces an existing file: on EEXIST *retry is set (the caller picks a new
+ * name). With fsync, the file and then its folder are flushed, as Maildir does. */
 static int write_file(cfn_bus *bus, int dirfd, const char *name, const char *buf, size_t len,
                       const cfn_send_opts *o, bool *retry, cfn_err *err, const char *where)
 {
+    int rc;
+    if (atomic_load_explicit(&bus->link_mode, memory_order_relaxed) != LINK_NONE) {
+        int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, (mode_t)o->file_mode);
+        if (fd >= 0) {
+            rc = write_fd(fd, buf, len, o, err, where);
+            if (rc == 0 && (rc = link_unnamed(bus, fd, dirfd, name)) != 0) {
+                if (rc == -EEXIST)
+                    *retry = true;
+                else if (rc == -ENOENT)
+                    rc = cfn_fail(err, CFN_E_NOINBOX, "%s was removed", where);
+                else {
+                    errno = -rc;
+                    rc = cfn_fail_sys(err, "link new file into %s", where);
+                }
+            }
+            close(fd);  /* unnamed on failure: it vanishes with the descriptor */
+            if (rc == 0 && o->fsync)
+                rc = fsync_or_fail(dirfd, err, where);
+            return rc;
+        }
+        if (errno == ENOENT)
+            return cfn_fail(err, CFN_E_NOINBOX, "%s was removed", where);
+        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+            return cfn_fail_sys(err, "create file in %s", where);
+        atomic_store(&bus->link_mode, LINK_NONE);
+    }
     char tmp[96];
     snprintf(tmp, sizeof tmp, TMP_PREFIX "%d-%" PRIu64 "-%016" PRIx64 ".tmp", (int)bus->pid,
              bus->start_ticks, cfn_random64(bus));
@@ -402,13 +469,7 @@ static int write_file(cfn_bus *bus, int dirfd, const char *name, const char *buf
     if (fd < 0)
         return errno == ENOENT ? cfn_fail(err, CFN_E_NOINBOX, "%s was removed", where)
                                : cfn_fail_sys(err, "create temporary file in %s", where);
-    int rc = 0;
-    if ((o->file_mode & 0777) != 0600 && fchmod(fd, (mode_t)o->file_mode) != 0)
-        rc = cfn_fail_sys(err, "chmod temporary file in %s", where);
-    if (rc == 0 && (rc = cfn_write_all(fd, buf, len)) != 0)
-        rc = cfn_fail(err, rc, "write message to %s: %s", where, strerror(-rc));
-    if (rc == 0 && o->fsync)
-        rc = fsync_or_fail(fd, err, where);
+    rc = write_fd(fd, buf, len, o, err, where);
     if (close(fd) != 0 && rc == 0)
         rc = cfn_fail_sys(err, "close temporary file in %s", where);
     if (rc == 0 && renameat2(dirfd, tmp, dirfd, name, RENAME_NOREPLACE) != 0) {
@@ -543,12 +604,20 @@ out:
     if (rc == 0) {
         /* the sender's outbox gets a copy when it has one; the message is
          * already delivered, so a failure here does not fail the send */
-        int ob = openat(ef->agentfd, "outbox", DIR_FLAGS);
+        int ob = atomic_load(&ef->outboxfd);
+        if (ob < 0 && (ob = openat(ef->agentfd, "outbox", DIR_FLAGS)) >= 0) {
+            int none = -1;
+            if (!atomic_compare_exchange_strong(&ef->outboxfd, &none, ob)) {
+                close(ob);  /* another thread cached it first */
+                ob = none;
+            }
+        }
         if (ob >= 0) {
             bool retry = false;
-            cfn_err ignored;
-            res->outbox_copied = write_file(bus, ob, name, buf, len, o, &retry, &ignored, "outbox") == 0;
-            close(ob);
+            cfn_err why;
+            /* the descriptor stays cached while other threads may use it; a
+             * removed outbox is forgotten with the entry (cleanup_message_bus) */
+            res->outbox_copied = write_file(bus, ob, name, buf, len, o, &retry, &why, "outbox") == 0;
         }
     }
     free(buf);

@@ -82,6 +82,7 @@ struct cfn_ent {
     int agentfd;                    /* <base>/<agent> */
     int inboxfd;                    /* <base>/<agent>/inbox, or -1 */
     int lockfd;                     /* <inbox>/.lock: the inbox's gate */
+    _Atomic int outboxfd;           /* <base>/<agent>/outbox once seen, else -1 */
     int pins;                       /* callers using it now; never evicted then */
     int holders;                    /* threads holding the gate shared */
     pthread_mutex_t gate_mu;
@@ -115,6 +116,7 @@ struct cfn_bus {
     _Atomic uint64_t id_counter;
     uint64_t id_seed;
     _Atomic int metrics_fd;
+    _Atomic int link_mode;          /* how unnamed files get their name: LINK_* in inbox.c */
     uint64_t tick;
     struct cfn_ent ents[CFN_CACHE];
     struct cfn_pair pairs[CFN_CACHE];
