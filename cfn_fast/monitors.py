@@ -465,10 +465,16 @@ def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Opt
     """Runs ``apply_dynamic_rate_limit`` every ``interval`` seconds (default
     RATE_LIMIT_CHECK_INTERVAL) until ``iterations`` are done or SIGTERM/SIGINT
     arrives. With ``pidfile``, writes <base>/.monitors/rate-<pid>.pid. Returns
-    the number of checks."""
+    the number of checks.
+
+    Readers treat the settings as stale three RATE_LIMIT_CHECK_INTERVALs after
+    their last update; when ``interval`` is longer than that interval, the
+    monitor re-stamps its last settings in between, so they hold as long as it
+    runs and lapse only when it stops."""
     b = _resolve(bus)
     every = b.config.rate_limit_check_interval if interval is None else _check_interval(interval)
     count = _check_iterations(iterations)
+    beat = min(every, b.config.rate_limit_check_interval)
     done = 0
     errors: set[str] = set()
     with _Lifecycle(b, "rate", pidfile) as life:
@@ -479,9 +485,25 @@ def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Opt
             except (CfnError, OSError) as e:
                 _report("rate limit", e, errors)
             done += 1
-            if count is None or done < count:
-                life.sleep(every - (time.monotonic() - t0))
+            if count is not None and done >= count:
+                break
+            while not life.stopping:
+                left = every - (time.monotonic() - t0)
+                if left <= beat:
+                    life.sleep(left)
+                    break
+                life.sleep(beat)
+                _restamp(b)
     return done
+
+
+def _restamp(bus: "MessageBus") -> None:
+    """Refreshes the published settings' time stamp, keeping them as they are."""
+    h = bus._bus()
+    if h is not None:
+        rs = _core.rate_read(h)
+        if rs.updated_ns:
+            _core.rate_publish(h, rs._replace(updated_ns=time.time_ns()))
 
 
 def _read_pidfile(path: str) -> Optional[tuple[int, int]]:

@@ -400,3 +400,35 @@ def test_pidfile_in_process_is_removed_after_the_run(base):
     assert cfn_fast.monitor_inbox_overflow(0, 2, pidfile=True) == 2
     assert list((base / ".monitors").iterdir()) == []
     assert "monitors" not in [a for a in cfn_fast.default_bus().list_agents()]
+
+
+def test_a_slow_rate_monitor_keeps_its_settings_fresh(base, monkeypatch):
+    """Checking every 0.3 s while readers call 0.03 s intervals stale after
+    0.09 s: the monitor re-stamps in between, so its settings never lapse."""
+    monkeypatch.setenv("RATE_LIMIT_CHECK_INTERVAL", "0.03")
+    import threading
+
+    b = cfn_fast.MessageBus()
+    b.init_message_bus_system()
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(cfn_fast.get_batch_size(bus=b))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=watch)
+    with_load = monitors.apply_dynamic_rate_limit  # keep the tier fixed whatever the machine's load
+    monkeypatch.setattr(monitors, "apply_dynamic_rate_limit",
+                        lambda **kw: with_load(load_per_cpu=0.95, **kw))
+    try:
+        monitors.apply_dynamic_rate_limit(bus=b)
+        t.start()
+        assert cfn_fast.monitor_dynamic_rate_limit(0.3, 2, bus=b) == 2
+    finally:
+        stop.set()
+        t.join()
+        b.close()
+    assert len(seen) > 20 and set(seen) == {5}
+    assert len(metric_lines("rate_limit.batch_size")) == 3  # re-stamps emit nothing
