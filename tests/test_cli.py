@@ -404,3 +404,44 @@ def test_cleanup_stops_the_monitors_of_this_base_folder(run, agents, base):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+def _report_numbers(text: str) -> dict[str, int]:
+    return {m[0]: int(m[1]) for m in re.findall(r"^  (sent|delivered|waited|failed|lost|inbox peak)\s+(\d+)",
+                                                  text, re.M)}
+
+
+def test_demo_floods_a_slow_consumer_and_loses_nothing(run, workdir, monkeypatch):
+    from cfn_fast import demo
+
+    private = workdir / "demo-base"
+    monkeypatch.setattr(demo, "_private_base", lambda: (private.mkdir(), str(private))[1])
+    r = run("demo", "--senders", "2", "--messages", "30", "--capacity", "5", "--batch", "3",
+            "--consume-delay-ms", "5", "--quiet")
+    assert r.exit_code == 0, r.output
+    got = _report_numbers(r.stdout)
+    assert (got["sent"], got["delivered"], got["failed"], got["lost"]) == (60, 60, 0, 0)
+    assert got["waited"] > 0            # backpressure engaged
+    assert got["inbox peak"] <= 5       # and held the capacity
+    assert re.search(r"p50 [\d.]+ ms, p99 [\d.]+ ms", r.stdout)
+    assert not private.exists()         # the private base folder is removed
+
+
+def test_the_demo_report_computes_lost_from_what_was_sent_and_received():
+    from cfn_fast.demo import DemoSettings, SenderResult, summarize
+
+    results = [SenderResult(0, sent=[0, 1, 2], latencies_ns=[1_000_000] * 3),
+               SenderResult(1, sent=[0, 2], failed=1, waited=2, latencies_ns=[3_000_000] * 3)]
+    received = [(0, 0), (0, 2), (1, 0), (1, 0), (1, 2)]  # (0, 1) never arrived; (1, 0) twice
+    r = summarize(DemoSettings(), results, received, peak=4, elapsed_s=0.5)
+    assert (r.sent, r.delivered, r.lost, r.duplicates, r.failed, r.waited) == (5, 4, 1, 1, 1, 2)
+    assert (r.p50_ms, r.p99_ms, r.throughput) == (1.0, 3.0, 8.0)
+
+
+@pytest.mark.parametrize("option", ["--senders", "--messages", "--capacity", "--batch"])
+def test_demo_rejects_a_size_of_zero(run, option):
+    r = run("demo", option, "0", "--quiet")
+    assert r.exit_code == 2
+    one_line(r)
