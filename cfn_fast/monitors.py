@@ -268,6 +268,13 @@ class _Lifecycle:
         os.rename(tmp, path)
         return path
 
+    def orphaned(self) -> bool:
+        """True once the pid file is gone (the base folder was removed, say):
+        no cleanup could find this monitor any more, so it stops by itself."""
+        if self.pidfile is not None and not os.path.exists(self.pidfile):
+            self.stopping = True
+        return self.stopping
+
     def sleep(self, seconds: float) -> None:
         if self.stopping or seconds <= 0:
             return
@@ -448,7 +455,7 @@ def monitor_inbox_overflow(interval: float = 5, iterations: Optional[int] = None
     b = _resolve(bus)
     mon = OverflowMonitor(b, every, reconcile_every)
     with _Lifecycle(b, "overflow", pidfile) as life:
-        while not life.stopping and (count is None or mon.passes < count):
+        while not life.orphaned() and (count is None or mon.passes < count):
             t0 = time.monotonic()
             try:
                 mon.run_pass()
@@ -478,7 +485,7 @@ def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Opt
     done = 0
     errors: set[str] = set()
     with _Lifecycle(b, "rate", pidfile) as life:
-        while not life.stopping and (count is None or done < count):
+        while not life.orphaned() and (count is None or done < count):
             t0 = time.monotonic()
             try:
                 apply_dynamic_rate_limit(bus=b, interval=every)
@@ -487,7 +494,7 @@ def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Opt
             done += 1
             if count is not None and done >= count:
                 break
-            while not life.stopping:
+            while not life.orphaned():
                 left = every - (time.monotonic() - t0)
                 if left <= beat:
                     life.sleep(left)

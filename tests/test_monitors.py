@@ -432,3 +432,18 @@ def test_a_slow_rate_monitor_keeps_its_settings_fresh(base, monkeypatch):
         b.close()
     assert len(seen) > 20 and set(seen) == {5}
     assert len(metric_lines("rate_limit.batch_size")) == 3  # re-stamps emit nothing
+
+
+@pytest.mark.slow
+def test_a_monitor_whose_base_folder_is_removed_stops_by_itself(base):
+    import shutil
+
+    p = start_monitor("overflow", base)
+    try:
+        shutil.rmtree(base)  # as cleanup-system does: no pid file is left to stop it by
+        out, err = p.communicate(timeout=10)
+        assert p.returncode == 0 and out.strip() == "stopped", err
+    finally:
+        if alive(p):
+            p.kill()
+            p.wait()
