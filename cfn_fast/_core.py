@@ -75,9 +75,10 @@ def agent_bytes(agent: object, role: str = "agent id") -> bytes:
         ) from None
 
 
-def open_bus(base_dir: str, create: bool, dir_mode: int) -> Handle:
+def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = None) -> Handle:
     err = new_err()
-    h = lib.cfn_bus_open(os.fsencode(base_dir), lib.CFN_OPEN_CREATE if create else 0, dir_mode, err)
+    h = lib.cfn_bus_open(os.fsencode(base_dir), lib.CFN_OPEN_CREATE if create else 0, dir_mode,
+                         -1 if gid is None else gid, err)
     if h == ffi.NULL:
         raise_for(err.code, err)
     return ffi.gc(h, lib.cfn_bus_close)

@@ -101,7 +101,7 @@ class MessageBus:
         with self._lock:
             if self._handle is None:
                 try:
-                    self._handle = _core.open_bus(self.base_dir, create, self.config.dir_mode)
+                    self._handle = _core.open_bus(self.base_dir, create, self.config.dir_mode, self.config.group)
                 except CfnOSError as e:
                     if create or e.errno != errno.ENOENT:
                         raise

@@ -119,8 +119,9 @@ static int mkdirs(const char *path, uint32_t mode, cfn_err *err)
     return 0;
 }
 
-cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, cfn_err *err)
+cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_t gid, cfn_err *err)
 {
+    cfn_bus probe = {.gid = gid};
     if (strlen(base_dir) >= sizeof(((cfn_bus *)0)->base_path)) {
         cfn_fail(err, -ENAMETOOLONG, "base folder path is too long");
         return NULL;
@@ -141,9 +142,16 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, cfn_er
         close(fd);
         return NULL;
     }
-    if (st.st_uid != geteuid()) {
-        cfn_fail(err, CFN_E_UNSAFE, "base folder %s belongs to uid %u, not to this user (uid %u); refusing it",
-                 base_dir, (unsigned)st.st_uid, (unsigned)geteuid());
+    if (gid >= 0 && st.st_uid == geteuid() && st.st_gid != (gid_t)gid &&
+        (fchown(fd, (uid_t)-1, (gid_t)gid) != 0 || fchmod(fd, (mode_t)dir_mode) != 0 || fstat(fd, &st) != 0)) {
+        cfn_fail_sys(err, "give base folder %s to group %d", base_dir, (int)gid);
+        close(fd);
+        return NULL;
+    }
+    if (!cfn_owner_ok(&probe, st.st_uid, st.st_gid, st.st_mode)) {
+        cfn_fail(err, CFN_E_UNSAFE, "base folder %s belongs to uid %u, not to this user (uid %u)%s; refusing it",
+                 base_dir, (unsigned)st.st_uid, (unsigned)geteuid(),
+                 gid >= 0 ? " nor, unwritable by others, to CFN_GROUP" : "");
         close(fd);
         return NULL;
     }
@@ -155,6 +163,8 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, cfn_er
     }
     bus->basefd = fd;
     bus->statefd = -1;
+    bus->gid = gid;
+    bus->file_mode = gid >= 0 ? 0660 : 0600;
     atomic_store(&bus->metrics_fd, -1);
     snprintf(bus->base_path, sizeof bus->base_path, "%s", base_dir);
     caches_init(bus);
@@ -189,6 +199,19 @@ int cfn_bus_state_path(cfn_bus *bus, char *out, size_t cap)
     return n < 0 || (size_t)n >= cap ? -ENAMETOOLONG : 0;
 }
 
+/* Opens (creating) a lock or sequence file that other processes, and with
+ * CFN_GROUP other users, share: mode 0600/0660, never through a symlink. */
+int cfn_open_shared_file(cfn_bus *bus, int dirfd, const char *name)
+{
+    int fd = openat(dirfd, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, (mode_t)bus->file_mode);
+    if (fd >= 0 && bus->gid >= 0) {
+        struct stat st;
+        if (fstat(fd, &st) == 0 && st.st_uid == geteuid() && (st.st_mode & 0777) != bus->file_mode)
+            (void)fchmod(fd, (mode_t)bus->file_mode);  /* umask took the group bits: give them back */
+    }
+    return fd;
+}
+
 /* Opens <base>/<agent> and, when asked, its inbox and gate. */
 static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool need_inbox, cfn_err *err)
 {
@@ -219,7 +242,7 @@ static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool nee
         ent_close(e);
         return rc;
     }
-    e->lockfd = openat(e->inboxfd, ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    e->lockfd = cfn_open_shared_file(bus, e->inboxfd, ".lock");
     if (e->lockfd < 0) {
         int rc = errno == ELOOP ? cfn_fail(err, CFN_E_UNSAFE, "%s/%s/inbox/.lock is a symlink; refusing it",
                                            bus->base_path, agent)
@@ -363,7 +386,7 @@ void cfn_gate_release(struct cfn_ent *e)
     pthread_mutex_unlock(&e->gate_mu);
 }
 
-static int pair_open(struct cfn_pair *p, struct cfn_ent *from, const char *to, uint32_t dir_mode,
+static int pair_open(cfn_bus *bus, struct cfn_pair *p, struct cfn_ent *from, const char *to, uint32_t dir_mode,
                      cfn_err *err)
 {
     int seqdir = openat(from->agentfd, ".sequences", DIR_FLAGS);
@@ -379,13 +402,13 @@ static int pair_open(struct cfn_pair *p, struct cfn_ent *from, const char *to, u
     char lockname[CFN_AGENT_MAX + 8];
     snprintf(lockname, sizeof lockname, "%s.lock", to);
     int rc = 0;
-    p->lockfd = openat(seqdir, lockname, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    p->lockfd = cfn_open_shared_file(bus, seqdir, lockname);
     if (p->lockfd < 0) {
         rc = errno == ELOOP ? cfn_fail(err, CFN_E_UNSAFE, "%s/.sequences/%s is a symlink", from->agent, lockname)
                             : cfn_fail_sys(err, "open %s/.sequences/%s", from->agent, lockname);
         goto out;
     }
-    p->seqfd = openat(seqdir, to, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    p->seqfd = cfn_open_shared_file(bus, seqdir, to);
     if (p->seqfd < 0) {
         rc = errno == ELOOP ? cfn_fail(err, CFN_E_UNSAFE, "%s/.sequences/%s is a symlink", from->agent, to)
                             : cfn_fail_sys(err, "open %s/.sequences/%s", from->agent, to);
@@ -447,7 +470,7 @@ int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, uint32_t di
         }
     }
     if (fresh) {
-        int rc = pair_open(p, from, to, dir_mode, err);
+        int rc = pair_open(bus, p, from, to, dir_mode, err);
         if (rc) {
             pthread_mutex_unlock(&p->mu);
             if (p->dynamic) {

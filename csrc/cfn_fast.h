@@ -134,7 +134,10 @@ typedef struct {
 } cfn_rate_settings;
 
 /* --- handle ------------------------------------------------------------- */
-cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, cfn_err *err);
+/* gid >= 0 opens the bus to that group (CFN_GROUP): new folders dir_mode with
+ * the group, new files 0660, and folders or files of other users accepted when
+ * they belong to that group and are not writable by everyone. */
+cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_t gid, cfn_err *err);
 void cfn_bus_close(cfn_bus *bus);
 int cfn_bus_state_path(cfn_bus *bus, char *out, size_t cap);
 

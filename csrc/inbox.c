@@ -178,11 +178,11 @@ static int claim_dir_cb(void *ctx, int dfd, const char *name, size_t n, unsigned
 
 /* ---- reconcile ----------------------------------------------------------- */
 
-static int lock_exclusive(struct cfn_ent *e, cfn_err *err)
+static int lock_exclusive(cfn_bus *bus, struct cfn_ent *e, cfn_err *err)
 {
     /* A descriptor of our own: the cached one's shared lock belongs to the
      * whole process and would be converted, not waited for. */
-    int fd = openat(e->inboxfd, ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int fd = cfn_open_shared_file(bus, e->inboxfd, ".lock");
     if (fd < 0)
         return cfn_fail_sys(err, "open inbox/.lock of '%s'", e->agent);
     while (flock(fd, LOCK_EX) != 0) {
@@ -207,7 +207,7 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
     memset(res, 0, sizeof *res);
     if (e->inboxfd < 0)
         return cfn_fail(err, CFN_E_NOINBOX, "agent '%s' has no inbox", e->agent);
-    int lfd = lock_exclusive(e, err);
+    int lfd = lock_exclusive(bus, e, err);
     if (lfd < 0)
         return lfd;
     int rc = 0;

@@ -118,6 +118,8 @@ struct cfn_bus {
     _Atomic int metrics_fd;
     _Atomic int link_mode;          /* how unnamed files get their name: LINK_* in inbox.c */
     uint64_t tick;
+    int32_t gid;                    /* CFN_GROUP, or -1 */
+    uint32_t file_mode;             /* 0600, or 0660 with a group */
     struct cfn_ent ents[CFN_CACHE];
     struct cfn_pair pairs[CFN_CACHE];
     char base_path[4096];
@@ -128,6 +130,7 @@ int cfn_fail(cfn_err *err, int code, const char *fmt, ...) __attribute__((format
 int cfn_fail_sys(cfn_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* util.c */
+int cfn_owner_ok(const cfn_bus *bus, uid_t uid, gid_t gid, mode_t mode);
 int64_t cfn_now_ns(void);
 int64_t cfn_mono_ns(void);
 uint32_t cfn_hash32(const char *s, size_t n);
@@ -154,6 +157,7 @@ void cfn_slot_sub(struct cfn_slot *s, int64_t n);
 
 /* bus.c: agent folder cache */
 void cfn_bus_fork_check(cfn_bus *bus);
+int cfn_open_shared_file(cfn_bus *bus, int dirfd, const char *name);
 int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent **out, cfn_err *err);
 void cfn_ent_put(cfn_bus *bus, struct cfn_ent *e);
 void cfn_ent_drop(cfn_bus *bus, struct cfn_ent *e);

@@ -46,7 +46,7 @@ static int header_check(const struct cfn_header *h, const char *path, cfn_err *e
 int cfn_region_open(cfn_bus *bus, cfn_err *err)
 {
     const char *path = bus->base_path;
-    int fd = openat(bus->basefd, CFN_STATE_NAME, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int fd = openat(bus->basefd, CFN_STATE_NAME, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, (mode_t)bus->file_mode);
     if (fd < 0) {
         if (errno == ELOOP)
             return cfn_fail(err, CFN_E_UNSAFE, "%s/" CFN_STATE_NAME " is a symlink; refusing it", path);
@@ -64,12 +64,17 @@ int cfn_region_open(cfn_bus *bus, cfn_err *err)
         rc = cfn_fail(err, CFN_E_UNSAFE, "%s/" CFN_STATE_NAME " is not a regular file", path);
         goto unlock;
     }
-    if (st.st_uid != geteuid()) {
+    if (!cfn_owner_ok(bus, st.st_uid, st.st_gid, st.st_mode)) {
         rc = cfn_fail(err, CFN_E_UNSAFE, "%s/" CFN_STATE_NAME " belongs to uid %u, not to this user (uid %u)",
                       path, (unsigned)st.st_uid, (unsigned)geteuid());
         goto unlock;
     }
     bool fresh = st.st_size == 0;
+    if (fresh && bus->gid >= 0 &&
+        (fchown(fd, (uid_t)-1, (gid_t)bus->gid) != 0 || fchmod(fd, (mode_t)bus->file_mode) != 0)) {
+        rc = cfn_fail_sys(err, "give %s/" CFN_STATE_NAME " to group %d", path, (int)bus->gid);
+        goto unlock;
+    }
     if (fresh) {
         if (ftruncate(fd, (off_t)CFN_STATE_SIZE) != 0) {
             rc = cfn_fail_sys(err, "ftruncate %s/" CFN_STATE_NAME, path);

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +41,14 @@ int cfn_fail_sys(cfn_err *err, const char *fmt, ...)
     fail_v(err, -e, e, fmt, ap);
     va_end(ap);
     return -e;
+}
+
+/* Ours, or (with CFN_GROUP) our group's and not writable by everyone. */
+int cfn_owner_ok(const cfn_bus *bus, uid_t uid, gid_t gid, mode_t mode)
+{
+    if (uid == geteuid())
+        return 1;
+    return bus->gid >= 0 && gid == (gid_t)bus->gid && !(mode & S_IWOTH);
 }
 
 int64_t cfn_now_ns(void)
