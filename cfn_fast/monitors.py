@@ -324,10 +324,14 @@ class OverflowMonitor:
     """One overflow check per ``run_pass``: every tracked inbox's counter gives
     inbox.size and inbox.utilization (two lines each, one write for all) and
     the alerts (inbox_overflow at 100 %, inbox_high_utilization above 80 %).
-    Every ``reconcile_every`` passes (and on the first) it first finds inboxes
-    the state does not track yet (made by bash agents) and reconciles each
-    counter against a directory scan, skipping inboxes another process
-    reconciled within the last half period."""
+
+    Reconciling runs on a slower cadence: the first pass reconciles every
+    inbox of the base folder against a directory scan (and finds inboxes the
+    state does not track yet, made by bash agents); after that each pass
+    reconciles the next 1/``reconcile_every`` of them, so every inbox is
+    scanned once per ``reconcile_every`` passes and no pass pays for a full
+    sweep. An inbox another process reconciled within the last half round is
+    left alone."""
 
     def __init__(self, bus: "MessageBus", interval: float = 5.0, reconcile_every: int = 12) -> None:
         if isinstance(reconcile_every, bool) or not isinstance(reconcile_every, int) or reconcile_every < 1:
@@ -336,33 +340,31 @@ class OverflowMonitor:
         self.interval = interval
         self.reconcile_every = reconcile_every
         self.passes = 0
-        self._gone: set[str] = set()  # tracked agents whose inbox was missing at the last reconcile
+        self._gone: set[str] = set()  # tracked agents whose inbox was missing in the last round
+        self._round: list[str] = []  # agent folders still to reconcile in this round, last first
+        self._round_step = 1
+        self._round_tracked: set[str] = set()
+        self._round_seen: set[str] = set()
+        self._round_fresh: set[str] = set()
         self._size = telemetry.LineTemplate("inbox.size", "count", "agent")
         self._util = telemetry.LineTemplate("inbox.utilization", "percent", "agent")
         self.errors: set[str] = set()
 
-    def reconcile_all(self, h: _core.Handle, everyone: bool = False) -> int:
-        """Scans every inbox of the base folder and sets its counter (also
-        returning dead consumers' claims and removing stale temp files);
-        returns how many were scanned. Without ``everyone``, an inbox another
-        process reconciled within the last half period is left alone."""
-        b = self.bus
+    def _folders(self) -> list[str]:
         try:
-            entries = list(os.scandir(b.base_dir))
+            with os.scandir(self.bus.base_dir) as it:
+                return [e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
-            return 0
-        tracked = _core.slots(h)
-        recent = time.time_ns() - int(self.interval * self.reconcile_every * 1e9) // 2
-        fresh = set() if everyone else {s.agent for s in tracked if s.reconcile_ns > recent}
-        on_disk: set[str] = set()
+            return []
+
+    def _reconcile(self, h: _core.Handle, names: list[str], fresh: set[str], seen: set[str]) -> int:
+        """Reconciles each named inbox (skipping those in ``fresh``); adds the
+        ones that exist to ``seen``; returns how many were scanned."""
         done = drift = 0
         reconcile = _core.reconcile
-        for entry in entries:
-            name = entry.name
-            if name[0] == "." or not entry.is_dir(follow_symlinks=False):
-                continue
+        for name in names:
             if name in fresh:
-                on_disk.add(name)
+                seen.add(name)
                 continue
             try:
                 r = reconcile(h, name.encode("ascii"), True)
@@ -372,27 +374,62 @@ class OverflowMonitor:
                 if not isinstance(e, ValueError):
                     _report("reconcile", e, self.errors)
                 continue
-            on_disk.add(name)
+            seen.add(name)
             if r.scanned:
                 done += 1
                 if r.before >= 0 and r.before != r.count:
                     drift += 1
-        self._gone = {s.agent for s in tracked if s.count >= 0} - on_disk
         if done:
             _core.counter_add(h, telemetry.COUNTERS["monitor_reconciles"], done)
         if drift:
             _core.counter_add(h, telemetry.COUNTERS["inbox_drift"], drift)
         return done
 
+    def _recent(self, tracked: list[_core.SlotInfo]) -> set[str]:
+        since = time.time_ns() - int(self.interval * self.reconcile_every * 1e9) // 2
+        return {s.agent for s in tracked if s.reconcile_ns > since}
+
+    def reconcile_all(self, h: _core.Handle, everyone: bool = False) -> int:
+        """Scans every inbox of the base folder now and sets its counter (also
+        returning dead consumers' claims and removing stale temp files);
+        returns how many were scanned. Without ``everyone``, an inbox another
+        process reconciled within the last half round is left alone."""
+        names = self._folders()
+        tracked = _core.slots(h)
+        seen: set[str] = set()
+        done = self._reconcile(h, names, set() if everyone else self._recent(tracked), seen)
+        self._gone = {s.agent for s in tracked if s.count >= 0} - seen
+        self._round = []
+        return done
+
+    def reconcile_slice(self, h: _core.Handle) -> int:
+        """Reconciles the next slice of the current round (starting a new round when one ends)."""
+        if not self._round:
+            self._round = sorted(self._folders(), reverse=True)
+            tracked = _core.slots(h)
+            self._round_tracked = {s.agent for s in tracked if s.count >= 0}
+            self._round_fresh = self._recent(tracked)
+            self._round_seen = set()
+            self._round_step = -(-len(self._round) // self.reconcile_every)
+        take = self._round[-self._round_step:] if self._round_step else []
+        del self._round[len(self._round) - len(take):]
+        done = self._reconcile(h, take, self._round_fresh, self._round_seen)
+        if not self._round:  # the round is complete: now we know which tracked inboxes are gone
+            self._gone = self._round_tracked - self._round_seen
+        return done
+
     def run_pass(self, reconcile: Optional[bool] = None) -> PassResult:
+        """One pass; ``reconcile`` None follows the schedule, True reconciles
+        every inbox first, False none."""
         b = self.bus
         h = b._bus()
         if h is None:  # no base folder yet: nothing to watch
             self.passes += 1
             return PassResult(0, 0, 0, 0)
         if reconcile is None:
-            reconcile = self.passes % self.reconcile_every == 0
-        reconciled = self.reconcile_all(h) if reconcile else 0
+            reconciled = self.reconcile_all(h) if self.passes == 0 else self.reconcile_slice(h)
+        else:
+            reconciled = self.reconcile_all(h) if reconcile else 0
         cap = b.config.max_inbox_size
         metrics_on = b.config.metrics_enabled
         if metrics_on:

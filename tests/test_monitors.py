@@ -228,22 +228,42 @@ def test_monitor_alert_severities_as_the_seed(make_bus, n, expect):
 
 def test_monitor_reconciles_on_a_slower_cadence_and_finds_bash_inboxes(make_bus, base):
     b = make_bus(max_inbox_size=100)
-    b.init_message_bus("a")
-    mon = monitors.OverflowMonitor(b, interval=0, reconcile_every=3)
-    assert mon.run_pass().reconciled == 1  # the first pass reconciles
-    write_bash_message(base / "a" / "inbox", 5)  # behind the counter's back
-    (base / "bash-agent" / "inbox").mkdir(parents=True)  # an inbox made by a bash agent
+    for a in ("a", "b", "c", "d"):
+        b.init_message_bus(a)
+    mon = monitors.OverflowMonitor(b, interval=0, reconcile_every=2)
+    assert mon.run_pass().reconciled == 4  # the first pass reconciles everything
+    for a in ("a", "d"):
+        write_bash_message(base / a / "inbox", 5)  # behind the counters' backs
+    assert mon.run_pass(reconcile=False).inboxes == 4
+    assert b.get_inbox_size("a") == 0  # a counter pass trusts the counters
+    # then each pass reconciles half of the folders (reconcile_every=2), in name order
+    assert mon.run_pass().reconciled == 2
+    assert (b.get_inbox_size("a"), b.get_inbox_size("d")) == (5, 0)
+    (base / "bash-agent" / "inbox").mkdir(parents=True)  # an inbox made by a bash agent, mid-round
     write_bash_message(base / "bash-agent" / "inbox", 2)
     (base / "no-inbox").mkdir()
-    for _ in range(2):
-        r = mon.run_pass()
-        assert r.reconciled == 0 and r.inboxes == 1
-    assert b.get_inbox_size("a") == 0  # the counter pass trusts the counter
-    r = mon.run_pass()
-    assert r.reconciled == 2 and r.inboxes == 2
-    last = {m["tags"]["agent"]: m["value"] for m in metric_lines("inbox.size")}
-    assert last == {"a": 5, "bash-agent": 2}
-    assert telemetry.counters(b)["inbox_drift"] == 1
+    assert mon.run_pass().reconciled == 2
+    assert b.get_inbox_size("d") == 5
+    r = mon.run_pass()  # a new round: a, b, bash-agent (c, d, no-inbox next time)
+    assert r.reconciled == 3 and r.inboxes == 5
+    last = {m["tags"]["agent"]: m["value"] for m in metric_lines("inbox.size")[-5:]}
+    assert last == {"a": 5, "b": 0, "c": 0, "d": 5, "bash-agent": 2}
+    assert telemetry.counters(b)["inbox_drift"] == 2
+    assert mon.reconcile_all(b._bus(), everyone=True) == 5
+
+
+def test_every_pass_reconciles_a_slice_and_every_inbox_once_per_round(make_bus):
+    b = make_bus()
+    for i in range(25):
+        b.init_message_bus(f"agent-{i:02d}")
+    mon = monitors.OverflowMonitor(b, interval=0, reconcile_every=4)
+    mon.run_pass()
+    h = b._bus()
+    before = {s.agent: s.reconcile_ns for s in _core.slots(h)}
+    slices = [mon.run_pass().reconciled for _ in range(4)]
+    assert slices == [7, 7, 7, 4]
+    after = {s.agent: s.reconcile_ns for s in _core.slots(h)}
+    assert all(after[a] > before[a] for a in before)
 
 
 def test_monitor_drops_inboxes_removed_behind_its_back(make_bus, base):
