@@ -41,7 +41,8 @@ def plot(values: dict[str, float], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 9))
+    axes = [grid[0][0], grid[0][1], grid[1][1], grid[1][0]]
     ax = axes[0]
     for prefix, label, style in (("send.floor", "plain os floor", "k--"),
                                  ("send.cfn", "send_message", "C0-o"),
@@ -84,6 +85,20 @@ def plot(values: dict[str, float], out: Path, title: str) -> None:
     ax.set_xlabel("sender processes (+1 consumer)")
     ax.set_ylabel("messages / s (median)")
     ax.set_title("end-to-end throughput, capacity 1,000, 1 KiB")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+
+    ax = axes[3]
+    for prefix, label, style in (("consume.floor", "plain os: listdir, sort, rename, read, unlink", "k--"),
+                                 ("consume.cfn", "consume_messages(agent, 10)", "C0-o")):
+        x, y = _series(values, prefix, SIZES, 1e6 / 10)
+        if x:
+            ax.plot(x, y, style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("messages in the inbox")
+    ax.set_ylabel("median per message taken (us)")
+    ax.set_title("taking the oldest 10")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
 
