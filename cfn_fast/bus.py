@@ -277,8 +277,24 @@ class MessageBus:
         agent = _core.agent_bytes(agent_id)
         if max_messages == 0:
             return []
-        raw, _bad = _core.read_messages(self._need(agent), agent, mode, max_messages, self._max_file)
+        raw, bad = _core.read_messages(self._need(agent), agent, mode, max_messages, self._max_file)
+        if bad:
+            self._on_quarantine(agent_id, bad)
         return [json.loads(r) for r in raw]
+
+    def _on_quarantine(self, agent_id: str, count: int) -> None:
+        """Bad message files (not JSON, symlinks, not regular files) were moved to
+        <agent>/.quarantine: say so once per cooldown, never silently."""
+        from cfn_fast import telemetry
+
+        telemetry.emit_alert(
+            "message_quarantined",
+            f"{count} bad message file(s) in the inbox of {agent_id} moved to "
+            f"{os.path.join(self.base_dir, agent_id, '.quarantine')}",
+            severity="warning",
+            metadata={"agent": agent_id, "count": count},
+            bus=self,
+        )
 
     def clear_inbox(self, agent_id: str) -> int:
         """Deletes every message in the inbox; returns how many."""
