@@ -235,7 +235,8 @@ def test_of_many_racing_processes_exactly_one_alerts(bus):
 
 
 def test_backpressure_failure_gives_one_metric_each_and_one_alert_per_cooldown(make_bus):
-    b = make_bus(max_inbox_size=1, backpressure_max_retries=2, backpressure_wait_ms=1)
+    b = make_bus(max_inbox_size=1, backpressure_max_retries=2, backpressure_wait_ms=1,
+                 backpressure_max_total_ms=60000)  # retries, not the time budget, end each send
     b.init_message_bus("alice")
     b.init_message_bus("bob")
     b.send_message("alice", "bob", "t", 1)
