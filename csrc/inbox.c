@@ -1015,7 +1015,8 @@ int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, in
                 bad++;
             }
         }
-        qsort(r.v, r.n, sizeof *r.v, rec_cmp);
+        if (r.n > 1)
+            qsort(r.v, r.n, sizeof *r.v, rec_cmp);  /* qsort(NULL, 0, ...) is undefined */
         rc = blob_build(&r, out, err);
         goto out;
     }
@@ -1036,7 +1037,8 @@ int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, in
             x->seq = INT64_MAX;
         }
     }
-    qsort(r.v, r.n, sizeof *r.v, rec_cmp);
+    if (r.n > 1)
+        qsort(r.v, r.n, sizeof *r.v, rec_cmp);  /* qsort(NULL, 0, ...) is undefined */
     if ((rc = claim_dir(bus, e, &claimfd, err)) != 0)
         goto out;
     for (size_t i = 0; i < r.n && (max < 0 || taken < max); i++) {
