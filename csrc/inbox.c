@@ -760,11 +760,11 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, s
             rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to, o->capacity);
             break;
         }
-        int64_t elapsed = cfn_mono_ns() - start;
-        int64_t left = budget_ns - elapsed;
+        /* the budget bounds time spent waiting, not time spent trying */
+        int64_t left = budget_ns - res->waited_ns;
         if (res->retries >= o->max_retries || left <= 0) {
             rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed full after %" PRId64 " retries (%" PRId64 " ms)",
-                          to, res->retries, elapsed / 1000000);
+                          to, res->retries, (cfn_mono_ns() - start) / 1000000);
             break;
         }
         int64_t w = next_wait_ns(bus, o, res->retries, &prev_ns);
