@@ -22,6 +22,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             code = cli.main(args=args, prog_name="cfn-fast", standalone_mode=False)
         sys.stdout.flush()
         return code
+    except KeyboardInterrupt:
+        sys.stderr.write("cfn-fast: interrupted\n")
+        return 130
     except BrokenPipeError:
         # the reader went away (`cfn-fast bus receive a | head -1`): say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

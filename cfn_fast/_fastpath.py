@@ -19,7 +19,6 @@ from cfn_fast.commands import EXIT_NO, EXIT_OK, EXIT_USAGE, Command
 from cfn_fast.errors import (
     CfnError,
     ConfigError,
-    InboxFull,
     InboxNotFound,
     InvalidAgentId,
     InvalidArgument,
@@ -140,9 +139,7 @@ def invoke(cmd: Command, values: Sequence[str]) -> int:
         check_params(cmd, values)
         bus = new_bus()
         return handler(bus, *values)
-    except InboxFull as e:  # and BackpressureTimeout: the original's "no"
-        return fail(cmd, e)
-    except CfnError as e:
+    except (CfnError, OSError) as e:  # InboxFull and BackpressureTimeout are the original's "no"
         return fail(cmd, e)
     finally:
         if bus is not None:

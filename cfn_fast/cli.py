@@ -398,7 +398,7 @@ def _callback(cmd: Command) -> Callable[..., int]:
         try:
             _fastpath.check_params(cmd, [kw[p.name] for p in cmd.params])
             return body(**kw)
-        except CfnError as e:
+        except (CfnError, OSError) as e:
             return fail(cmd, e)
     return run
 
@@ -410,6 +410,11 @@ def _click_command(cmd: Command) -> click.Command:
     return click.Command(cmd.name, callback=_callback(cmd), params=[_click_param(p) for p in cmd.params],
                          help=_help_text(cmd),
                          context_settings=settings)
+
+
+# click >= 8.2 raises this for a group called without a command; 8.1 prints the help and exits 0
+_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class Cli(click.Group):
@@ -427,7 +432,7 @@ class Cli(click.Group):
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                               standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:
+        except _NO_ARGS as e:
             sys.stderr.write(e.ctx.get_help() + "\n" if e.ctx else "")
             return EXIT_USAGE
         except click.UsageError as e:
@@ -437,9 +442,9 @@ class Cli(click.Group):
         except click.ClickException as e:
             sys.stderr.write(f"{PROG}: {e.format_message()}\n")
             return e.exit_code
-        except click.Abort:
-            sys.stderr.write(f"{PROG}: aborted\n")
-            return EXIT_NO
+        except click.Abort:  # click's form of KeyboardInterrupt
+            sys.stderr.write(f"{PROG}: interrupted\n")
+            return EXIT_INTERRUPTED
         return rv if isinstance(rv, int) else EXIT_OK
 
 
