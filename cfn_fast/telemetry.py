@@ -269,11 +269,22 @@ def _cooldown_ok(bus: "MessageBus", key: bytes, cooldown_s: float) -> bool:
     cd = int(cooldown_s * 1e9)
     h = _handle(bus)
     if h is not None:
-        return _core.cooldown_try(h, key, now, cd)
+        if not _core.cooldown_try(h, key, now, cd):
+            return False
+        if cd <= 0:
+            return True
+        # Probe that the shared table recorded the key: it has 1024 entries and
+        # never frees one, and once full it lets every new key through.
+        if not _core.cooldown_try(h, key, now, cd):
+            _core.counter_add(h, COUNTERS["alerts_suppressed"], -1)  # the probe counted as a suppression
+            return True
+        # no room in the shared table: at least this process keeps the cooldown
     last = _local_cooldowns.get(key)
     if last is not None and now - last < cd:
+        if h is not None:
+            _core.counter_add(h, COUNTERS["alerts_suppressed"], 1)
         return False
-    if len(_local_cooldowns) > 1024:
+    if len(_local_cooldowns) > 4096:
         _local_cooldowns.clear()
     _local_cooldowns[key] = now
     return True

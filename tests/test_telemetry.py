@@ -294,3 +294,21 @@ def test_alerts_summary_without_a_file(base):
 def test_counter_table_stays_inside_the_shared_area():
     own = [v for k, v in telemetry.COUNTERS.items() if k not in cfn_fast._core.COUNTERS]
     assert min(own) == 13 and max(own) < 64 and len(set(telemetry.COUNTERS.values())) == len(telemetry.COUNTERS)
+
+
+def test_cooldown_still_holds_in_process_when_the_shared_table_is_full(bus, monkeypatch):
+    monkeypatch.setattr(telemetry, "_local_cooldowns", {})
+    h = bus._bus()
+    old = 1_000_000_000  # long expired, but the C table never frees an entry
+    for i in range(1024):
+        cfn_fast._core.cooldown_try(h, f"filler-{i}".encode(), old, 1)
+    assert telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "late"})
+    assert not telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "late"})
+    assert telemetry.emit_alert("inbox_overflow", "full", "critical", {"agent": "later"})
+    assert len(lines(alerts_file())) == 2
+    assert telemetry.counters(bus)["alerts_suppressed"] == 1
+
+
+def test_the_recording_probe_is_not_counted_as_a_suppression(bus):
+    assert telemetry.emit_alert("t", "m", metadata={"agent": "a"})
+    assert telemetry.counters(bus)["alerts_suppressed"] == 0
