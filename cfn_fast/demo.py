@@ -175,7 +175,7 @@ def _swarm(s: DemoSettings, values: dict[str, Any], progress: bool) -> DemoRepor
     results: list[SenderResult] = []
     received: list[tuple[int, int]] = []
     peak = 0
-    bar = _bar(s.senders * s.messages) if progress else None
+    bar = _bar(s.senders * s.messages) if progress and sys.stderr.isatty() else None
     t0 = time.perf_counter()
     for p in procs:
         p.start()
