@@ -173,10 +173,12 @@ def _resume_after_signal(h: Handle, sender: bytes, to: bytes, mtype: bytes, payl
 
 
 def inbox_size(h: Handle, agent: bytes) -> int:
-    err = new_err()
-    n = lib.cfn_inbox_size(h, agent, err)
+    n = lib.cfn_inbox_size(h, agent, ffi.NULL)  # the hot read: no error buffer unless it fails
     if n < 0:
-        raise_for(n, err)
+        err = new_err()
+        n = lib.cfn_inbox_size(h, agent, err)
+        if n < 0:
+            raise_for(n, err)
     return int(n)
 
 
