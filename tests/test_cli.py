@@ -219,6 +219,17 @@ def test_send_batch_sends_every_good_line_and_names_the_bad_ones(run, agents):
     assert payloads == [{"n": 1}, {"n": 2}, [3]]
 
 
+def test_send_batch_reports_a_line_that_is_not_text_and_goes_on(agents):
+    r = CliRunner().invoke(cli, ["bus", "send-batch", "alice", "bob", "task"], input=b'1\n\xff\xfe\n3\n')
+    assert r.exit_code == 1 and len(r.stdout.split()) == 2
+    assert "line 2:" in r.stderr
+
+
+def test_no_command_shows_the_help_on_stderr_and_exits_2(run):
+    r = run()
+    assert r.exit_code == 2 and r.stdout == "" and "Commands:" in r.stderr
+
+
 def test_send_batch_of_good_lines_exits_0(run, agents):
     r = run("bus", "send-batch", "alice", "bob", "task", input="".join(f"{i}\n" for i in range(20)))
     assert r.exit_code == 0 and len(r.stdout.split()) == 20
