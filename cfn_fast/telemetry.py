@@ -247,13 +247,14 @@ class LineTemplate:
 
     def line(self, value: int, tag_value: str) -> bytes:
         p = self._parts
-        if p is None:
-            return format_metric(self.name, value, self.unit, {self.tag: tag_value})
-        return b"%s%d%s%s%s" % (p[0], value, p[1], tag_value.encode("ascii"), p[2])
+        if p is not None and tag_value.isascii() and tag_value.isprintable() and \
+                '"' not in tag_value and "\\" not in tag_value:
+            return b"%s%d%s%s%s" % (p[0], value, p[1], tag_value.encode("ascii"), p[2])
+        return format_metric(self.name, value, self.unit, {self.tag: tag_value})
 
 
 # --- alerts ----------------------------------------------------------------------
-_local_cooldowns: dict[bytes, int] = {}  # only when there is no shared state to use
+_local_cooldowns: dict[bytes, int] = {}  # when there is no shared state, or no room left in it
 
 
 def _subject(metadata: Mapping[str, Any]) -> str:

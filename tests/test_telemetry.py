@@ -134,6 +134,8 @@ def test_line_template_matches_the_c_format(bus):
     got.pop("timestamp"), ref.pop("timestamp")
     assert got == ref
     assert t.line(5, "a").startswith(b'{"timestamp":"') and t.line(5, "a").endswith(b"}\n")
+    for odd in ('we"ird', "back\\slash", "caf\u00e9", "tab\there"):  # escaped by the C path instead
+        assert json.loads(t.line(1, odd))["tags"] == {"agent": odd}
 
 
 @pytest.mark.slow
