@@ -218,8 +218,9 @@ class _Lifecycle:
     """Stops a monitor cleanly on SIGTERM and SIGINT (the pass in progress
     completes; a sleep is cut short) and keeps its pid file for the duration."""
 
-    def __init__(self, bus: "MessageBus", kind: str, pidfile: bool) -> None:
-        self.bus, self.kind, self.want_pidfile = bus, kind, pidfile
+    def __init__(self, bus: "MessageBus", kind: str, pidfile: bool,
+                 stop: Optional[threading.Event] = None) -> None:
+        self.bus, self.kind, self.want_pidfile, self.stop = bus, kind, pidfile, stop
         self.stopping = False
         self._sleeping = False
         self._old: dict[int, Any] = {}
@@ -271,7 +272,8 @@ class _Lifecycle:
     def orphaned(self) -> bool:
         """True once the pid file is gone (the base folder was removed, say):
         no cleanup could find this monitor any more, so it stops by itself."""
-        if self.pidfile is not None and not os.path.exists(self.pidfile):
+        if (self.pidfile is not None and not os.path.exists(self.pidfile)) or \
+                (self.stop is not None and self.stop.is_set()):
             self.stopping = True
         return self.stopping
 
@@ -281,7 +283,10 @@ class _Lifecycle:
         self._sleeping = True
         try:
             if not self.stopping:
-                time.sleep(seconds)
+                if self.stop is not None:
+                    self.stop.wait(seconds)
+                else:
+                    time.sleep(seconds)
         finally:
             self._sleeping = False
 
@@ -482,16 +487,17 @@ class OverflowMonitor:
 
 
 def monitor_inbox_overflow(interval: float = 5, iterations: Optional[int] = None, *, pidfile: bool = False,
-                           bus: Optional["MessageBus"] = None, reconcile_every: int = 12) -> int:
+                           bus: Optional["MessageBus"] = None, reconcile_every: int = 12,
+                           stop: Optional[threading.Event] = None) -> int:
     """Checks every inbox each ``interval`` seconds (see OverflowMonitor) until
-    ``iterations`` passes are done (forever when None) or SIGTERM/SIGINT
-    arrives. With ``pidfile``, writes <base>/.monitors/overflow-<pid>.pid for
+    ``iterations`` passes are done (forever when None), SIGTERM/SIGINT
+    arrives (when run in the main thread) or ``stop`` is set. With ``pidfile``, writes <base>/.monitors/overflow-<pid>.pid for
     ``cleanup_rate_limiting``. Returns the number of passes."""
     every = _check_interval(interval)
     count = _check_iterations(iterations)
     b = _resolve(bus)
     mon = OverflowMonitor(b, every, reconcile_every)
-    with _Lifecycle(b, "overflow", pidfile) as life:
+    with _Lifecycle(b, "overflow", pidfile, stop) as life:
         while not life.orphaned() and (count is None or mon.passes < count):
             t0 = time.monotonic()
             try:
@@ -505,10 +511,11 @@ def monitor_inbox_overflow(interval: float = 5, iterations: Optional[int] = None
 
 
 def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Optional[int] = None, *,
-                               pidfile: bool = False, bus: Optional["MessageBus"] = None) -> int:
+                               pidfile: bool = False, bus: Optional["MessageBus"] = None,
+                               stop: Optional[threading.Event] = None) -> int:
     """Runs ``apply_dynamic_rate_limit`` every ``interval`` seconds (default
-    RATE_LIMIT_CHECK_INTERVAL) until ``iterations`` are done or SIGTERM/SIGINT
-    arrives. With ``pidfile``, writes <base>/.monitors/rate-<pid>.pid. Returns
+    RATE_LIMIT_CHECK_INTERVAL) until ``iterations`` are done, SIGTERM/SIGINT
+    arrives (in the main thread) or ``stop`` is set. With ``pidfile``, writes <base>/.monitors/rate-<pid>.pid. Returns
     the number of checks.
 
     Readers treat the settings as stale three RATE_LIMIT_CHECK_INTERVALs after
@@ -521,7 +528,7 @@ def monitor_dynamic_rate_limit(interval: Optional[float] = None, iterations: Opt
     beat = min(every, b.config.rate_limit_check_interval)
     done = 0
     errors: set[str] = set()
-    with _Lifecycle(b, "rate", pidfile) as life:
+    with _Lifecycle(b, "rate", pidfile, stop) as life:
         while not life.orphaned() and (count is None or done < count):
             t0 = time.monotonic()
             try:

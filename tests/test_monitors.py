@@ -481,3 +481,26 @@ def test_a_monitor_whose_base_folder_is_removed_stops_by_itself(base):
         if alive(p):
             p.kill()
             p.wait()
+
+
+def test_monitors_in_threads_stop_when_asked(base):
+    import threading
+
+    cfn_fast.init_message_bus_system()
+    stop = threading.Event()
+    done: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=lambda: done.__setitem__(
+            "overflow", cfn_fast.monitor_inbox_overflow(0.02, stop=stop))),
+        threading.Thread(target=lambda: done.__setitem__(
+            "rate", cfn_fast.monitor_dynamic_rate_limit(5, stop=stop))),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.15)
+    t0 = time.monotonic()
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert time.monotonic() - t0 < 2  # a 5 s sleep is cut short
+    assert done["overflow"] >= 2 and done["rate"] == 1
