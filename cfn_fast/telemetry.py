@@ -104,7 +104,10 @@ def now_iso(ns: Optional[int] = None) -> str:
 def _text(value: object, what: str, limit: int) -> bytes:
     if not isinstance(value, str) or "\0" in value:
         raise InvalidArgument(f"{what} must be a str without NUL, not {value!r}")
-    data = value.encode("utf-8", "strict")
+    try:
+        data = value.encode("utf-8", "strict")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid Unicode text") from None
     if len(data) > limit:
         raise InvalidArgument(f"{what} is over {limit} bytes")
     return data
@@ -135,7 +138,7 @@ def _json_object(obj: Tags, what: str) -> bytes:
     if obj is None:
         return b"{}"
     if isinstance(obj, (str, bytes)):
-        data = obj.encode("utf-8") if isinstance(obj, str) else obj
+        data = _text(obj, what, 1 << 20) if isinstance(obj, str) else obj
         try:
             _core.check_json(data)
         except CfnError:
@@ -215,8 +218,8 @@ def emit_metric(name: str, value: Number, unit: str = "count", tags: Tags = None
         return False
     names = _METRIC_COUNTERS.get(name)
     h = _handle(b) if names else None
-    if h is not None and names:
-        v = round(_number(value))
+    v = round(_number(value))
+    if h is not None and names and abs(v) < 1 << 62:  # a shared counter is an int64
         if name == "coordination.latency":
             _core.counter_add(h, COUNTERS[names[0]], 1)
             _core.counter_add(h, COUNTERS[names[1]], v)
