@@ -33,6 +33,7 @@ assert len(PAYLOAD) == 1024
 
 _VALUES: dict[str, float] = {}
 _INFOS: dict[str, list[dict[str, Any]]] = {}  # key -> extra_info dicts that recorded it
+NOTES: list[str] = []  # printed under the table (peers skipped, and why)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Optional[pytest.Module]:
@@ -121,13 +122,13 @@ def record() -> Callable[..., Optional[float]]:
     def rec(benchmark: Any, key: str, value: Optional[float] = None, **extra: Any) -> Optional[float]:
         info = benchmark.extra_info
         info.update(extra)
-        info["key"] = key
         if value is None:
             stats = getattr(benchmark, "stats", None)
             if stats is None:  # smoke pass: nothing was timed
                 return None
             value = float(stats.stats.median)
-        info["value"] = value
+        # one benchmark may record several figures (the round-robin throughput test)
+        info.setdefault("values", {})[key] = value
         _VALUES[key] = value
         _INFOS.setdefault(key, []).append(info)
         _fill_ratios()
@@ -136,20 +137,14 @@ def record() -> Callable[..., Optional[float]]:
     return rec
 
 
-def note(key: str, value: float) -> None:
-    """A reference that is a constant of the run (the backpressure interval)."""
-    _VALUES[key] = value
-    _fill_ratios()
-
-
 def _fill_ratios() -> None:
     for r in ROWS:
         q = r.ratio(_VALUES)
         if q is None:
             continue
         for info in _INFOS.get(r.key, []):
-            info.setdefault("ratios", {})[r.ref] = q
-            info.setdefault("targets", {})[r.ref] = r.target
+            info.setdefault("ratios", {})[f"{r.key} / {r.ref}"] = q
+            info.setdefault("targets", {})[f"{r.key} / {r.ref}"] = r.target
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -166,4 +161,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tr.write_line("Measure with: pytest bench/ --benchmark-only")
         return
     for line in table(_VALUES):
+        tr.write_line(line)
+    for line in dict.fromkeys(NOTES):
         tr.write_line(line)

@@ -104,7 +104,7 @@ class PosixQueue(System):
     def __init__(self) -> None:
         self.depth = min(1000, _mq_msg_max())
         self.backpressure = ("blocking mq_send on a full queue (the kernel's own backpressure); depth "
-                             f"{self.depth}, not 1,000: fs.mqueue.msg_max caps it for an unprivileged process")
+                             f"{self.depth}, not 1,000: fs.mqueue.msg_max caps it without CAP_SYS_RESOURCE")
         self.q: Any = None
         self.rounds = 0
 

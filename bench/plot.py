@@ -25,8 +25,7 @@ def load(path: Path) -> tuple[dict[str, float], dict[str, Any], list[dict[str, A
     values: dict[str, float] = {}
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        if "key" in info and "value" in info:
-            values[info["key"]] = float(info["value"])
+        values.update({k: float(v) for k, v in info.get("values", {}).items()})
     return values, data.get("machine_info", {}), data["benchmarks"]
 
 
@@ -51,7 +50,7 @@ def plot(values: dict[str, float], out: Path, title: str) -> None:
         if x:
             ax.plot(x, y, style, label=label)
     ax.set_xscale("log")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0, top=max([1.0] + [line.get_ydata().max() for line in ax.get_lines()]) * 1.2)
     ax.set_xlabel("messages already in the inbox")
     ax.set_ylabel("median per send (us)")
     ax.set_title("send, 1 KiB payload")
@@ -128,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print("\n".join(table(values, markdown=True)))
     if args.figures:
-        extra = defaultdict(dict)
+        extra: dict[str, Any] = defaultdict(dict)
         for b in benches:
             info = b.get("extra_info", {})
-            if str(info.get("key", "")).startswith(("tput.", "resume.")):
-                extra[info["key"]] = {k: v for k, v in info.items() if k not in ("key", "value", "ratios", "targets")}
+            if any(k.startswith(("tput.", "resume.")) for k in info.get("values", {})):
+                extra[b["name"]] = {k: v for k, v in info.items() if k not in ("ratios", "targets")}
         args.figures.write_text(json.dumps({"machine": machine_line(machine), "values": values,
                                             "details": extra}, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.figures}")
