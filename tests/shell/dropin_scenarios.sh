@@ -115,14 +115,16 @@ check "the agent's folder is gone" test ! -e "$MESSAGE_BASE_DIR/agent4"
 # 9. a monitor in the background, stopped by cleanup_rate_limiting (by pid file, not by name)
 monitor_inbox_overflow 0.05 2>/dev/null &
 monitor_pid=$!
-for _ in $(seq 1 200); do
+for _ in $(seq 1 600); do  # up to 30 s on a busy machine
     compgen -G "$MESSAGE_BASE_DIR/.monitors/*.pid" >/dev/null && break
     sleep 0.05
 done
+check "the monitor wrote its pid file" compgen -G "$MESSAGE_BASE_DIR/.monitors/*.pid"
 check "cleanup_rate_limiting stops the monitor" quiet cleanup_rate_limiting
 monitor_status=0
+kill -0 "$monitor_pid" 2>/dev/null && { sleep 1; kill -KILL "$monitor_pid" 2>/dev/null || true; }
 wait "$monitor_pid" || monitor_status=$?
-check "the monitor exited cleanly" test "$monitor_status" -eq 0
+check "the monitor exited cleanly (status $monitor_status)" test "$monitor_status" -eq 0
 
 cleanup_message_bus_system 2>/dev/null
 check "cleanup_message_bus_system removes the base folder" test ! -e "$MESSAGE_BASE_DIR"
