@@ -121,7 +121,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("demo",), "demo",
             "Run a small swarm on a private temporary base folder and report what happened.\n\n"
             "Several sender processes flood one slow consumer; backpressure holds the inbox "
-            "at its capacity and nothing is lost.",
+            "at its capacity and nothing is lost. Exits 1 if a send failed or a message was lost.",
             (Param("senders", "sender processes", "count", False, 4, option=True),
              Param("messages", "messages each sender sends", "count", False, 300, option=True),
              Param("capacity", "the consumer's inbox capacity (MAX_INBOX_SIZE)", "count", False, 50,
