@@ -89,6 +89,7 @@ def plot(values: dict[str, float], out: Path, title: str) -> None:
 
     ax = axes[3]
     for prefix, label, style in (("consume.floor", "plain os: listdir, sort, rename, read, unlink", "k--"),
+                                 ("consume.floor_cached", "plain os, listing kept between batches", "k:"),
                                  ("consume.cfn", "consume_messages(agent, 10)", "C0-o")):
         x, y = _series(values, prefix, SIZES, 1e6 / 10)
         if x:

@@ -59,6 +59,8 @@ def _rows() -> list[Row]:
         Row("message_count, 1,000 msgs", "scan.count@1000", "scan.listdir@1000", 0.5),
         Row("consume_messages(10) from a 1,000-deep inbox", "consume.cfn@1000", "consume.floor@1000", None),
         Row("consume_messages(10) from a 10,000-deep inbox", "consume.cfn@10000", "consume.floor@10000", None),
+        Row("consume_messages(10), 1,000 deep, vs a consumer caching its listing", "consume.cfn@1000",
+            "consume.floor_cached@1000", None),
         Row("full reconcile, 100,000 msgs in 1,000 inboxes", "all.reconcile", "all.listdir", 0.5),
         Row("full reconcile(force=False), same", "all.reconcile_noforce", "all.listdir", None),
         Row("resume of a blocked sender vs the 100 ms interval", "resume.cfn-fast", "resume.interval", 0.001),
