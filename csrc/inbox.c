@@ -518,6 +518,9 @@ struct msg {
     size_t payload_len;
 };
 
+/* The original's layout, byte for byte: one envelope field per line, the
+ * payload embedded as the caller gave it. Bash readers grep these lines
+ * (head -n 1 of '"timestamp":'), so the envelope must come before the payload. */
 static char *build_message(const char *from, const char *to, int64_t ts, int64_t seq, const char *id,
                            const struct msg *m, size_t *len)
 {
@@ -526,16 +529,16 @@ static char *build_message(const char *from, const char *to, int64_t ts, int64_t
     if (!buf)
         return NULL;
     int n = snprintf(buf, cap,
-                     "{\"version\":\"1.1\",\"msg_id\":\"%s\",\"from\":\"%s\",\"to\":\"%s\","
-                     "\"timestamp\":%" PRId64 ",\"sequence\":%" PRId64 ",\"type\":\"",
+                     "{\n  \"version\": \"1.1\",\n  \"msg_id\": \"%s\",\n  \"from\": \"%s\",\n  \"to\": \"%s\",\n"
+                     "  \"timestamp\": %" PRId64 ",\n  \"sequence\": %" PRId64 ",\n  \"type\": \"",
                      id, from, to, ts, seq);
     size_t o = (size_t)n;
     o += cfn_json_escape(buf + o, m->type, m->type_len);
-    memcpy(buf + o, "\",\"payload\":", 12);
-    o += 12;
+    memcpy(buf + o, "\",\n  \"payload\": ", 15);
+    o += 15;
     memcpy(buf + o, m->payload, m->payload_len);
     o += m->payload_len;
-    static const char tail[] = ",\"requires_ack\":false}\n";
+    static const char tail[] = ",\n  \"requires_ack\": false\n}\n";
     memcpy(buf + o, tail, sizeof tail - 1);
     o += sizeof tail - 1;
     *len = o;
@@ -770,6 +773,9 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, s
         int64_t w = next_wait_ns(bus, o, res->retries, &prev_ns);
         if (w > left)
             w = left;
+        /* every wait is a backpressure event, whether a timeout or a consumer ends it */
+        cfn_counter_add(bus, CFN_CTR_BP_WAIT, 1);
+        emit_bp_metric(bus, "backpressure.wait", from, to, "retry", res->retries + res->wakeups + 1);
         atomic_fetch_add(&s->waiters, 1);
         int64_t t0 = cfn_mono_ns();
         int wr = cfn_futex_wait(&s->wake_seq, seen, w);
@@ -777,8 +783,6 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, s
         res->waited_ns += cfn_mono_ns() - t0;
         if (wr == -ETIMEDOUT) {
             res->retries++;
-            cfn_counter_add(bus, CFN_CTR_BP_WAIT, 1);
-            emit_bp_metric(bus, "backpressure.wait", from, to, "retry", res->retries);
         } else if (wr == -EINTR) {
             rc = cfn_fail(err, -EINTR, "interrupted while waiting for room in the inbox of '%s'", to);
             break;

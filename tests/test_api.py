@@ -35,6 +35,8 @@ def test_send_writes_one_file_in_the_original_format(bus: MessageBus, base: Path
     raw = (base / "bob" / "inbox" / f"{msg_id}.json").read_text()
     msg = json.loads(raw)
     assert list(msg) == FIELDS
+    # the original's heredoc layout, one envelope field per line, so bash readers that grep lines work
+    assert raw.startswith('{\n  "version": "1.1",\n  "msg_id": "') and raw.endswith('  "requires_ack": false\n}\n')
     assert msg["version"] == "1.1" and msg["msg_id"] == msg_id
     assert (msg["from"], msg["to"], msg["type"], msg["sequence"]) == ("alice", "bob", "task", 1)
     assert msg["payload"] == {"action": "process", "data": "test"}

@@ -103,10 +103,6 @@ def test_a_bash_consumers_rm_is_seen_by_cfn_fast(base):
     assert ok("check-capacity", "bob") == ""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cfn-fast writes each message on one line; the original's reader greps "
-    "'\"timestamp\":' with a greedy sed, so a payload key of the same name wins "
-    "and a bash agent sorts such messages by the payload's value"))
 def test_a_payload_with_its_own_timestamp_key_keeps_the_bash_order(workdir):
     ok("bus", "init", "alice")
     ok("bus", "init", "bob")
