@@ -191,7 +191,7 @@ def scan_count(h: Handle, agent: bytes, box: bytes) -> int:
 
 
 class ReconcileResult(NamedTuple):
-    count: int
+    count: int  # type: ignore[assignment]  # the inbox's count; shadows tuple.count on purpose
     files: int
     claimed: int
     before: int
@@ -257,7 +257,7 @@ def clear_inbox(h: Handle, agent: bytes) -> int:
 
 class SlotInfo(NamedTuple):
     agent: str
-    count: int  # -1 when never scanned
+    count: int  # type: ignore[assignment]  # -1 when never scanned; shadows tuple.count on purpose
     capacity: int
     waiters: int
     reconcile_ns: int

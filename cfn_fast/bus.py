@@ -189,8 +189,17 @@ class MessageBus:
                                payload: Payload) -> str:
         """Delivers one message, waiting for room while the inbox is full;
         raises BackpressureTimeout after the last retry."""
+        return self.deliver(from_agent, to_agent, msg_type, payload).msg_id
+
+    def deliver(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
+                backpressure: bool = True) -> _core.SendResult:
+        """send_with_backpressure (or, with backpressure=False, send_message),
+        returning what happened: msg_id, sequence, timestamp, retries, wakeups,
+        waited_ns and outbox_copied."""
+        if not backpressure:
+            return self._send(from_agent, to_agent, msg_type, payload, self._plain_opts)
         try:
-            return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts).msg_id
+            return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts)
         except BackpressureTimeout:
             self._on_backpressure_failure(from_agent, to_agent)
             raise

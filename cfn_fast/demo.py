@@ -97,7 +97,7 @@ def _sender(index: int, s: DemoSettings, values: dict[str, Any], results: Any) -
                 t0 = time.perf_counter_ns()
                 try:
                     # what send_with_backpressure does, keeping the C loop's account of its waits
-                    res = bus._send(me, CONSUMER, "work", f'{{"sender":{index},"n":{n}}}', bus._bp_opts)
+                    res = bus.deliver(me, CONSUMER, "work", f'{{"sender":{index},"n":{n}}}')
                     out.sent.append(n)
                     if res.retries or res.wakeups:
                         out.waited += 1

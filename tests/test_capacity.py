@@ -87,7 +87,7 @@ def test_backpressure_gives_up_after_its_retries(make_bus, base: Path) -> None:
     bus.send_message("alice", "bob", "t", 0)
     res = None
     with pytest.raises(BackpressureTimeout, match="after 4 retries"):
-        res = bus._send("alice", "bob", "t", "1", bus._bp_opts)
+        res = bus.deliver("alice", "bob", "t", "1")
     assert res is None and json_count(base, "bob") == 1
 
 
@@ -118,7 +118,7 @@ def test_a_consumer_wakes_a_waiting_sender(make_bus) -> None:
     bus.init_message_bus("bob")
     bus.send_message("alice", "bob", "t", 0)
     result: list[_core.SendResult] = []
-    sender = threading.Thread(target=lambda: result.append(bus._send("alice", "bob", "t", "1", bus._bp_opts)))
+    sender = threading.Thread(target=lambda: result.append(bus.deliver("alice", "bob", "t", "1")))
     sender.start()
     while not any(s.agent == "bob" and s.waiters for s in _core.slots(bus._bus())):
         time.sleep(0.001)
