@@ -166,6 +166,15 @@ def bus_consume(agent: str, max: Optional[int]) -> int:
     return EXIT_OK
 
 
+def bus_recover(agent: Optional[str]) -> int:
+    with new_bus() as bus:
+        n = bus.recover(agent)
+    out(str(n))
+    if n:
+        log("MESSAGE-BUS", f"Returned {n} claimed messages of dead consumers to {agent or 'their inboxes'}")
+    return EXIT_OK
+
+
 def bus_clear(agent: str) -> int:
     with new_bus() as bus:
         if not _inbox_exists(bus.base_dir, agent):
@@ -368,6 +377,7 @@ SLOW: dict[str, Callable[..., int]] = {
     "receive_messages": bus_receive,
     "consume_messages": bus_consume,
     "clear_inbox": bus_clear,
+    "recover": bus_recover,
     "cleanup_message_bus": bus_cleanup,
     "init_message_bus_system": bus_init_system,
     "cleanup_message_bus_system": bus_cleanup_system,

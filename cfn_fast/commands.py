@@ -149,6 +149,11 @@ COMMANDS: tuple[Command, ...] = (
             "Take messages out of the inbox and print them as a JSON array, oldest first.\n\n"
             "Each message goes to exactly one consumer, however many run at once.",
             (_AGENT, Param("max", "take at most this many", "count", False, None, option=True))),
+    Command(("bus", "recover"), "recover",
+            "Return messages claimed by consumers that died to their inboxes; print how many.\n\n"
+            "With no agent, every inbox of the base folder. The overflow monitor does this too, "
+            "on its reconcile cadence.",
+            (Param("agent", "only this agent's inbox", "agent", False),)),
     Command(("bus", "clear"), "clear_inbox",
             "Delete every message in the agent's inbox; exit 1 when it has no inbox.", (_AGENT,)),
     Command(("bus", "count"), "message_count",

@@ -88,3 +88,22 @@ def test_claims_of_a_killed_consumer_are_delivered_again(make_bus, base: Path) -
     assert sorted(m["msg_id"] for m in bus.consume_messages("sink")) == sorted(ids)
     assert bus.get_inbox_size("sink") == 0
     assert not [d for d in os.listdir(base / "sink" / ".claims") if d.startswith(f"{child.pid}.")]
+
+
+def test_recover_command_returns_a_dead_consumers_claims(make_bus) -> None:
+    import subprocess
+    import sys
+
+    bus = make_bus()
+    bus.init_message_bus("sink")
+    ids = [bus.send_message("src", "sink", "t", i) for i in range(4)]
+    ready = CTX.Event()
+    child = CTX.Process(target=_claim_and_hang, args=(bus.base_dir, ready))
+    child.start()
+    assert ready.wait(30)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    out = subprocess.run([sys.executable, "-m", "cfn_fast", "bus", "recover"], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout) == (0, "3\n")
+    assert sorted(m["msg_id"] for m in bus.consume_messages("sink")) == sorted(ids)
