@@ -140,7 +140,11 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
     if rc == -_errno.EINTR and opts.max_retries >= 0:
         rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
     if rc:
-        raise_for(rc, err)
+        exc = error_for(rc, err)
+        if isinstance(exc, E.BackpressureTimeout):
+            exc.retries = int(res.retries)
+            exc.waited_ns = int(res.waited_ns)
+        raise exc
     return SendResult(
         ffi.string(res.msg_id).decode("ascii"),
         res.sequence,
@@ -263,9 +267,15 @@ class SlotInfo(NamedTuple):
     reconcile_ns: int
 
 
-def slots(h: Handle) -> list[SlotInfo]:
+def new_slot_buffer() -> Any:
+    """Room for every slot (2.7 MB): a caller that reads slots often keeps one."""
+    return ffi.new("cfn_slot_info[]", lib.CFN_SLOTS)
+
+
+def slots(h: Handle, buf: Any = None) -> list[SlotInfo]:
     """Every inbox the state file tracks, in one C call."""
-    buf = ffi.new("cfn_slot_info[]", lib.CFN_SLOTS)
+    if buf is None:
+        buf = new_slot_buffer()
     n = lib.cfn_slots_snapshot(h, buf, lib.CFN_SLOTS)
     out = []
     for i in range(n):

@@ -200,16 +200,16 @@ class MessageBus:
             return self._send(from_agent, to_agent, msg_type, payload, self._plain_opts)
         try:
             return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts)
-        except BackpressureTimeout:
-            self._on_backpressure_failure(from_agent, to_agent)
+        except BackpressureTimeout as e:
+            self._on_backpressure_failure(from_agent, to_agent, e.retries)
             raise
 
-    def _on_backpressure_failure(self, from_agent: str, to_agent: str) -> None:
+    def _on_backpressure_failure(self, from_agent: str, to_agent: str, retries: int) -> None:
         """The C loop has written the backpressure.send.failure metric; the
         inbox_overflow alert (one per cooldown per recipient) is the telemetry layer's."""
         from cfn_fast import telemetry
 
-        telemetry.alert_backpressure_failure(self, from_agent, to_agent)
+        telemetry.alert_backpressure_failure(self, from_agent, to_agent, retries)
 
     def _send(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
               opts: Any) -> _core.SendResult:

@@ -43,7 +43,11 @@ class InboxFull(CfnError, BlockingIOError):
 
 
 class BackpressureTimeout(InboxFull, TimeoutError):
-    """send_with_backpressure gave up: the inbox stayed full through every retry."""
+    """send_with_backpressure gave up: the inbox stayed full through every retry.
+    ``retries`` and ``waited_ns`` say how long it tried."""
+
+    retries: int = 0
+    waited_ns: int = 0
 
 
 class StateFileError(CfnError):

@@ -354,6 +354,7 @@ class OverflowMonitor:
         self._size = telemetry.LineTemplate("inbox.size", "count", "agent")
         self._util = telemetry.LineTemplate("inbox.utilization", "percent", "agent")
         self.errors: set[str] = set()
+        self._slots = _core.new_slot_buffer()  # reused every pass: no 2.7 MB allocation per pass
 
     def _folders(self) -> list[str]:
         try:
@@ -400,7 +401,7 @@ class OverflowMonitor:
         returns how many were scanned. Without ``everyone``, an inbox another
         process reconciled within the last half round is left alone."""
         names = self._folders()
-        tracked = _core.slots(h)
+        tracked = _core.slots(h, self._slots)
         seen: set[str] = set()
         done = self._reconcile(h, names, set() if everyone else self._recent(tracked), seen)
         self._gone = {s.agent for s in tracked if s.count >= 0} - seen
@@ -411,7 +412,7 @@ class OverflowMonitor:
         """Reconciles the next slice of the current round (starting a new round when one ends)."""
         if not self._round:
             self._round = sorted(self._folders(), reverse=True)
-            tracked = _core.slots(h)
+            tracked = _core.slots(h, self._slots)
             self._round_tracked = {s.agent for s in tracked if s.count >= 0}
             self._round_fresh = self._recent(tracked)
             self._round_seen = set()
@@ -449,7 +450,7 @@ class OverflowMonitor:
         out: list[bytes] = []
         hot: list[tuple[str, int, int]] = []
         n = 0
-        for s in _core.slots(h):
+        for s in _core.slots(h, self._slots):
             size = s.count
             if size < 0 or (gone and s.agent in gone):
                 continue

@@ -361,20 +361,21 @@ def emit_alert(alert_type: str, message: str, severity: str = "info",
     return True
 
 
-def alert_backpressure_failure(bus: Optional["MessageBus"], from_agent: str, to_agent: str) -> bool:
+def alert_backpressure_failure(bus: Optional["MessageBus"], from_agent: str, to_agent: str,
+                               retries: Optional[int] = None) -> bool:
     """The inbox_overflow alert of a failed backpressure send (critical; at most
     one per cooldown per recipient, whichever process fails). Never raises: it
     runs while BackpressureTimeout is on its way to the caller."""
     try:
         b = _resolve(bus)
         cfg = b.config
+        tried = cfg.backpressure_max_retries if retries is None else retries
         return emit_alert(
             "inbox_overflow",
-            f"Send from {from_agent} to {to_agent} failed after {cfg.backpressure_max_retries} retries: "
+            f"Send from {from_agent} to {to_agent} failed after {tried} retries: "
             f"inbox full ({cfg.max_inbox_size} messages)",
             "critical",
-            {"from": from_agent, "to": to_agent, "retries": cfg.backpressure_max_retries,
-             "max_size": cfg.max_inbox_size},
+            {"from": from_agent, "to": to_agent, "retries": tried, "max_size": cfg.max_inbox_size},
             bus=b,
         )
     except (CfnError, OSError, ValueError):

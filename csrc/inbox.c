@@ -680,8 +680,11 @@ static int64_t next_wait_ns(cfn_bus *bus, const cfn_send_opts *o, int64_t retrie
      * configured wait for every sender on the machine */
     cfn_rate_settings rs;
     cfn_rate_read(bus, &rs);
+    int64_t stale_ms = o->stale_after_ms;  /* three check intervals, the reader's or the publisher's */
+    if (rs.interval_ms > 0 && 3 * rs.interval_ms > stale_ms)
+        stale_ms = 3 * rs.interval_ms;
     if (rs.updated_ns > 0 && rs.wait_ms > 0 && o->stale_after_ms > 0 &&
-        cfn_now_ns() - rs.updated_ns <= o->stale_after_ms * 1000000LL)
+        cfn_now_ns() - rs.updated_ns <= stale_ms * 1000000LL)
         base = rs.wait_ms * 1000000LL;
     int64_t w = base;
     if (o->backoff == CFN_BACKOFF_EXPONENTIAL) {

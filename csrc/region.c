@@ -223,31 +223,37 @@ void cfn_rate_read(cfn_bus *bus, cfn_rate_settings *out)
 }
 
 /* 1: the caller may send the alert now (and the cooldown restarts); 0: it is
- * inside its cooldown. One CAS decides, so of many processes exactly one wins. */
+ * inside its cooldown. One CAS decides, so of many processes exactly one wins.
+ * A key not in the table takes an empty entry, or one whose own cooldown has
+ * long run out, so the table never fills up with old alerts. */
 int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len, int64_t now_ns, int64_t cooldown_ns)
 {
     uint64_t k = cfn_hash64(key, key_len);
-    for (uint32_t probe = 0; probe < CFN_COOLDOWNS; probe++) {
-        struct cfn_cooldown *c = &bus->cooldowns[(k + probe) & (CFN_COOLDOWNS - 1)];
-        uint64_t have = atomic_load(&c->key);
-        if (have == 0) {
-            uint64_t zero = 0;
-            if (!atomic_compare_exchange_strong(&c->key, &zero, k) && zero != k)
-                continue;  /* taken by another key meanwhile */
-            have = k;
-        }
-        if (have != k)
-            continue;
-        int64_t last = atomic_load(&c->last_ns);
-        for (;;) {
-            if (last != 0 && now_ns - last < cooldown_ns) {
-                atomic_fetch_add_explicit(&bus->hdr->counters[CFN_CTR_ALERTS_SUPPRESSED], 1,
-                                          memory_order_relaxed);
-                return 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t probe = 0; probe < CFN_COOLDOWNS; probe++) {
+            struct cfn_cooldown *c = &bus->cooldowns[(k + probe) & (CFN_COOLDOWNS - 1)];
+            uint64_t have = atomic_load(&c->key);
+            if (have != k) {
+                bool takeable = have == 0 ||
+                                (pass == 1 && now_ns - atomic_load(&c->last_ns) > cooldown_ns);
+                if (!takeable)
+                    continue;
+                if (!atomic_compare_exchange_strong(&c->key, &have, k) && have != k)
+                    continue;  /* taken by another key meanwhile */
+                if (pass == 1)
+                    atomic_store(&c->last_ns, 0);
             }
-            if (atomic_compare_exchange_weak(&c->last_ns, &last, now_ns))
-                return 1;
+            int64_t last = atomic_load(&c->last_ns);
+            for (;;) {
+                if (last != 0 && now_ns - last < cooldown_ns) {
+                    atomic_fetch_add_explicit(&bus->hdr->counters[CFN_CTR_ALERTS_SUPPRESSED], 1,
+                                              memory_order_relaxed);
+                    return 0;
+                }
+                if (atomic_compare_exchange_weak(&c->last_ns, &last, now_ns))
+                    return 1;
+            }
         }
     }
-    return 1;  /* table full: never silence an alert for want of room */
+    return 1;  /* every entry busy and fresh: never silence an alert for want of room */
 }

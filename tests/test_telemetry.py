@@ -314,3 +314,17 @@ def test_cooldown_still_holds_in_process_when_the_shared_table_is_full(bus, monk
 def test_the_recording_probe_is_not_counted_as_a_suppression(bus):
     assert telemetry.emit_alert("t", "m", metadata={"agent": "a"})
     assert telemetry.counters(bus)["alerts_suppressed"] == 0
+
+
+def test_cooldown_table_reuses_expired_entries(bus) -> None:
+    """Old alerts must not fill the shared table: once 1,024 keys have gone
+    quiet, a new key is still held to its cooldown."""
+    from cfn_fast import _core
+
+    h = bus._bus()
+    hour = 3600 * 10**9
+    for i in range(1024):
+        assert _core.cooldown_try(h, f"old-{i}".encode(), 1, hour)
+    now = 10 * hour
+    assert _core.cooldown_try(h, b"new", now, hour) is True
+    assert _core.cooldown_try(h, b"new", now + 1, hour) is False
