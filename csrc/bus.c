@@ -329,6 +329,25 @@ int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent
     return 0;
 }
 
+/* An entry outside the cache, for one caller (a reconcile sweep over many
+ * inboxes would only churn the cache). Its lock descriptor is its own, so it
+ * can take the gate exclusive directly. */
+int cfn_ent_open_private(cfn_bus *bus, const char *agent, struct cfn_ent *e, cfn_err *err)
+{
+    int rc = cfn_check_agent(agent, err);
+    if (rc)
+        return rc;
+    cfn_bus_fork_check(bus);
+    memset(e, 0, sizeof *e);
+    e->private = true;
+    return ent_open(bus, e, agent, true, err);
+}
+
+void cfn_ent_close_private(struct cfn_ent *e)
+{
+    ent_close(e);
+}
+
 void cfn_ent_put(cfn_bus *bus, struct cfn_ent *e)
 {
     if (e->dynamic) {

@@ -26,18 +26,17 @@
 #define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 #define TMP_PREFIX ".cfn-"
 #define FOREIGN_TMP_STALE_NS (60LL * 1000000000LL)
+#define SCAN_TRUST_NS (50LL * 1000000LL)  /* well above a jiffy, the folder clock's tick */
 
 /* ---- directory scanning --------------------------------------------------- */
 
 typedef int (*scan_cb)(void *ctx, int dfd, const char *name, size_t len, unsigned char type);
 
-/* Calls cb for every entry of the folder dirfd names (a fresh descriptor is
- * used, so concurrent scans of one cached descriptor never share a position). */
-static int scan_dir(int dirfd, scan_cb cb, void *ctx, cfn_err *err, const char *what)
+/* Calls cb for every entry of the folder dfd, which is the caller's alone. */
+static int scan_fd(int dfd, scan_cb cb, void *ctx, cfn_err *err, const char *what)
 {
-    int dfd = openat(dirfd, ".", DIR_FLAGS);
-    if (dfd < 0)
-        return cfn_fail_sys(err, "open %s for scanning", what);
+    if (lseek(dfd, 0, SEEK_SET) != 0)
+        return cfn_fail_sys(err, "rewind %s", what);
     char buf[32768] __attribute__((aligned(8)));
     int rc = 0;
     for (;;) {
@@ -59,6 +58,17 @@ static int scan_dir(int dirfd, scan_cb cb, void *ctx, cfn_err *err, const char *
         }
     }
 out:
+    return rc;
+}
+
+/* Calls cb for every entry of the folder dirfd names (a fresh descriptor is
+ * used, so concurrent scans of one cached descriptor never share a position). */
+static int scan_dir(int dirfd, scan_cb cb, void *ctx, cfn_err *err, const char *what)
+{
+    int dfd = openat(dirfd, ".", DIR_FLAGS);
+    if (dfd < 0)
+        return cfn_fail_sys(err, "open %s for scanning", what);
+    int rc = scan_fd(dfd, cb, ctx, err, what);
     close(dfd);
     return rc;
 }
@@ -77,6 +87,7 @@ static unsigned char entry_type(int dfd, const char *name, unsigned char type)
 struct count_ctx {
     int64_t files;
     int64_t stale_removed;
+    int64_t tmp_kept;               /* temporary files of live senders, left alone */
     bool clean_tmp;
     int64_t now_ns;
 };
@@ -110,9 +121,11 @@ static int count_cb(void *ctx, int dfd, const char *name, size_t n, unsigned cha
     if (cfn_is_json_name(name, n)) {
         if (entry_type(dfd, name, type) != DT_DIR)
             c->files++;
-    } else if (c->clean_tmp && is_tmp_name(name, n) && tmp_is_stale(dfd, name, c->now_ns)) {
-        if (unlinkat(dfd, name, 0) == 0)
+    } else if (c->clean_tmp && is_tmp_name(name, n)) {
+        if (tmp_is_stale(dfd, name, c->now_ns) && unlinkat(dfd, name, 0) == 0)
             c->stale_removed++;
+        else
+            c->tmp_kept++;
     }
     return 0;
 }
@@ -207,9 +220,15 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
     memset(res, 0, sizeof *res);
     if (e->inboxfd < 0)
         return cfn_fail(err, CFN_E_NOINBOX, "agent '%s' has no inbox", e->agent);
-    int lfd = lock_exclusive(bus, e, err);
-    if (lfd < 0)
+    int lfd;
+    if (e->private) {
+        lfd = e->lockfd;
+        while (flock(lfd, LOCK_EX) != 0)
+            if (errno != EINTR)
+                return cfn_fail_sys(err, "flock(LOCK_EX) inbox/.lock of '%s'", e->agent);
+    } else if ((lfd = lock_exclusive(bus, e, err)) < 0) {
         return lfd;
+    }
     int rc = 0;
     int64_t before = atomic_load(&s->count);
     res->before = before == CFN_COUNT_UNKNOWN ? -1 : before;
@@ -220,8 +239,34 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
         goto unlock;
     }
     struct count_ctx cc = {.clean_tmp = true, .now_ns = cfn_now_ns()};
-    if ((rc = scan_dir(e->inboxfd, count_cb, &cc, err, "inbox")) != 0)
+    /* A folder whose mtime has not moved since the last scan holds the same
+     * names: no need to read them again. Trusted only when that scan began
+     * well after the mtime, since the kernel stamps folders with a coarse
+     * clock and a change in the same tick would not move it. */
+    struct stat st;
+    if (fstat(e->inboxfd, &st) != 0) {
+        rc = cfn_fail_sys(err, "fstat inbox of '%s'", e->agent);
         goto unlock;
+    }
+    int64_t mtime = (int64_t)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+    int64_t ino_tag = (int64_t)(st.st_ino & 0x3fffffffffffffffULL);
+    int64_t seen_ino = atomic_load(&s->scan_ino);
+    bool unchanged = before != CFN_COUNT_UNKNOWN && seen_ino == ino_tag &&
+                     atomic_load(&s->scan_mtime_ns) == mtime &&
+                     atomic_load(&s->scan_start_ns) - mtime > SCAN_TRUST_NS;
+    if (unchanged) {
+        cc.files = atomic_load(&s->scan_files);
+    } else {
+        rc = e->private ? scan_fd(e->inboxfd, count_cb, &cc, err, "inbox")
+                        : scan_dir(e->inboxfd, count_cb, &cc, err, "inbox");
+        if (rc != 0)
+            goto unlock;
+        /* a folder with temp files left must be read again to see them go stale */
+        atomic_store(&s->scan_ino, cc.tmp_kept || cc.stale_removed ? -1 : ino_tag);
+        atomic_store(&s->scan_mtime_ns, mtime);
+        atomic_store(&s->scan_files, cc.files);
+        atomic_store(&s->scan_start_ns, cc.now_ns);
+    }
     int64_t claimed = atomic_load(&s->claimed);
     if (force || before == CFN_COUNT_UNKNOWN) {
         struct claims_ctx c = {.bus = bus, .e = e, .err = err};
@@ -233,6 +278,8 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
         claimed = c.claimed;
         res->recovered = c.recovered;
         cc.files += c.recovered;
+        if (c.recovered)
+            atomic_store(&s->scan_ino, -1);  /* the folder changed under our feet: read it next time */
         atomic_store(&s->claimed, claimed);
         if (c.recovered)
             cfn_counter_add(bus, CFN_CTR_RECOVERED, c.recovered);
@@ -251,7 +298,8 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
     res->scanned = 1;
 unlock:
     (void)flock(lfd, LOCK_UN);
-    close(lfd);
+    if (!e->private)
+        close(lfd);
     if (rc == 0 && res->scanned && (before == CFN_COUNT_UNKNOWN || res->count < before))
         cfn_slot_wake(s, INT32_MAX);  /* room appeared: let every sleeper look */
     return rc;
@@ -259,12 +307,12 @@ unlock:
 
 int cfn_reconcile(cfn_bus *bus, const char *agent, int force, cfn_reconcile_result *res, cfn_err *err)
 {
-    struct cfn_ent *e;
-    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    struct cfn_ent e;
+    int rc = cfn_ent_open_private(bus, agent, &e, err);
     if (rc)
         return rc;
-    rc = cfn_reconcile_ent(bus, e, force, -1, res, err);
-    cfn_ent_put(bus, e);
+    rc = cfn_reconcile_ent(bus, &e, force, -1, res, err);
+    cfn_ent_close_private(&e);
     return rc;
 }
 

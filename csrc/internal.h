@@ -39,7 +39,12 @@ struct cfn_slot {
     _Atomic int64_t reconcile_gen;  /* bumped by every reconciling scan */
     _Atomic int64_t reconcile_ns;   /* CLOCK_REALTIME of the last scan */
     _Atomic int64_t capacity;       /* capacity last used by a sender */
-    _Atomic int64_t reserved[8];    /* room for per-inbox counters */
+    /* what the last full scan saw, so an unchanged folder need not be read again */
+    _Atomic int64_t scan_mtime_ns;  /* the folder's mtime before that scan */
+    _Atomic int64_t scan_start_ns;  /* CLOCK_REALTIME when that scan began */
+    _Atomic int64_t scan_files;     /* *.json entries it counted */
+    _Atomic int64_t scan_ino;       /* the folder's inode, and whether temp files remained (bit 63) */
+    _Atomic int64_t reserved[4];    /* room for per-inbox counters */
     char agent[136];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
@@ -79,6 +84,7 @@ struct cfn_ent {
     char agent[CFN_AGENT_MAX + 1];
     bool used;
     bool dynamic;                   /* heap-allocated overflow entry */
+    bool private;                   /* one caller's alone: its descriptors are not shared */
     int agentfd;                    /* <base>/<agent> */
     int inboxfd;                    /* <base>/<agent>/inbox, or -1 */
     int lockfd;                     /* <inbox>/.lock: the inbox's gate */
@@ -170,5 +176,7 @@ void cfn_pair_put(cfn_bus *bus, struct cfn_pair *p);
 /* inbox.c */
 int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_gen,
                       cfn_reconcile_result *res, cfn_err *err);
+int cfn_ent_open_private(cfn_bus *bus, const char *agent, struct cfn_ent *e, cfn_err *err);
+void cfn_ent_close_private(struct cfn_ent *e);
 
 #endif

@@ -90,3 +90,23 @@ def test_counters_are_shared_by_processes(make_bus) -> None:
     assert child.exitcode == 0
     assert bus.get_inbox_size("bob") == 5
     assert _core.counter_get(bus._bus(), _core.COUNTERS["sent"]) == 5
+
+
+def test_an_unchanged_folder_is_trusted_and_any_change_is_seen(bus: MessageBus, base: Path) -> None:
+    """A reconcile may skip reading a folder whose mtime has not moved since its
+    last scan; every kind of change behind its back must still be counted."""
+    inbox = base / "bob" / "inbox"
+    for i in range(5):
+        bus.send_message("alice", "bob", "t", i)
+    time.sleep(0.06)  # the folder's clock is coarse: a scan is trusted only well after the last change
+    assert bus.reconcile("bob").count == 5
+    assert bus.reconcile("bob").count == 5  # nothing moved: the same answer, without reading the names
+    victim = sorted(n for n in os.listdir(inbox) if n.endswith(".json"))[0]
+    os.unlink(inbox / victim)  # a bash agent's rm
+    assert bus.reconcile("bob").count == 4
+    (inbox / "msg-1-001.json").write_text("{}")  # a bash agent's send, straight after
+    assert bus.reconcile("bob").count == 5
+    time.sleep(0.06)
+    assert bus.reconcile("bob").count == 5
+    os.rename(inbox / "msg-1-001.json", base / "stolen.json")
+    assert bus.reconcile("bob").count == 4 == bus.message_count("bob")
