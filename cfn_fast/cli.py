@@ -333,6 +333,12 @@ def metrics_stats(json: bool) -> int:
     out(f"Metrics file: {stats['file']}")
     out(f"Size: {_human_size(int(stats['size_bytes']))}")
     out(f"Entries: {stats['lines']}")
+    totals = {k: v for k, v in stats.get("counters", {}).items() if v}
+    if totals:  # the shared-memory totals, machine-wide, without parsing the file
+        out("Shared totals:")
+        width = max(len(k) for k in totals)
+        for name, value in totals.items():
+            out(f"  {name:<{width}}  {value}")
     return EXIT_OK
 
 
