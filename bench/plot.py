@@ -59,7 +59,8 @@ def plot(values: dict[str, float], out: Path, title: str) -> None:
 
     ax = axes[1]
     for prefix, label, style in (("scan.listdir", "len(os.listdir(inbox))", "k--"),
-                                 ("scan.reconcile", "reconcile(force=False)", "C0-o"),
+                                 ("scan.reconcile", "reconcile(force=False), folder changed", "C0-o"),
+                                 ("scan.reconcile_unchanged", "reconcile(force=False), unchanged", "C0:"),
                                  ("scan.count", "message_count (scan)", "C2-^"),
                                  ("size.cfn", "get_inbox_size (counter)", "C1-s")):
         x, y = _series(values, prefix, SIZES, 1e6)
