@@ -802,8 +802,11 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, s
         if (rc == -ENOENT || rc == CFN_E_NOINBOX) {
             /* the cached inbox was removed and maybe made again: look once more */
             cfn_ent_drop(bus, et);
-            if ((rc = cfn_ent_get(bus, to, true, &et, err)) != 0)
+            et = NULL;
+            if ((rc = cfn_ent_get(bus, to, true, &et, err)) != 0) {
+                et = NULL;  /* nothing pinned: nothing to put back below */
                 break;
+            }
             s = &bus->slots[et->slot];
             rc = try_send(bus, ef, et, &m, o, res, err);
         }
@@ -851,7 +854,8 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, s
     if (rc == 0)
         cfn_counter_add(bus, CFN_CTR_SENT, 1);
     cfn_ent_put(bus, ef);
-    cfn_ent_put(bus, et);
+    if (et)
+        cfn_ent_put(bus, et);
     return rc;
 }
 

@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from cfn_fast import Config, MessageBus, _core
 
 CTX = mp.get_context("fork")
@@ -110,3 +112,17 @@ def test_an_unchanged_folder_is_trusted_and_any_change_is_seen(bus: MessageBus, 
     assert bus.reconcile("bob").count == 5
     os.rename(inbox / "msg-1-001.json", base / "stolen.json")
     assert bus.reconcile("bob").count == 4 == bus.message_count("bob")
+
+
+def test_an_inbox_removed_and_made_again_behind_its_back(bus: MessageBus, base: Path) -> None:
+    import shutil
+
+    from cfn_fast import InboxNotFound
+
+    bus.send_message("alice", "bob", "t", 1)  # bob's folders are now cached
+    shutil.rmtree(base / "bob")  # a bash agent's cleanup
+    with pytest.raises(InboxNotFound):
+        bus.send_message("alice", "bob", "t", 2)
+    MessageBus(bus.base_dir).init_message_bus("bob")  # another process makes it again
+    msg_id = bus.send_message("alice", "bob", "t", 3)
+    assert [m["msg_id"] for m in bus.receive_messages("bob")] == [msg_id]
