@@ -45,6 +45,13 @@ static void ent_close(struct cfn_ent *e)
     if (e->lockfd >= 0) close(e->lockfd);
     int ob = atomic_exchange(&e->outboxfd, -1);
     if (ob >= 0) close(ob);
+    if (e->claimfd >= 0) close(e->claimfd);
+    e->claimfd = -1;
+    for (size_t i = 0; i < e->list_n; i++)
+        free(e->list[i]);
+    free(e->list);
+    e->list = NULL;
+    e->list_n = e->list_next = 0;
     e->agentfd = e->inboxfd = e->lockfd = -1;
     e->used = false;
 }
@@ -65,7 +72,9 @@ static void caches_init(cfn_bus *bus)
         memset(e, 0, sizeof *e);
         e->agentfd = e->inboxfd = e->lockfd = -1;
         atomic_store(&e->outboxfd, -1);
+        e->claimfd = -1;
         pthread_mutex_init(&e->gate_mu, NULL);
+        pthread_mutex_init(&e->list_mu, NULL);
         struct cfn_pair *p = &bus->pairs[i];
         memset(p, 0, sizeof *p);
         p->lockfd = p->seqfd = -1;
@@ -185,6 +194,7 @@ void cfn_bus_close(cfn_bus *bus)
         ent_close(&bus->ents[i]);
         pair_close(&bus->pairs[i]);
         pthread_mutex_destroy(&bus->ents[i].gate_mu);
+        pthread_mutex_destroy(&bus->ents[i].list_mu);
         pthread_mutex_destroy(&bus->pairs[i].mu);
     }
     cfn_region_close(bus);
@@ -216,6 +226,7 @@ int cfn_open_shared_file(cfn_bus *bus, int dirfd, const char *name)
 static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool need_inbox, cfn_err *err)
 {
     e->agentfd = e->inboxfd = e->lockfd = -1;
+    e->claimfd = -1;
     atomic_store(&e->outboxfd, -1);
     e->agentfd = openat(bus->basefd, agent, DIR_FLAGS);
     if (e->agentfd < 0) {
@@ -305,13 +316,16 @@ int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent
             return cfn_fail(err, -ENOMEM, "allocating a folder cache entry");
         e->dynamic = true;
         e->pins = 1;
+        e->claimfd = -1;
         atomic_store(&e->outboxfd, -1);
         pthread_mutex_init(&e->gate_mu, NULL);
+        pthread_mutex_init(&e->list_mu, NULL);
     }
     rc = ent_open(bus, e, agent, need_inbox, err);
     if (rc) {
         if (e->dynamic) {
             pthread_mutex_destroy(&e->gate_mu);
+            pthread_mutex_destroy(&e->list_mu);
             free(e);
         } else {
             pthread_mutex_lock(&bus->mu);
@@ -340,6 +354,7 @@ int cfn_ent_open_private(cfn_bus *bus, const char *agent, struct cfn_ent *e, cfn
     cfn_bus_fork_check(bus);
     memset(e, 0, sizeof *e);
     e->private = true;
+    e->claimfd = -1;
     return ent_open(bus, e, agent, true, err);
 }
 
@@ -353,6 +368,7 @@ void cfn_ent_put(cfn_bus *bus, struct cfn_ent *e)
     if (e->dynamic) {
         ent_close(e);
         pthread_mutex_destroy(&e->gate_mu);
+        pthread_mutex_destroy(&e->list_mu);
         free(e);
         return;
     }

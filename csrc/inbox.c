@@ -686,6 +686,16 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
     if (rc)
         return rc;
     int r = reserve(s, o->capacity);
+    if (r == CFN_E_FULL && o->max_retries >= 0 &&
+        cfn_now_ns() - atomic_load(&s->reconcile_ns) < (o->wait_ms > 10 ? o->wait_ms : 10) * 1000000LL) {
+        /* A backpressure sender goes straight to its wait when the inbox was
+         * scanned within the last wait interval: under load the inbox is full
+         * at every other send, and a scan per "full" (an exclusive lock and a
+         * read of ~capacity names) would stall every sender and consumer.
+         * Drift is healed by the first attempt after an interval with no scan. */
+        cfn_gate_release(et);
+        return CFN_E_FULL;
+    }
     if (r != 0) {
         cfn_gate_release(et);
         /* heal drift (rm behind our back, a killed sender's reservation)
@@ -1041,6 +1051,140 @@ static int blob_build(struct recs *r, cfn_blob *out, cfn_err *err)
     return 0;
 }
 
+/* Reads the inbox's names into e's listing, oldest first by (timestamp,
+ * sequence). Our ids carry the key in the name; a foreign file is read for
+ * it, and one that is not a message is quarantined here. */
+static int listing_refill(cfn_bus *bus, struct cfn_ent *e, int64_t max_bytes, int64_t *bad, cfn_err *err)
+{
+    struct cfn_slot *s = &bus->slots[e->slot];
+    struct recs r = {0};
+    int rc = scan_dir(e->inboxfd, names_cb, &r, err, "inbox");
+    if (rc) {
+        recs_free(&r);
+        return rc == -ENOMEM ? cfn_fail(err, rc, "listing the inbox of '%s'", e->agent) : rc;
+    }
+    size_t keep = 0;
+    for (size_t i = 0; i < r.n; i++) {
+        struct rec *x = &r.v[i];
+        key_from_name(x);
+        if (!x->keyed) {
+            int k = read_msg(e->inboxfd, x, max_bytes);
+            if (k == 1 && quarantine(bus, e, e->inboxfd, x->name, 0700) == 0) {
+                cfn_slot_sub(s, 1);
+                (*bad)++;
+            }
+            free(x->data);
+            x->data = NULL;
+        }
+        if (x->keyed)
+            r.v[keep++] = *x;
+        else
+            free(x->name);  /* gone, or moved aside */
+    }
+    r.n = keep;
+    if (r.n > 1)
+        qsort(r.v, r.n, sizeof *r.v, rec_cmp);  /* qsort(NULL, 0, ...) is undefined */
+    char **names = malloc((r.n ? r.n : 1) * sizeof *names);
+    if (!names) {
+        recs_free(&r);
+        return cfn_fail(err, -ENOMEM, "listing the inbox of '%s'", e->agent);
+    }
+    for (size_t i = 0; i < r.n; i++) {
+        names[i] = r.v[i].name;  /* ownership moves to the listing */
+        r.v[i].name = NULL;
+    }
+    for (size_t i = 0; i < e->list_n; i++)
+        free(e->list[i]);
+    free(e->list);
+    e->list = names;
+    e->list_n = r.n;
+    e->list_next = 0;
+    free(r.v);
+    return 0;
+}
+
+/* Claims (renames into this process's claim folder) up to max messages,
+ * oldest first, from the listing, reading the inbox again only when the
+ * listing is used up; names another consumer took are skipped (ENOENT).
+ * CFN_READ_CONSUME then frees the places, wakes waiting senders and deletes
+ * the files; CFN_READ_CLAIM leaves them claimed until cfn_ack. The caller
+ * holds the gate shared. */
+static int consume_listed(cfn_bus *bus, struct cfn_ent *e, int mode, int64_t max, int64_t max_bytes,
+                          struct recs *r, int64_t *taken, int64_t *bad, cfn_err *err)
+{
+    struct cfn_slot *s = &bus->slots[e->slot];
+    int rc = 0;
+    pthread_mutex_lock(&e->list_mu);
+    if (e->claimfd < 0 && (rc = claim_dir(bus, e, &e->claimfd, err)) != 0) {
+        e->claimfd = -1;
+        goto out;
+    }
+    bool refilled = false;
+    while (max < 0 || (int64_t)r->n < max) {
+        if (e->list_next >= e->list_n) {
+            if (refilled)
+                break;
+            if ((rc = listing_refill(bus, e, max_bytes, bad, err)) != 0)
+                goto out;
+            refilled = true;
+            if (e->list_n == 0)
+                break;
+        }
+        const char *name = e->list[e->list_next++];
+        atomic_fetch_add(&s->claimed, 1);
+        if (renameat(e->inboxfd, name, e->claimfd, name) != 0) {
+            atomic_fetch_sub(&s->claimed, 1);
+            continue;  /* another consumer took it, or it was removed: not ours */
+        }
+        if ((rc = recs_push(r, name, strlen(name))) != 0) {
+            (void)renameat(e->claimfd, name, e->inboxfd, name);
+            atomic_fetch_sub(&s->claimed, 1);
+            rc = cfn_fail(err, rc, "allocating for a claimed message");
+            goto out;
+        }
+    }
+    /* read what we claimed; bad files go aside, unreadable ones back */
+    size_t keep = 0;
+    for (size_t i = 0; i < r->n; i++) {
+        struct rec *x = &r->v[i];
+        int k = read_msg(e->claimfd, x, max_bytes);
+        if (k == 0) {
+            r->v[keep++] = *x;
+            continue;
+        }
+        if (k == 1 && quarantine(bus, e, e->claimfd, x->name, 0700) == 0) {
+            cfn_slot_sub(s, 1);
+            (*bad)++;
+        } else {
+            (void)renameat(e->claimfd, x->name, e->inboxfd, x->name);
+        }
+        atomic_fetch_sub(&s->claimed, 1);
+        free(x->name);
+        free(x->data);
+    }
+    r->n = keep;
+    if (mode == CFN_READ_CLAIM)
+        goto out;  /* at-least-once: claimed (and counted) until cfn_ack or a dead-owner reconcile */
+    /* The messages are in memory: free their places and wake senders now, so
+     * a waiting sender's delivery overlaps our unlinks. */
+    int64_t n = (int64_t)r->n;
+    if (n > 0) {
+        cfn_slot_sub(s, n);
+        cfn_slot_wake(s, (int)(n > INT32_MAX ? INT32_MAX : n));
+    }
+    for (size_t i = 0; i < r->n; i++) {
+        if (unlinkat(e->claimfd, r->v[i].name, 0) != 0 && errno != ENOENT) {
+            rc = cfn_fail_sys(err, "unlink claimed %s", r->v[i].name);
+            break;
+        }
+    }
+    atomic_fetch_sub(&s->claimed, n);
+    *taken = n;
+out:
+    pthread_mutex_unlock(&e->list_mu);
+    return rc;
+}
+
 int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, int64_t max_bytes,
                       cfn_blob *out, cfn_err *err)
 {
@@ -1056,17 +1200,16 @@ int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, in
         return rc;
     struct cfn_slot *s = &bus->slots[e->slot];
     struct recs r = {0};
-    int claimfd = -1;
     bool gated = false;
     int64_t bad = 0, taken = 0;
-    if ((rc = scan_dir(e->inboxfd, names_cb, &r, err, "inbox")) != 0)
+    if (!consume && (rc = scan_dir(e->inboxfd, names_cb, &r, err, "inbox")) != 0)
         goto out;
-    for (size_t i = 0; i < r.n; i++)
-        key_from_name(&r.v[i]);
     if ((rc = cfn_gate_shared(e, err)) != 0)
         goto out;
     gated = true;
     if (!consume) {
+        for (size_t i = 0; i < r.n; i++)
+            key_from_name(&r.v[i]);
         for (size_t i = 0; i < r.n; i++) {
             int k = read_msg(e->inboxfd, &r.v[i], max_bytes);
             if (k == 1 && quarantine(bus, e, e->inboxfd, r.v[i].name, 0700) == 0) {
@@ -1079,79 +1222,16 @@ int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, in
         rc = blob_build(&r, out, err);
         goto out;
     }
-    /* consume: order by (timestamp, sequence); foreign names need their content for that */
-    for (size_t i = 0; i < r.n; i++) {
-        struct rec *x = &r.v[i];
-        if (x->keyed)
-            continue;
-        int k = read_msg(e->inboxfd, x, max_bytes);
-        if (k == 1 && quarantine(bus, e, e->inboxfd, x->name, 0700) == 0) {
-            cfn_slot_sub(s, 1);
-            bad++;
-        }
-        free(x->data);
-        x->data = NULL;
-        if (!x->keyed) {  /* gone or bad: sort last, skipped below */
-            x->ts = INT64_MAX;
-            x->seq = INT64_MAX;
-        }
-    }
-    if (r.n > 1)
-        qsort(r.v, r.n, sizeof *r.v, rec_cmp);  /* qsort(NULL, 0, ...) is undefined */
-    if ((rc = claim_dir(bus, e, &claimfd, err)) != 0)
-        goto out;
-    for (size_t i = 0; i < r.n && (max < 0 || taken < max); i++) {
-        struct rec *x = &r.v[i];
-        if (!x->keyed)
-            continue;
-        atomic_fetch_add(&s->claimed, 1);
-        if (renameat(e->inboxfd, x->name, claimfd, x->name) != 0) {
-            atomic_fetch_sub(&s->claimed, 1);
-            continue;  /* another consumer took it: it is theirs */
-        }
-        int k = read_msg(claimfd, x, max_bytes);
-        if (k != 0) {
-            if (k == 1 && quarantine(bus, e, claimfd, x->name, 0700) == 0) {
-                atomic_fetch_sub(&s->claimed, 1);
-                cfn_slot_sub(s, 1);
-                bad++;
-            } else {
-                /* unreadable for now: hand it back rather than lose it */
-                (void)renameat(claimfd, x->name, e->inboxfd, x->name);
-                atomic_fetch_sub(&s->claimed, 1);
-            }
-            continue;
-        }
-        taken++;
-    }
-    if (mode == CFN_READ_CLAIM) {
-        /* at-least-once: they stay claimed (and counted) until cfn_ack, or
-         * until a reconcile finds this process dead and returns them */
-        rc = blob_build(&r, out, err);
-        taken = 0;
-        goto out;
-    }
-    /* ack: the messages are in memory now; remove them for good */
-    for (size_t i = 0; i < r.n; i++) {
-        struct rec *x = &r.v[i];
-        if (x->data && unlinkat(claimfd, x->name, 0) != 0 && errno != ENOENT) {
-            rc = cfn_fail_sys(err, "unlink claimed %s", x->name);
-            break;
-        }
-    }
-    atomic_fetch_sub(&s->claimed, taken);
-    cfn_slot_sub(s, taken);
+    rc = consume_listed(bus, e, mode, max, max_bytes, &r, &taken, &bad, err);
     if (rc == 0)
         rc = blob_build(&r, out, err);
 out:
     if (gated)
         cfn_gate_release(e);
-    if (claimfd >= 0)
-        close(claimfd);
-    if (taken > 0 || bad > 0) {
-        cfn_slot_wake(s, (int)((taken + bad) > INT32_MAX ? INT32_MAX : (taken + bad)));
+    if (bad > 0)
+        cfn_slot_wake(s, (int)(bad > INT32_MAX ? INT32_MAX : bad));
+    if (taken > 0)
         cfn_counter_add(bus, CFN_CTR_CONSUMED, taken);
-    }
     out->quarantined = bad;
     recs_free(&r);
     cfn_ent_put(bus, e);

@@ -94,6 +94,13 @@ struct cfn_ent {
     pthread_mutex_t gate_mu;
     uint32_t slot;
     uint64_t tick;
+    /* this process's consumer side: the inbox's names, oldest first, from its
+     * last read, taken from until used up, so a consume does not read the
+     * whole folder each time; and this process's claim folder */
+    pthread_mutex_t list_mu;
+    char **list;
+    size_t list_n, list_next;
+    int claimfd;
 };
 
 /* Process-local cache of one sender->recipient sequence file. */
