@@ -72,6 +72,10 @@ static int parse_string(struct jp *j, const unsigned char **start, size_t *len)
     const unsigned char *s = j->p;
     while (j->p < j->end) {
         unsigned c = *j->p;
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+            j->p++;  /* plain ASCII, the common case: no UTF-8 decoding */
+            continue;
+        }
         if (c == '"') {
             if (start) { *start = s; *len = (size_t)(j->p - s); }
             j->p++;
