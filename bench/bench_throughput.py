@@ -44,9 +44,7 @@ def _producer(system: System, index: int, count: int, barrier: Any) -> None:
         barrier.wait()
         for _ in range(count):
             send(PAYLOAD)
-        if system.name == "mp.Queue":
-            system.q.close()
-            system.q.join_thread()  # the feeder thread must hand everything over
+        system.producer_done()
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

@@ -45,6 +45,9 @@ class System:
     def consumer(self) -> Take:
         raise NotImplementedError
 
+    def producer_done(self) -> None:
+        """In the producer's process, after its last send."""
+
     def stop(self) -> None:
         pass
 
@@ -155,6 +158,10 @@ class MpQueue(System):
 
     def producer(self, index: int) -> Send:
         return self.q.put
+
+    def producer_done(self) -> None:
+        self.q.close()
+        self.q.join_thread()  # the feeder thread must hand everything over before exit
 
     def consumer(self) -> Take:
         def take() -> int:
