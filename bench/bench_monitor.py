@@ -218,3 +218,66 @@ def test_monitor_rss_after_10000_passes(benchmark):
           f"growth over the last 9,000 passes {after[0] - warm[0]} KiB; {secs:.1f} s")
     assert after[0] - warm[0] < 1024  # flat: under 1 MiB over 9,000 passes
     assert after[1] - bare[1] < 10 * 1024  # the seed's budget, for the monitor's own (private) memory
+
+
+CURVE = (10, 100, 1000, 10_000)
+
+
+@pytest.fixture(scope="module", params=CURVE, ids=lambda n: f"{n}-inboxes")
+def sized_farm(request) -> Iterator[tuple[object, Path, list[Path]]]:
+    """n inboxes of 10 messages each, for the growth curve of the counter pass."""
+    n = request.param
+    saved = {k: os.environ.get(k) for k in _ENV}
+    work = Path(tempfile.mkdtemp(prefix="cfn-bench-curve-", dir=_TMPFS))
+    base = work / "messages"
+    os.environ.update(MESSAGE_BASE_DIR=str(base), METRICS_FILE=str(work / "metrics.jsonl"),
+                      ALERT_LOG_FILE=str(work / "alerts.jsonl"), MAX_INBOX_SIZE="1000")
+    os.environ.pop("CFN_METRICS", None)
+    from cfn_fast import MessageBus, monitors
+
+    bus = MessageBus()
+    inboxes = []
+    for i in range(n):
+        agent = f"agent-{i:05d}"
+        bus.init_message_bus(agent)
+        inbox = base / agent / "inbox"
+        inboxes.append(inbox)
+        for j in range(10):
+            os.close(os.open(inbox / f"msg-1764324115-{j:010d}-{i:016x}.json", os.O_WRONLY | os.O_CREAT, 0o600))
+    mon = monitors.OverflowMonitor(bus, interval=5)
+    assert mon.reconcile_all(bus._bus(), everyone=True) == n
+    try:
+        yield mon, work, inboxes
+    finally:
+        bus.close()
+        shutil.rmtree(work, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_counter_pass_growth(benchmark, sized_farm):
+    """The monitor's counter pass at 10 to 10,000 inboxes, against one
+    os.listdir per inbox and the seed's 50 ms budget."""
+    mon, work, inboxes = sized_farm
+    n = len(inboxes)
+    metrics = work / "metrics.jsonl"
+
+    def one_pass() -> object:
+        r = mon.run_pass(reconcile=False)
+        assert r.inboxes == n
+        return r
+
+    def fresh_file() -> None:
+        os.truncate(metrics, 0) if metrics.exists() else None
+
+    fresh_file()
+    benchmark.pedantic(one_pass, setup=fresh_file, rounds=10, iterations=1, warmup_rounds=1)
+    ours = median_ms(one_pass, 5)
+    ref = median_ms(listdir_each(inboxes), 5)
+    benchmark.extra_info.update(inboxes=n, pass_ms=round(ours, 3), listdir_each_ms=round(ref, 3),
+                                ratio=round(ours / ref, 3), budget_ratio=round(ours / 50.0, 4))
+    print(f"\ncounter pass, {n} inboxes: {ours:.3f} ms; one os.listdir per inbox: {ref:.3f} ms; "
+          f"ratio {ours / ref:.3f}; {ours / 50.0:.1%} of the seed's 50 ms budget")
