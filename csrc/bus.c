@@ -40,12 +40,12 @@ int cfn_check_agent(const char *agent, cfn_err *err)
 
 static void ent_close(struct cfn_ent *e)
 {
-    if (e->agentfd >= 0) close(e->agentfd);
-    if (e->inboxfd >= 0) close(e->inboxfd);
-    if (e->lockfd >= 0) close(e->lockfd);
+    if (e->agentfd >= 0) (void)close(e->agentfd);
+    if (e->inboxfd >= 0) (void)close(e->inboxfd);
+    if (e->lockfd >= 0) (void)close(e->lockfd);
     int ob = atomic_exchange(&e->outboxfd, -1);
-    if (ob >= 0) close(ob);
-    if (e->claimfd >= 0) close(e->claimfd);
+    if (ob >= 0) (void)close(ob);
+    if (e->claimfd >= 0) (void)close(e->claimfd);
     e->claimfd = -1;
     for (size_t i = 0; i < e->list_n; i++)
         free(e->list[i]);
@@ -58,8 +58,8 @@ static void ent_close(struct cfn_ent *e)
 
 static void pair_close(struct cfn_pair *p)
 {
-    if (p->lockfd >= 0) close(p->lockfd);
-    if (p->seqfd >= 0) close(p->seqfd);
+    if (p->lockfd >= 0) (void)close(p->lockfd);
+    if (p->seqfd >= 0) (void)close(p->seqfd);
     p->lockfd = p->seqfd = -1;
     p->used = false;
 }
@@ -148,26 +148,26 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_
     struct stat st;
     if (fstat(fd, &st) != 0) {
         cfn_fail_sys(err, "fstat base folder %s", base_dir);
-        close(fd);
+        (void)close(fd);
         return NULL;
     }
     if (gid >= 0 && st.st_uid == geteuid() && st.st_gid != (gid_t)gid &&
         (fchown(fd, (uid_t)-1, (gid_t)gid) != 0 || fchmod(fd, (mode_t)dir_mode) != 0 || fstat(fd, &st) != 0)) {
         cfn_fail_sys(err, "give base folder %s to group %d", base_dir, (int)gid);
-        close(fd);
+        (void)close(fd);
         return NULL;
     }
     if (!cfn_owner_ok(&probe, st.st_uid, st.st_gid, st.st_mode)) {
         cfn_fail(err, CFN_E_UNSAFE, "base folder %s belongs to uid %u, not to this user (uid %u)%s; refusing it",
                  base_dir, (unsigned)st.st_uid, (unsigned)geteuid(),
                  gid >= 0 ? " nor, unwritable by others, to CFN_GROUP" : "");
-        close(fd);
+        (void)close(fd);
         return NULL;
     }
     cfn_bus *bus = calloc(1, sizeof *bus);
     if (!bus) {
         cfn_fail(err, -ENOMEM, "allocating the bus handle");
-        close(fd);
+        (void)close(fd);
         return NULL;
     }
     bus->basefd = fd;
@@ -179,7 +179,7 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_
     caches_init(bus);
     seed_ids(bus);
     if (cfn_region_open(bus, err) != 0) {
-        close(fd);
+        (void)close(fd);
         free(bus);
         return NULL;
     }
@@ -198,7 +198,7 @@ void cfn_bus_close(cfn_bus *bus)
         pthread_mutex_destroy(&bus->pairs[i].mu);
     }
     cfn_region_close(bus);
-    close(bus->basefd);
+    (void)close(bus->basefd);
     pthread_mutex_destroy(&bus->mu);
     free(bus);
 }
@@ -447,11 +447,11 @@ static int pair_open(cfn_bus *bus, struct cfn_pair *p, struct cfn_ent *from, con
     if (p->seqfd < 0) {
         rc = errno == ELOOP ? cfn_fail(err, CFN_E_UNSAFE, "%s/.sequences/%s is a symlink", from->agent, to)
                             : cfn_fail_sys(err, "open %s/.sequences/%s", from->agent, to);
-        close(p->lockfd);
+        (void)close(p->lockfd);
         p->lockfd = -1;
     }
 out:
-    close(seqdir);
+    (void)close(seqdir);
     return rc;
 }
 
@@ -574,13 +574,13 @@ int cfn_init_agent(cfn_bus *bus, const char *agent, uint32_t dir_mode, int32_t g
             rc = cfn_fail_sys(err, "chgrp %s/%s/%s", bus->base_path, agent, subs[i]);
         else if (gid >= 0 && fchmod(fd, (mode_t)dir_mode) != 0)
             rc = cfn_fail_sys(err, "chmod %s/%s/%s", bus->base_path, agent, subs[i]);
-        close(fd);
+        (void)close(fd);
     }
     if (rc == 0 && gid >= 0) {
         if (fchown(afd, (uid_t)-1, (gid_t)gid) != 0 || fchmod(afd, (mode_t)dir_mode) != 0)
             rc = cfn_fail_sys(err, "chgrp/chmod %s/%s", bus->base_path, agent);
     }
-    close(afd);
+    (void)close(afd);
     return rc;
 }
 

@@ -69,7 +69,7 @@ static int scan_dir(int dirfd, scan_cb cb, void *ctx, cfn_err *err, const char *
     if (dfd < 0)
         return cfn_fail_sys(err, "open %s for scanning", what);
     int rc = scan_fd(dfd, cb, ctx, err, what);
-    close(dfd);
+    (void)close(dfd);
     return rc;
 }
 
@@ -185,7 +185,7 @@ static int claim_dir_cb(void *ctx, int dfd, const char *name, size_t n, unsigned
         if (m.kept == 0)
             (void)unlinkat(dfd, name, AT_REMOVEDIR);  /* may hold a stray file: then it stays */
     }
-    close(sub);
+    (void)close(sub);
     return 0;
 }
 
@@ -201,7 +201,7 @@ static int lock_exclusive(cfn_bus *bus, struct cfn_ent *e, cfn_err *err)
     while (flock(fd, LOCK_EX) != 0) {
         if (errno != EINTR) {
             int rc = cfn_fail_sys(err, "flock(LOCK_EX) inbox/.lock of '%s'", e->agent);
-            close(fd);
+            (void)close(fd);
             return rc;
         }
     }
@@ -273,7 +273,7 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
         int cfd = openat(e->agentfd, ".claims", DIR_FLAGS);
         if (cfd >= 0) {
             (void)scan_dir(cfd, claim_dir_cb, &c, err, "claims");
-            close(cfd);
+            (void)close(cfd);
         }
         claimed = c.claimed;
         res->recovered = c.recovered;
@@ -299,7 +299,7 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
 unlock:
     (void)flock(lfd, LOCK_UN);
     if (!e->private)
-        close(lfd);
+        (void)close(lfd);
     if (rc == 0 && res->scanned && (before == CFN_COUNT_UNKNOWN || res->count < before))
         cfn_slot_wake(s, INT32_MAX);  /* room appeared: let every sleeper look */
     return rc;
@@ -354,12 +354,12 @@ int64_t cfn_scan_count(cfn_bus *bus, const char *agent, const char *box, cfn_err
     if (afd < 0)
         return errno == ENOENT ? 0 : cfn_fail_sys(err, "open %s/%s", bus->base_path, agent);
     int bfd = openat(afd, box, DIR_FLAGS);
-    close(afd);
+    (void)close(afd);
     if (bfd < 0)
         return errno == ENOENT ? 0 : cfn_fail_sys(err, "open %s/%s/%s", bus->base_path, agent, box);
     struct count_ctx cc = {0};
     rc = scan_dir(bfd, count_cb, &cc, err, box);
-    close(bfd);
+    (void)close(bfd);
     return rc ? rc : cc.files;
 }
 
@@ -499,7 +499,7 @@ static int write_file(cfn_bus *bus, int dirfd, const char *name, const char *buf
                     rc = cfn_fail_sys(err, "link new file into %s", where);
                 }
             }
-            close(fd);  /* unnamed on failure: it vanishes with the descriptor */
+            (void)close(fd);    /* unnamed on failure: it vanishes with the descriptor */
             if (rc == 0 && o->fsync)
                 rc = fsync_or_fail(dirfd, err, where);
             return rc;
@@ -659,7 +659,7 @@ out:
         if (ob < 0 && (ob = openat(ef->agentfd, "outbox", DIR_FLAGS)) >= 0) {
             int none = -1;
             if (!atomic_compare_exchange_strong(&ef->outboxfd, &none, ob)) {
-                close(ob);  /* another thread cached it first */
+                (void)close(ob);    /* another thread cached it first */
                 ob = none;
             }
         }
@@ -981,7 +981,7 @@ static int read_msg(int dfd, struct rec *x, int64_t max_bytes)
         x->keyed = true;
     }
 out:
-    close(fd);
+    (void)close(fd);
     if (rc != 0) {
         free(x->data);
         x->data = NULL;
@@ -1000,7 +1000,7 @@ static int quarantine(cfn_bus *bus, struct cfn_ent *e, int dfd, const char *name
     char dest[NAME_MAX + 1];
     snprintf(dest, sizeof dest, "%.200s.%016" PRIx64, name, cfn_random64(bus));
     int rc = renameat2(dfd, name, q, dest, RENAME_NOREPLACE) == 0 ? 0 : -errno;
-    close(q);
+    (void)close(q);
     if (rc == 0)
         cfn_counter_add(bus, CFN_CTR_QUARANTINED, 1);
     return rc;
@@ -1017,11 +1017,11 @@ static int claim_dir(cfn_bus *bus, struct cfn_ent *e, int *out, cfn_err *err)
     snprintf(name, sizeof name, "%d.%" PRIu64, (int)bus->pid, bus->start_ticks);
     if (mkdirat(c, name, 0700) != 0 && errno != EEXIST) {
         int rc = cfn_fail_sys(err, "mkdir %s/.claims/%s", e->agent, name);
-        close(c);
+        (void)close(c);
         return rc;
     }
     *out = openat(c, name, DIR_FLAGS);
-    close(c);
+    (void)close(c);
     return *out < 0 ? cfn_fail_sys(err, "open %s/.claims/%s", e->agent, name) : 0;
 }
 
@@ -1275,7 +1275,7 @@ int64_t cfn_ack(cfn_bus *bus, const char *agent, const char *ids, size_t ids_len
     }
 out:
     if (claimfd >= 0)
-        close(claimfd);
+        (void)close(claimfd);
     cfn_ent_put(bus, e);
     return rc ? rc : done;
 }

@@ -96,7 +96,7 @@ int cfn_region_open(cfn_bus *bus, cfn_err *err)
     char full[4200];
     snprintf(full, sizeof full, "%s/" CFN_STATE_NAME, path);
     if ((rc = header_check(h, full, err)) != 0) {
-        munmap(map, CFN_STATE_SIZE);
+        (void)munmap(map, CFN_STATE_SIZE);
         goto unlock;
     }
     bus->hdr = h;
@@ -107,16 +107,16 @@ unlock:
     (void)flock(fd, LOCK_UN);
 out:
     if (rc != 0)
-        close(fd);
+        (void)close(fd);
     return rc;
 }
 
 void cfn_region_close(cfn_bus *bus)
 {
     if (bus->hdr)
-        munmap(bus->hdr, CFN_STATE_SIZE);
+        (void)munmap(bus->hdr, CFN_STATE_SIZE);  /* nothing to do if it fails: the process keeps the mapping */
     if (bus->statefd >= 0)
-        close(bus->statefd);
+        (void)close(bus->statefd);
     bus->hdr = NULL;
     bus->statefd = -1;
 }

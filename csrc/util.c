@@ -105,7 +105,7 @@ uint64_t cfn_proc_start_ticks(pid_t pid)
     if (fd < 0)
         return 0;
     ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
+    (void)close(fd);
     if (n <= 0)
         return 0;
     buf[n] = '\0';
