@@ -8,7 +8,7 @@ environment.
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, NamedTuple, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 from cfn_fast.errors import ConfigError
 
@@ -208,7 +208,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-# Accessor for callers that only want the parser (the CLI validates one value at a time).
-parse_setting: Callable[[Setting, str], object] = _parse
-
-__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "parse_setting"]
+__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting"]

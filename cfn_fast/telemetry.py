@@ -277,8 +277,8 @@ def _cooldown_ok(bus: "MessageBus", key: bytes, cooldown_s: float) -> bool:
             return False
         if cd <= 0:
             return True
-        # Probe that the shared table recorded the key: it has 1024 entries and
-        # never frees one, and once full it lets every new key through.
+        # Probe that the shared table recorded the key: with all 1,024 entries
+        # inside their cooldowns it lets a new key through rather than silence it.
         if not _core.cooldown_try(h, key, now, cd):
             _core.counter_add(h, COUNTERS["alerts_suppressed"], -1)  # the probe counted as a suppression
             return True

@@ -163,7 +163,6 @@ int cfn_reconcile(cfn_bus *bus, const char *agent, int force,
 int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out);
 /* Fills out[0..cap) with every inbox slot in use; returns how many. */
 int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap);
-int cfn_note_capacity(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err);
 
 /* --- receiving ---------------------------------------------------------- */
 int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max,

@@ -363,18 +363,6 @@ int64_t cfn_scan_count(cfn_bus *bus, const char *agent, const char *box, cfn_err
     return rc ? rc : cc.files;
 }
 
-int cfn_note_capacity(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err)
-{
-    int rc = cfn_check_agent(agent, err);
-    if (rc)
-        return rc;
-    uint32_t idx;
-    if ((rc = cfn_slot_find(bus, agent, true, &idx, err)) != 0)
-        return rc;
-    atomic_store(&bus->slots[idx].capacity, capacity);
-    return 0;
-}
-
 int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out)
 {
     if (index < 0 || index >= CFN_SLOTS)
