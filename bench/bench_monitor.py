@@ -14,6 +14,7 @@ Run: python -m pytest bench/bench_monitor.py --benchmark-enable -s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -44,10 +45,11 @@ def median_ms(fn: Callable[[], object], rounds: int = ROUNDS) -> float:
     return statistics.median(times) * 1000
 
 
-@pytest.fixture(scope="module")
-def farm() -> Iterator[tuple[object, Path, list[Path]]]:
-    """1,000 inboxes of 100 small message files each, written directly (the
-    scans only count names), once per module; counters reconciled once."""
+@contextlib.contextmanager
+def _build_farm(n: int, per_inbox: int, name: Callable[[int, int], str]) -> Iterator[tuple[object, Path, list[Path]]]:
+    """n inboxes of per_inbox small message files each, written directly (the
+    scans only count names), in a private base folder named by the
+    environment; counters reconciled once. Restores the environment after."""
     saved = {k: os.environ.get(k) for k in _ENV}
     work = Path(tempfile.mkdtemp(prefix="cfn-bench-mon-", dir=_TMPFS))
     base = work / "messages"
@@ -59,17 +61,17 @@ def farm() -> Iterator[tuple[object, Path, list[Path]]]:
     bus = MessageBus()
     inboxes = []
     body = b'{"version":"1.1","payload":{}}'
-    for i in range(INBOXES):
-        agent = f"agent-{i:04d}"
+    for i in range(n):
+        agent = f"agent-{i:05d}"
         bus.init_message_bus(agent)
         inbox = base / agent / "inbox"
         inboxes.append(inbox)
-        for j in range(PER_INBOX):
-            fd = os.open(inbox / f"msg-1764324115-{i:04d}{j:04d}.json", os.O_WRONLY | os.O_CREAT, 0o600)
+        for j in range(per_inbox):
+            fd = os.open(inbox / name(i, j), os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(fd, body)
             os.close(fd)
     mon = monitors.OverflowMonitor(bus, interval=5)
-    assert mon.reconcile_all(bus._bus(), everyone=True) == INBOXES
+    assert mon.reconcile_all(bus._bus(), everyone=True) == n
     try:
         yield mon, work, inboxes
     finally:
@@ -80,6 +82,13 @@ def farm() -> Iterator[tuple[object, Path, list[Path]]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def farm() -> Iterator[tuple[object, Path, list[Path]]]:
+    """1,000 inboxes of 100 messages each, once per module."""
+    with _build_farm(INBOXES, PER_INBOX, lambda i, j: f"msg-1764324115-{i:04d}{j:04d}.json") as f:
+        yield f
 
 
 def listdir_each(inboxes: list[Path]) -> Callable[[], int]:
@@ -225,36 +234,8 @@ CURVE = (10, 100, 1000, 10_000)
 @pytest.fixture(scope="module", params=CURVE, ids=lambda n: f"{n}-inboxes")
 def sized_farm(request) -> Iterator[tuple[object, Path, list[Path]]]:
     """n inboxes of 10 messages each, for the growth curve of the counter pass."""
-    n = request.param
-    saved = {k: os.environ.get(k) for k in _ENV}
-    work = Path(tempfile.mkdtemp(prefix="cfn-bench-curve-", dir=_TMPFS))
-    base = work / "messages"
-    os.environ.update(MESSAGE_BASE_DIR=str(base), METRICS_FILE=str(work / "metrics.jsonl"),
-                      ALERT_LOG_FILE=str(work / "alerts.jsonl"), MAX_INBOX_SIZE="1000")
-    os.environ.pop("CFN_METRICS", None)
-    from cfn_fast import MessageBus, monitors
-
-    bus = MessageBus()
-    inboxes = []
-    for i in range(n):
-        agent = f"agent-{i:05d}"
-        bus.init_message_bus(agent)
-        inbox = base / agent / "inbox"
-        inboxes.append(inbox)
-        for j in range(10):
-            os.close(os.open(inbox / f"msg-1764324115-{j:010d}-{i:016x}.json", os.O_WRONLY | os.O_CREAT, 0o600))
-    mon = monitors.OverflowMonitor(bus, interval=5)
-    assert mon.reconcile_all(bus._bus(), everyone=True) == n
-    try:
-        yield mon, work, inboxes
-    finally:
-        bus.close()
-        shutil.rmtree(work, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _build_farm(request.param, 10, lambda i, j: f"msg-1764324115-{j:010d}-{i:016x}.json") as f:
+        yield f
 
 
 def test_counter_pass_growth(benchmark, sized_farm):
