@@ -68,22 +68,32 @@ def _claim_and_hang(base: str, ready: "mp.Event") -> None:
     time.sleep(60)
 
 
-def test_claims_of_a_killed_consumer_are_delivered_again(make_bus, base: Path) -> None:
-    bus = make_bus(max_inbox_size=5, backpressure_wait_ms=1, backpressure_max_retries=1)
-    bus.init_message_bus("sink")
-    ids = [bus.send_message("src", "sink", "t", i) for i in range(5)]
+def _start_claimer(bus: MessageBus) -> "mp.process.BaseProcess":
+    """A consumer process that has claimed 3 messages of sink and hangs before acking."""
     ready = CTX.Event()
     child = CTX.Process(target=_claim_and_hang, args=(bus.base_dir, ready))
     child.start()
     assert ready.wait(30)
+    return child
+
+
+def _kill(child: "mp.process.BaseProcess") -> None:
+    os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    child.join()
+
+
+def test_claims_of_a_killed_consumer_are_delivered_again(make_bus, base: Path) -> None:
+    bus = make_bus(max_inbox_size=5, backpressure_wait_ms=1, backpressure_max_retries=1)
+    bus.init_message_bus("sink")
+    ids = [bus.send_message("src", "sink", "t", i) for i in range(5)]
+    child = _start_claimer(bus)
     assert bus.message_count("sink") == 2
     try:  # claimed messages still hold their places: no overshoot when they come back
         bus.send_with_backpressure("src", "sink", "t", 99)
         raise AssertionError("inbox should be full")
     except BackpressureTimeout:
         pass
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
+    _kill(child)
     assert bus.recover("sink") == 3
     assert sorted(m["msg_id"] for m in bus.consume_messages("sink")) == sorted(ids)
     assert bus.get_inbox_size("sink") == 0
@@ -97,12 +107,7 @@ def test_recover_command_returns_a_dead_consumers_claims(make_bus) -> None:
     bus = make_bus()
     bus.init_message_bus("sink")
     ids = [bus.send_message("src", "sink", "t", i) for i in range(4)]
-    ready = CTX.Event()
-    child = CTX.Process(target=_claim_and_hang, args=(bus.base_dir, ready))
-    child.start()
-    assert ready.wait(30)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
+    _kill(_start_claimer(bus))
     out = subprocess.run([sys.executable, "-m", "cfn_fast", "bus", "recover"], capture_output=True, text=True,
                          timeout=60)
     assert (out.returncode, out.stdout) == (0, "3\n")
