@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from cfn_fast.errors import (
     BackpressureTimeout,
+    BusClosed,
     CfnError,
     CfnOSError,
     ConfigError,
     InboxFull,
+    InboxLocked,
     InboxNotFound,
     InvalidAgentId,
     InvalidArgument,
@@ -167,11 +169,13 @@ def get_inbox_utilization(agent_id: str) -> int:
 
 __all__ = [
     "BackpressureTimeout",
+    "BusClosed",
     "CfnError",
     "CfnOSError",
     "Config",
     "ConfigError",
     "InboxFull",
+    "InboxLocked",
     "InboxNotFound",
     "InvalidAgentId",
     "InvalidArgument",

@@ -30,7 +30,11 @@ _CODES: dict[int, type[E.CfnError]] = {
     lib.CFN_E_NOSLOT: E.TooManyAgents,
     lib.CFN_E_BADARG: E.InvalidArgument,
     lib.CFN_E_UNSAFE: E.UnsafePath,
+    lib.CFN_E_LOCKED: E.InboxLocked,
+    lib.CFN_E_CLOSED: E.BusClosed,
 }
+
+_EINTR = -_errno.EINTR
 
 BACKOFF_CODES = {
     "fixed": lib.CFN_BACKOFF_FIXED,
@@ -75,17 +79,22 @@ def agent_bytes(agent: object, role: str = "agent id") -> bytes:
         ) from None
 
 
-def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = None) -> Handle:
+def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = None,
+             lock_timeout_ms: int = 10000) -> Handle:
     err = new_err()
-    h = lib.cfn_bus_open(os.fsencode(base_dir), lib.CFN_OPEN_CREATE if create else 0, dir_mode,
-                         -1 if gid is None else gid, err)
+    opts = ffi.new("cfn_bus_opts *", {"dir_mode": dir_mode, "gid": -1 if gid is None else gid,
+                                      "lock_timeout_ms": lock_timeout_ms})
+    h = lib.cfn_bus_open(os.fsencode(base_dir), lib.CFN_OPEN_CREATE if create else 0, opts, err)
     if h == ffi.NULL:
         raise_for(err.code, err)
-    return ffi.gc(h, lib.cfn_bus_close)
+    # The finaliser frees the handle once no Python object refers to it, so a
+    # thread still holding it after close() gets BusClosed, never freed memory.
+    return ffi.gc(h, lib.cfn_bus_free)
 
 
 def close_bus(h: Handle) -> None:
-    ffi.release(h)
+    """Releases folders and mapping once the calls in flight have returned."""
+    lib.cfn_bus_close(h)
 
 
 def check_agent(agent: bytes) -> None:
@@ -102,9 +111,10 @@ def check_json(payload: bytes) -> None:
         raise_for(rc, err)
 
 
-def init_agent(h: Handle, agent: bytes, dir_mode: int, gid: Optional[int]) -> None:
+def init_agent(h: Handle, agent: bytes, capacity: int) -> None:
+    """Creates the agent's folders and records capacity as its inbox's (0: leave it)."""
     err = new_err()
-    rc = lib.cfn_init_agent(h, agent, dir_mode, -1 if gid is None else gid, err)
+    rc = lib.cfn_init_agent(h, agent, capacity, err)
     if rc:
         raise_for(rc, err)
 
@@ -137,7 +147,7 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
     err = new_err()
     res = ffi.new("cfn_send_result *")
     rc = lib.cfn_send(h, sender, to, mtype, len(mtype), payload, len(payload), opts, res, err)
-    if rc == -_errno.EINTR and opts.max_retries >= 0:
+    if rc == _EINTR:
         rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
     if rc:
         exc = error_for(rc, err)
@@ -162,36 +172,55 @@ def _resume_after_signal(h: Handle, sender: bytes, to: bytes, mtype: bytes, payl
     now (a KeyboardInterrupt would have left already); carry on with what is
     left of the retries and the time budget."""
     retries, waited = 0, 0
-    budget_ms = opts.max_total_ms or opts.wait_ms * opts.max_retries
-    rc = -_errno.EINTR
-    while rc == -_errno.EINTR:
+    budget_ms = opts.max_total_ms or opts.wait_ms * max(0, opts.max_retries)
+    rc = _EINTR
+    while rc == _EINTR:
         retries += res.retries
         waited += res.waited_ns
         left = ffi.new("cfn_send_opts *", opts[0])
-        left.max_retries = max(0, opts.max_retries - retries)
-        left.max_total_ms = max(1, budget_ms - waited // 1_000_000)
+        if opts.max_retries >= 0:
+            left.max_retries = max(0, opts.max_retries - retries)
+            if budget_ms:
+                left.max_total_ms = max(1, budget_ms - waited // 1_000_000)
         rc = lib.cfn_send(h, sender, to, mtype, len(mtype), payload, len(payload), left, res, err)
     res.retries += retries
     res.waited_ns += waited
     return rc
 
 
-def inbox_size(h: Handle, agent: bytes) -> int:
-    n = lib.cfn_inbox_size(h, agent, ffi.NULL)  # the hot read: no error buffer unless it fails
-    if n < 0:
-        err = new_err()
-        n = lib.cfn_inbox_size(h, agent, err)
-        if n < 0:
-            raise_for(n, err)
-    return int(n)
-
-
-def scan_count(h: Handle, agent: bytes, box: bytes) -> int:
+def _checked(fn: Any, *args: Any) -> int:
+    """Calls fn(*args, err) and returns its count, raising the CfnError its
+    negative code names. A lock wait cut short by a signal (-EINTR) is
+    retried once Python has run the handler (which may raise instead)."""
     err = new_err()
-    n = lib.cfn_scan_count(h, agent, box, err)
+    while True:
+        n = fn(*args, err)
+        if n != _EINTR:
+            break
     if n < 0:
         raise_for(n, err)
     return int(n)
+
+
+def inbox_size(h: Handle, agent: bytes) -> int:
+    n = lib.cfn_inbox_size(h, agent, ffi.NULL)  # the hot read: no error buffer unless it fails
+    if n < 0:
+        return _checked(lib.cfn_inbox_size, h, agent)
+    return int(n)
+
+
+def inbox_capacity(h: Handle, agent: bytes, fallback: int) -> int:
+    """The capacity that holds for the inbox (recorded at init or by its first sender), else fallback."""
+    return _checked(lib.cfn_inbox_capacity, h, agent, fallback)
+
+
+def slots_sweep(h: Handle) -> int:
+    """Frees the slots of inboxes whose folder is gone; returns how many."""
+    return _checked(lib.cfn_slots_sweep, h)
+
+
+def scan_count(h: Handle, agent: bytes, box: bytes) -> int:
+    return _checked(lib.cfn_scan_count, h, agent, box)
 
 
 class ReconcileResult(NamedTuple):
@@ -205,58 +234,90 @@ class ReconcileResult(NamedTuple):
 
 
 def reconcile(h: Handle, agent: bytes, force: bool) -> ReconcileResult:
-    err = new_err()
     res = ffi.new("cfn_reconcile_result *")
-    rc = lib.cfn_reconcile(h, agent, 1 if force else 0, res, err)
-    if rc:
-        raise_for(rc, err)
+    _checked(lib.cfn_reconcile, h, agent, 1 if force else 0, res)
     return ReconcileResult(res.count, res.files, res.claimed, res.before, res.stale_tmp_removed,
                            res.recovered, bool(res.scanned))
 
 
 READ_PEEK: int = lib.CFN_READ_PEEK
-READ_CONSUME: int = lib.CFN_READ_CONSUME
+READ_NEXT: int = lib.CFN_READ_NEXT
 READ_CLAIM: int = lib.CFN_READ_CLAIM
+FROM_INBOX: int = lib.CFN_FROM_INBOX
+FROM_CLAIMS: int = lib.CFN_FROM_CLAIMS
+JSON_EXACT: int = lib.CFN_JSON_BIG_INT | lib.CFN_JSON_HUGE_NUMBER  # numbers a double cannot hold
+
+
+class Record(NamedTuple):
+    name: bytes   # the file's name in the inbox (or claim folder)
+    flags: int    # CFN_JSON_* bits: how the bytes must be decoded
+    data: bytes   # the file's bytes, checked as one JSON object by C
 
 
 def read_messages(h: Handle, agent: bytes, mode: int, max_messages: int,
-                  max_bytes: int) -> tuple[list[bytes], int]:
-    """Raw message files, oldest first, and how many bad files were quarantined."""
-    err = new_err()
+                  max_bytes: int) -> tuple[list[Record], int]:
+    """Message files, oldest first, and how many bad files were quarantined.
+    Nothing is deleted: READ_NEXT leaves them for take(), READ_CLAIM moves them
+    into this handle's claim folder."""
     blob = ffi.new("cfn_blob *")
-    rc = lib.cfn_read_messages(h, agent, mode, max_messages, max_bytes, blob, err)
     try:
-        if rc:
-            raise_for(rc, err)
+        _checked(lib.cfn_read_messages, h, agent, mode, max_messages, max_bytes, blob)
         data = ffi.unpack(blob.data, blob.len) if blob.len else b""
         count, bad = blob.count, blob.quarantined
     finally:
         lib.cfn_blob_free(blob)
-    out: list[bytes] = []
+    out: list[Record] = []
     view = memoryview(data)
     pos = 0
+    u32 = int.from_bytes
     for _ in range(count):
-        n = int.from_bytes(view[pos:pos + 4], "little")
-        out.append(bytes(view[pos + 4:pos + 4 + n]))
+        n = u32(view[pos:pos + 4], "little")
+        name = bytes(view[pos + 4:pos + 4 + n])
         pos += 4 + n
+        flags = u32(view[pos:pos + 4], "little")
+        size = u32(view[pos + 4:pos + 8], "little")
+        out.append(Record(name, flags, bytes(view[pos + 8:pos + 8 + size])))
+        pos += 8 + size
     return out, int(bad)
 
 
-def ack(h: Handle, agent: bytes, msg_ids: list[bytes]) -> int:
+def _pack(names: list[bytes]) -> bytes:
+    return b"".join(n + b"\0" for n in names)
+
+
+def take(h: Handle, agent: bytes, where: int, names: list[bytes]) -> tuple[list[bool], Optional[E.CfnError]]:
+    """Deletes the named messages (from the inbox or this handle's claims):
+    which were deleted by this call, and the first failure that left one in
+    place (None when there was none). Raises only when nothing was deleted."""
+    if not names:
+        return [], None
+    packed = _pack(names)
+    taken = ffi.new("uint8_t[]", len(names))
     err = new_err()
-    packed = b"".join(i + b"\0" for i in msg_ids)
-    n = lib.cfn_ack(h, agent, packed, len(packed), err)
+    while True:
+        n = lib.cfn_take(h, agent, where, packed, len(packed), taken, err)
+        if n != _EINTR:
+            break
     if n < 0:
         raise_for(n, err)
-    return int(n)
+    failure = error_for(err.code, err) if err.code < 0 else None
+    return [bool(t) for t in ffi.unpack(taken, len(names))], failure
+
+
+def put_back(h: Handle, agent: bytes, names: list[bytes]) -> int:
+    """Moves claimed messages back into the inbox."""
+    packed = _pack(names)
+    return _checked(lib.cfn_put_back, h, agent, packed, len(packed)) if names else 0
+
+
+def quarantine(h: Handle, agent: bytes, where: int, names: list[bytes]) -> int:
+    """Moves bad messages to <agent>/.quarantine."""
+    packed = _pack(names)
+    return _checked(lib.cfn_quarantine, h, agent, where, packed, len(packed)) if names else 0
 
 
 def clear_inbox(h: Handle, agent: bytes) -> int:
-    err = new_err()
-    n = lib.cfn_clear_inbox(h, agent, err)
-    if n < 0:
-        raise_for(n, err)
-    return int(n)
+    return _checked(lib.cfn_clear_inbox, h, agent)
 
 
 class SlotInfo(NamedTuple):
@@ -277,6 +338,8 @@ def slots(h: Handle, buf: Any = None) -> list[SlotInfo]:
     if buf is None:
         buf = new_slot_buffer()
     n = lib.cfn_slots_snapshot(h, buf, lib.CFN_SLOTS)
+    if n < 0:
+        raise_for(n, None)
     out = []
     for i in range(n):
         info = buf[i]
@@ -285,12 +348,18 @@ def slots(h: Handle, buf: Any = None) -> list[SlotInfo]:
     return out
 
 
-def counter_add(h: Handle, index: int, delta: int) -> int:
-    return int(lib.cfn_counter_add(h, index, delta))
+def counter_add(h: Handle, index: int, delta: int) -> None:
+    rc = lib.cfn_counter_add(h, index, delta)
+    if rc:
+        raise_for(rc, None)
 
 
 def counter_get(h: Handle, index: int) -> int:
-    return int(lib.cfn_counter_get(h, index))
+    out = ffi.new("int64_t *")
+    rc = lib.cfn_counter_get(h, index, out)
+    if rc:
+        raise_for(rc, None)
+    return int(out[0])
 
 
 class RateSettings(NamedTuple):
@@ -302,28 +371,28 @@ class RateSettings(NamedTuple):
 
 
 def rate_publish(h: Handle, s: RateSettings) -> None:
-    lib.cfn_rate_publish(h, ffi.new("cfn_rate_settings *", s._asdict()))
+    rc = lib.cfn_rate_publish(h, ffi.new("cfn_rate_settings *", s._asdict()))
+    if rc:
+        raise_for(rc, None)
 
 
 def rate_read(h: Handle) -> RateSettings:
     out = ffi.new("cfn_rate_settings *")
-    lib.cfn_rate_read(h, out)
+    rc = lib.cfn_rate_read(h, out)
+    if rc:
+        raise_for(rc, None)
     return RateSettings(out.batch_size, out.wait_ms, out.load_milli, out.updated_ns, out.interval_ms)
 
 
 def cooldown_try(h: Handle, key: bytes, now_ns: int, cooldown_ns: int) -> bool:
-    return bool(lib.cfn_cooldown_try(h, key, len(key), now_ns, cooldown_ns))
+    rc = lib.cfn_cooldown_try(h, key, len(key), now_ns, cooldown_ns)
+    if rc < 0:
+        raise_for(rc, None)
+    return bool(rc)
 
 
 def set_metrics_fd(h: Handle, fd: int) -> None:
     lib.cfn_set_metrics_fd(h, fd)
-
-
-def metric_emit(h: Handle, name: bytes, value: float, unit: bytes, tags_json: bytes) -> None:
-    err = new_err()
-    rc = lib.cfn_metric_emit(h, name, value, unit, tags_json, len(tags_json), err)
-    if rc:
-        raise_for(rc, err)
 
 
 def metric_format(name: bytes, value: float, unit: bytes, tags_json: bytes) -> bytes:
@@ -335,12 +404,6 @@ def metric_format(name: bytes, value: float, unit: bytes, tags_json: bytes) -> b
     if n < 0:
         raise_for(n, err)
     return ffi.unpack(buf, n)
-
-
-def state_path(h: Handle) -> str:
-    buf = ffi.new("char[]", 4200)
-    lib.cfn_bus_state_path(h, buf, 4200)
-    return os.fsdecode(ffi.string(buf))
 
 
 COUNTERS: dict[str, int] = {
@@ -357,4 +420,9 @@ COUNTERS: dict[str, int] = {
     "metrics": lib.CFN_CTR_METRICS,
     "alerts": lib.CFN_CTR_ALERTS,
     "alerts_suppressed": lib.CFN_CTR_ALERTS_SUPPRESSED,
+    "lock_timeouts": lib.CFN_CTR_LOCK_TIMEOUTS,
+    "take_errors": lib.CFN_CTR_TAKE_ERRORS,
+    "state_reattached": lib.CFN_CTR_STATE_REATTACHED,
+    "slots_freed": lib.CFN_CTR_SLOTS_FREED,
+    "outbox_pruned": lib.CFN_CTR_OUTBOX_PRUNED,
 }

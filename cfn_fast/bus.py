@@ -16,6 +16,7 @@ from cfn_fast import _core
 from cfn_fast.config import Config
 from cfn_fast.errors import (
     BackpressureTimeout,
+    CfnError,
     CfnOSError,
     InboxNotFound,
     InvalidArgument,
@@ -28,6 +29,37 @@ Message = dict[str, Any]
 
 # A message file holds the payload plus ~300 bytes of envelope; allow for escaping headroom.
 _ENVELOPE_BYTES = 64 * 1024
+_INT_DIGITS = 4300  # Python's default limit for int(str); C refuses longer integers at send
+
+
+def _exact_int(text: str) -> int:
+    """An integer literal of any length (Python's int() stops at 4,300 digits)."""
+    if len(text) <= _INT_DIGITS:
+        return int(text)
+    from decimal import Decimal
+
+    return int(Decimal(text))
+
+
+def _exact_float(text: str) -> Any:
+    """A float, or, for a number beyond a double's range (1e400), the exact
+    decimal.Decimal: never infinity, which no JSON writer can give back."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        from decimal import Decimal
+
+        return Decimal(text)
+    return value
+
+
+def decode_message(data: bytes, flags: int = 0) -> Message:
+    """One message file's bytes (checked by C as one JSON object) as a dict.
+    ``flags`` (from C) says when numbers need the exact decoders."""
+    import json
+
+    if flags & _core.JSON_EXACT:
+        return json.loads(data, parse_int=_exact_int, parse_float=_exact_float)
+    return json.loads(data)
 
 
 def encode_payload(payload: Payload) -> bytes:
@@ -74,7 +106,10 @@ class MessageBus:
         self.base_dir: str = cfg.base_dir
         self._handle: Optional[_core.Handle] = None
         self._lock = threading.Lock()
+        self._metrics_lock = threading.Lock()
         self._metrics_fd: Optional[int] = None
+        # claimed files whose name is not "<msg_id>.json" (written by other tools): msg_id -> name
+        self._claimed_names: dict[str, bytes] = {}
         self.metrics_error: Optional[str] = None
         common = dict(
             capacity=cfg.max_inbox_size,
@@ -82,6 +117,7 @@ class MessageBus:
             max_total_ms=cfg.backpressure_max_total_ms,
             max_payload=cfg.max_message_bytes,
             stale_after_ms=int(cfg.rate_limit_check_interval * 3000),
+            outbox_max=getattr(cfg, "outbox_max", 1000),
             backoff=_core.BACKOFF_CODES[cfg.backpressure_backoff],
             fsync=1 if cfg.fsync else 0,
             file_mode=cfg.file_mode,
@@ -101,7 +137,8 @@ class MessageBus:
         with self._lock:
             if self._handle is None:
                 try:
-                    self._handle = _core.open_bus(self.base_dir, create, self.config.dir_mode, self.config.group)
+                    self._handle = _core.open_bus(self.base_dir, create, self.config.dir_mode, self.config.group,
+                                                  getattr(self.config, "lock_timeout_ms", 10000))
                 except CfnOSError as e:
                     if create or e.errno != errno.ENOENT:
                         raise
@@ -123,11 +160,13 @@ class MessageBus:
         if not self.config.metrics_enabled:
             return None
         if self._metrics_fd is None and self.metrics_error is None:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            try:
-                self._metrics_fd = os.open(self.config.metrics_file, flags, self.config.file_mode)
-            except OSError as e:
-                self.metrics_error = f"cannot open METRICS_FILE {self.config.metrics_file}: {e.strerror}"
+            with self._metrics_lock:  # two threads must not both open it (one descriptor would leak)
+                if self._metrics_fd is None and self.metrics_error is None:
+                    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                    try:
+                        self._metrics_fd = os.open(self.config.metrics_file, flags, self.config.file_mode)
+                    except OSError as e:
+                        self.metrics_error = f"cannot open METRICS_FILE {self.config.metrics_file}: {e.strerror}"
         return self._metrics_fd
 
     def _need(self, agent: bytes) -> _core.Handle:
@@ -137,14 +176,17 @@ class MessageBus:
         return h
 
     def close(self) -> None:
+        """Releases the folders and the mapped state once calls in flight in
+        other threads have returned (a call starting meanwhile raises
+        BusClosed). A later call opens the bus again."""
         with self._lock:
-            if self._handle is not None:
-                _core.set_metrics_fd(self._handle, -1)
-                _core.close_bus(self._handle)
-                self._handle = None
-            if self._metrics_fd is not None:
-                os.close(self._metrics_fd)
-                self._metrics_fd = None
+            h, self._handle = self._handle, None
+            if h is not None:
+                _core.close_bus(h)  # waits for the calls in flight; they hold h, so it is not freed under them
+            with self._metrics_lock:
+                if self._metrics_fd is not None:
+                    os.close(self._metrics_fd)
+                    self._metrics_fd = None
 
     def __enter__(self) -> "MessageBus":
         return self
@@ -169,7 +211,7 @@ class MessageBus:
         """Creates the agent's inbox and outbox. Idempotent."""
         agent = _core.agent_bytes(agent_id)
         h = self._bus(create=True)
-        _core.init_agent(h, agent, self.config.dir_mode, self.config.group)
+        _core.init_agent(h, agent, self.config.max_inbox_size)
 
     def cleanup_message_bus(self, agent_id: str) -> None:
         """Removes the agent's folder and every message in it."""
@@ -221,31 +263,91 @@ class MessageBus:
 
     def receive_messages(self, agent_id: str) -> list[Message]:
         """Every message in the inbox, oldest first; removes nothing."""
-        return self._read(agent_id, _core.READ_PEEK, -1)
+        agent = _core.agent_bytes(agent_id)
+        recs, bad = _core.read_messages(self._need(agent), agent, _core.READ_PEEK, -1, self._max_file)
+        return self._decoded(agent_id, _core.FROM_INBOX, recs, bad)[0]
+
+    def receive_raw(self, agent_id: str) -> list[bytes]:
+        """Every message file's bytes (each one JSON object, as written), oldest first."""
+        agent = _core.agent_bytes(agent_id)
+        recs, bad = _core.read_messages(self._need(agent), agent, _core.READ_PEEK, -1, self._max_file)
+        if bad:
+            self._on_quarantine(agent_id, bad)
+        return [r.data for r in recs]
 
     def consume_messages(self, agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
         """Takes up to max_messages (all when None), oldest first. Each message
-        goes to exactly one caller, however many consume at once."""
+        goes to exactly one caller, however many consume at once. A message is
+        deleted only once it is decoded here; if anything fails first, it stays
+        in the inbox, counted."""
+        agent = _core.agent_bytes(agent_id)
         n = _max_arg(max_messages)
-        return self._read(agent_id, _core.READ_CONSUME, n)
+        if n == 0:
+            return []
+        h = self._need(agent)
+        recs, bad = _core.read_messages(h, agent, _core.READ_NEXT, n, self._max_file)
+        messages, names = self._decoded(agent_id, _core.FROM_INBOX, recs, bad)
+        return self._take(h, agent_id, agent, messages, names)
+
+    def consume_raw(self, agent_id: str, max_messages: Optional[int] = None) -> list[bytes]:
+        """consume_messages without decoding: each message file's bytes, as
+        written (one JSON object each, checked by C), for callers that parse
+        themselves or pass the text on."""
+        agent = _core.agent_bytes(agent_id)
+        n = _max_arg(max_messages)
+        if n == 0:
+            return []
+        h = self._need(agent)
+        recs, bad = _core.read_messages(h, agent, _core.READ_NEXT, n, self._max_file)
+        if bad:
+            self._on_quarantine(agent_id, bad)
+        return self._take(h, agent_id, agent, [r.data for r in recs], [r.name for r in recs])
+
+    def _take(self, h: _core.Handle, agent_id: str, agent: bytes, items: list[Any],
+              names: list[bytes]) -> list[Any]:
+        taken, failure = _core.take(h, agent, _core.FROM_INBOX, names)
+        if failure is not None:
+            self._on_take_error(agent_id, failure)
+        return [item for item, ok in zip(items, taken) if ok]
 
     def claim_messages(self, agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
         """At-least-once: moves up to max_messages (all when None), oldest
-        first, into this process's claim folder and returns them. They still
-        count against capacity until ``ack_messages``; if this process dies
-        first, the next reconcile (or ``recover``) puts them back in the inbox."""
-        return self._read(agent_id, _core.READ_CLAIM, _max_arg(max_messages))
+        first, into this bus's claim folder and returns them. They still count
+        against capacity until ``ack_messages``; if this process dies first
+        (or the bus is closed), the next reconcile puts them back in the inbox."""
+        agent = _core.agent_bytes(agent_id)
+        n = _max_arg(max_messages)
+        if n == 0:
+            return []
+        h = self._need(agent)
+        recs, bad = _core.read_messages(h, agent, _core.READ_CLAIM, n, self._max_file)
+        try:
+            messages, names = self._decoded(agent_id, _core.FROM_CLAIMS, recs, bad)
+        except BaseException:
+            _core.put_back(h, agent, [r.name for r in recs])  # nobody got them: back to the inbox
+            raise
+        for m, name in zip(messages, names):
+            mid = m.get("msg_id")
+            if isinstance(mid, str) and name != mid.encode("utf-8", "surrogateescape") + b".json":
+                self._claimed_names[mid] = name
+        return messages
 
     def ack_messages(self, agent_id: str, msg_ids: Iterable[Union[str, Message]]) -> int:
         """Deletes claimed messages for good (ids, or the dicts claim returned); returns how many."""
         agent = _core.agent_bytes(agent_id)
-        ids = []
+        names = []
         for m in msg_ids:
             mid = m.get("msg_id") if isinstance(m, dict) else m
             if not isinstance(mid, str) or not mid or "/" in mid or "\0" in mid:
                 raise InvalidArgument(f"not a message id: {mid!r}")
-            ids.append(mid.encode("utf-8", "surrogateescape"))
-        return _core.ack(self._need(agent), agent, ids) if ids else 0
+            name = self._claimed_names.pop(mid, None)
+            names.append(name if name is not None else mid.encode("utf-8", "surrogateescape"))
+        if not names:
+            return 0
+        taken, failure = _core.take(self._need(agent), agent, _core.FROM_CLAIMS, names)
+        if failure is not None:
+            raise failure
+        return sum(taken)
 
     def recover(self, agent_id: Optional[str] = None) -> int:
         """Returns messages claimed by dead consumers to their inboxes (one
@@ -280,16 +382,40 @@ class MessageBus:
                 out.append(name)
         return sorted(out)
 
-    def _read(self, agent_id: str, mode: int, max_messages: int) -> list[Message]:
-        import json
-
-        agent = _core.agent_bytes(agent_id)
-        if max_messages == 0:
-            return []
-        raw, bad = _core.read_messages(self._need(agent), agent, mode, max_messages, self._max_file)
+    def _decoded(self, agent_id: str, where: int, recs: list[_core.Record],
+                 bad: int) -> tuple[list[Message], list[bytes]]:
+        """The records as dicts, with their names. One this decoder refuses
+        (C passed it, so only a file written by another tool) is quarantined,
+        never lost; an error that is not the file's fault (MemoryError)
+        propagates with nothing taken."""
+        messages: list[Message] = []
+        names: list[bytes] = []
+        poison: list[bytes] = []
+        for r in recs:
+            try:
+                messages.append(decode_message(r.data, r.flags))
+            except (ValueError, RecursionError):
+                poison.append(r.name)
+                continue
+            names.append(r.name)
+        if poison:
+            agent = _core.agent_bytes(agent_id)
+            bad += _core.quarantine(self._need(agent), agent, where, poison)
         if bad:
             self._on_quarantine(agent_id, bad)
-        return [json.loads(r) for r in raw]
+        return messages, names
+
+    def _on_take_error(self, agent_id: str, failure: Exception) -> None:
+        """A message could not be deleted after it was read (EIO, say): it stays
+        in the inbox, counted, and comes again; say so once per cooldown."""
+        from cfn_fast import telemetry
+
+        try:
+            telemetry.emit_alert(
+                "consume_error", f"a message in the inbox of {agent_id} could not be taken and stays: {failure}",
+                severity="warning", metadata={"agent": agent_id}, bus=self)
+        except (CfnError, OSError):
+            pass
 
     def _on_quarantine(self, agent_id: str, count: int) -> None:
         """Bad message files (not JSON, symlinks, not regular files) were moved to
@@ -331,13 +457,21 @@ class MessageBus:
         h = self._bus()
         return 0 if h is None else _core.inbox_size(h, agent)
 
+    def get_inbox_capacity(self, agent_id: str) -> int:
+        """The capacity that holds for the inbox: the MAX_INBOX_SIZE recorded
+        when it was made (or by its first sender), else this bus's."""
+        agent = _core.agent_bytes(agent_id)
+        h = self._bus()
+        fallback = self.config.max_inbox_size
+        return fallback if h is None else _core.inbox_capacity(h, agent, fallback)
+
     def check_inbox_capacity(self, agent_id: str) -> bool:
         """True when the inbox has room (or does not exist yet)."""
-        return self.get_inbox_size(agent_id) < self.config.max_inbox_size
+        return self.get_inbox_size(agent_id) < self.get_inbox_capacity(agent_id)
 
     def get_inbox_utilization(self, agent_id: str) -> int:
-        """size * 100 // MAX_INBOX_SIZE, as the original."""
-        return self.get_inbox_size(agent_id) * 100 // self.config.max_inbox_size
+        """size * 100 // capacity, as the original."""
+        return self.get_inbox_size(agent_id) * 100 // self.get_inbox_capacity(agent_id)
 
     def reconcile(self, agent_id: str, force: bool = True) -> _core.ReconcileResult:
         """Sets the inbox's counter from a directory scan; with force, also

@@ -150,19 +150,30 @@ def _at_line(number: int, exc: CfnError) -> CfnError:
     return err
 
 
+def _print_messages(files: list[bytes]) -> None:
+    """A JSON array of message files exactly as written (C checked each is one
+    JSON object): no decoding and re-encoding, so a number such as 1e400 or an
+    escape such as \\ud800 comes back as the sender wrote it, and nothing a
+    payload holds can make the output fail half-way."""
+    body = b",\n".join(f.strip() for f in files)
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"[\n" + body + b"\n]\n" if files else b"[]\n")
+    sys.stdout.buffer.flush()
+
+
 def bus_receive(agent: str) -> int:
     with new_bus() as bus:
-        messages = bus.receive_messages(agent)
-    out(_dump(messages, pretty=True))
-    log("MESSAGE-BUS", f"Retrieved {len(messages)} messages for {agent} (sorted by timestamp)")
+        files = bus.receive_raw(agent)
+    _print_messages(files)
+    log("MESSAGE-BUS", f"Retrieved {len(files)} messages for {agent} (sorted by timestamp)")
     return EXIT_OK
 
 
 def bus_consume(agent: str, max: Optional[int]) -> int:
     with new_bus() as bus:
-        messages = bus.consume_messages(agent, max)
-    out(_dump(messages, pretty=True))
-    log("MESSAGE-BUS", f"Consumed {len(messages)} messages for {agent}")
+        files = bus.consume_raw(agent, max)
+    _print_messages(files)
+    log("MESSAGE-BUS", f"Consumed {len(files)} messages for {agent}")
     return EXIT_OK
 
 

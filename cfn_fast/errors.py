@@ -50,6 +50,16 @@ class BackpressureTimeout(InboxFull, TimeoutError):
     waited_ns: int = 0
 
 
+class InboxLocked(CfnError, TimeoutError):
+    """Another process held the inbox's .lock (or a sequence lock) past
+    LOCK_TIMEOUT_MS: a stalled bash sender, say. The message names the file
+    and, where the kernel tells, the holder."""
+
+
+class BusClosed(CfnError):
+    """The MessageBus was closed while this call was starting."""
+
+
 class StateFileError(CfnError):
     """The shared-memory state file is foreign, truncated, or of another layout version."""
 
@@ -68,10 +78,12 @@ class CfnOSError(CfnError, OSError):
 
 __all__ = [
     "BackpressureTimeout",
+    "BusClosed",
     "CfnError",
     "CfnOSError",
     "ConfigError",
     "InboxFull",
+    "InboxLocked",
     "InboxNotFound",
     "InvalidAgentId",
     "InvalidArgument",

@@ -1,21 +1,29 @@
 /*
  * bus.c - the handle Python owns: the base folder's descriptor, the mapped
- * state, and small caches of open folder and sequence-file descriptors so a
- * send opens exactly one new file. Every path below the base folder is
- * opened relative to a descriptor, one component at a time, with O_NOFOLLOW.
+ * state, this handle's consumer identity, and small caches of open folder and
+ * sequence-file descriptors so a send opens exactly one new file. Every path
+ * below the base folder is opened relative to a descriptor, one component at
+ * a time, with O_NOFOLLOW.
+ *
+ * Calls into a handle are counted (cfn_enter/cfn_leave): cfn_bus_close waits
+ * for the calls in flight, so it never unmaps state under a running call;
+ * the memory of the handle itself is freed only by cfn_bus_free, which its
+ * owner runs when nothing can call any more.
  */
 #include "internal.h"
 
 #include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
-
-#define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 
 int cfn_check_agent(const char *agent, cfn_err *err)
 {
@@ -38,6 +46,76 @@ int cfn_check_agent(const char *agent, cfn_err *err)
     return 0;
 }
 
+/* ---- calls in flight, fork ------------------------------------------------- */
+
+static void caches_init(cfn_bus *bus);
+static void ent_close(struct cfn_ent *e);
+static void pair_close(struct cfn_pair *p);
+
+static void seed_ids(cfn_bus *bus)
+{
+    uint64_t seed;
+    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed)
+        seed = (uint64_t)cfn_now_ns() ^ ((uint64_t)getpid() << 32);
+    bus->id_seed = seed;
+    atomic_store(&bus->id_counter, 0);
+    bus->pid = getpid();
+    bus->start_ticks = cfn_proc_start_ticks(bus->pid);
+}
+
+/* A forked child shares its parent's open file descriptions, and so its
+ * flock locks: it must not use the parent's cached descriptors, nor pass
+ * for the parent's consumer. Python's threads do not survive fork, so
+ * nothing in the caches is in use in the child. */
+static void after_fork(cfn_bus *bus)
+{
+    for (int i = 0; i < CFN_CACHE; i++) {
+        ent_close(&bus->ents[i]);
+        pair_close(&bus->pairs[i]);
+    }
+    caches_init(bus);
+    pthread_mutex_init(&bus->consumer_mu, NULL);
+    if (bus->consumer_lockfd >= 0)
+        (void)close(bus->consumer_lockfd);  /* our copy only: the parent keeps its lock */
+    bus->consumer_lockfd = -1;
+    bus->consumer_id[0] = '\0';
+    atomic_store(&bus->inflight, 0);
+    seed_ids(bus);
+}
+
+void cfn_bus_fork_check(cfn_bus *bus)
+{
+    if (bus->fork_guard ? *bus->fork_guard != 0 : bus->pid == getpid())
+        return;
+    after_fork(bus);
+    if (bus->fork_guard)
+        *bus->fork_guard = 1;
+}
+
+/* false when the handle is closing: the caller returns CFN_E_CLOSED. */
+bool cfn_enter(cfn_bus *bus)
+{
+    cfn_bus_fork_check(bus);
+    atomic_fetch_add(&bus->inflight, 1);
+    if (atomic_load(&bus->closing)) {
+        atomic_fetch_sub(&bus->inflight, 1);
+        return false;
+    }
+    return true;
+}
+
+void cfn_leave(cfn_bus *bus)
+{
+    atomic_fetch_sub(&bus->inflight, 1);
+}
+
+bool cfn_closing(cfn_bus *bus)
+{
+    return atomic_load_explicit(&bus->closing, memory_order_relaxed) != 0;
+}
+
+/* ---- the handle ------------------------------------------------------------ */
+
 static void ent_close(struct cfn_ent *e)
 {
     if (e->agentfd >= 0) (void)close(e->agentfd);
@@ -53,6 +131,7 @@ static void ent_close(struct cfn_ent *e)
     e->list = NULL;
     e->list_n = e->list_next = 0;
     e->agentfd = e->inboxfd = e->lockfd = -1;
+    e->slot_region = NULL;
     e->used = false;
 }
 
@@ -64,48 +143,26 @@ static void pair_close(struct cfn_pair *p)
     p->used = false;
 }
 
+static void ent_init(struct cfn_ent *e)
+{
+    memset(e, 0, sizeof *e);
+    e->agentfd = e->inboxfd = e->lockfd = e->claimfd = -1;
+    atomic_store(&e->outboxfd, -1);
+    pthread_mutex_init(&e->gate_mu, NULL);
+    pthread_mutex_init(&e->list_mu, NULL);
+    pthread_mutex_init(&e->slot_mu, NULL);
+}
+
 static void caches_init(cfn_bus *bus)
 {
     pthread_mutex_init(&bus->mu, NULL);
     for (int i = 0; i < CFN_CACHE; i++) {
-        struct cfn_ent *e = &bus->ents[i];
-        memset(e, 0, sizeof *e);
-        e->agentfd = e->inboxfd = e->lockfd = -1;
-        atomic_store(&e->outboxfd, -1);
-        e->claimfd = -1;
-        pthread_mutex_init(&e->gate_mu, NULL);
-        pthread_mutex_init(&e->list_mu, NULL);
+        ent_init(&bus->ents[i]);
         struct cfn_pair *p = &bus->pairs[i];
         memset(p, 0, sizeof *p);
         p->lockfd = p->seqfd = -1;
         pthread_mutex_init(&p->mu, NULL);
     }
-}
-
-static void seed_ids(cfn_bus *bus)
-{
-    uint64_t seed;
-    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed)
-        seed = (uint64_t)cfn_now_ns() ^ ((uint64_t)getpid() << 32);
-    bus->id_seed = seed;
-    atomic_store(&bus->id_counter, 0);
-    bus->pid = getpid();
-    bus->start_ticks = cfn_proc_start_ticks(bus->pid);
-}
-
-/* A forked child shares its parent's open file descriptions, and so its flock
- * locks: it must not use the parent's cached descriptors. Python's threads
- * do not survive fork, so nothing in the caches is in use in the child. */
-void cfn_bus_fork_check(cfn_bus *bus)
-{
-    if (bus->pid == getpid())
-        return;
-    for (int i = 0; i < CFN_CACHE; i++) {
-        ent_close(&bus->ents[i]);
-        pair_close(&bus->pairs[i]);
-    }
-    caches_init(bus);
-    seed_ids(bus);
 }
 
 /* mkdir -p of an absolute or relative path, each new component with `mode`. */
@@ -128,42 +185,54 @@ static int mkdirs(const char *path, uint32_t mode, cfn_err *err)
     return 0;
 }
 
-cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_t gid, cfn_err *err)
+static int open_base(const char *base_dir, int flags, const cfn_bus_opts *o, cfn_err *err)
 {
-    cfn_bus probe = {.gid = gid};
-    if (strlen(base_dir) >= sizeof(((cfn_bus *)0)->base_path)) {
-        cfn_fail(err, -ENAMETOOLONG, "base folder path is too long");
-        return NULL;
-    }
-    if ((flags & CFN_OPEN_CREATE) && mkdirs(base_dir, dir_mode, err) != 0)
-        return NULL;
+    cfn_bus probe = {.gid = o->gid};
+    if ((flags & CFN_OPEN_CREATE) && mkdirs(base_dir, o->dir_mode, err) != 0)
+        return -1;
     int fd = open(base_dir, DIR_FLAGS);
     if (fd < 0) {
         if (errno == ELOOP || errno == ENOTDIR)
             cfn_fail(err, CFN_E_UNSAFE, "base folder %s is a symlink or not a folder; refusing it", base_dir);
         else
             cfn_fail_sys(err, "open base folder %s", base_dir);
-        return NULL;
+        return -1;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         cfn_fail_sys(err, "fstat base folder %s", base_dir);
         (void)close(fd);
-        return NULL;
+        return -1;
     }
-    if (gid >= 0 && st.st_uid == geteuid() && st.st_gid != (gid_t)gid &&
-        (fchown(fd, (uid_t)-1, (gid_t)gid) != 0 || fchmod(fd, (mode_t)dir_mode) != 0 || fstat(fd, &st) != 0)) {
-        cfn_fail_sys(err, "give base folder %s to group %d", base_dir, (int)gid);
+    if (o->gid >= 0 && st.st_uid == geteuid() && st.st_gid != (gid_t)o->gid &&
+        (fchown(fd, (uid_t)-1, (gid_t)o->gid) != 0 || fchmod(fd, (mode_t)o->dir_mode) != 0 || fstat(fd, &st) != 0)) {
+        cfn_fail_sys(err, "give base folder %s to group %d", base_dir, (int)o->gid);
         (void)close(fd);
-        return NULL;
+        return -1;
     }
     if (!cfn_owner_ok(&probe, st.st_uid, st.st_gid, st.st_mode)) {
         cfn_fail(err, CFN_E_UNSAFE, "base folder %s belongs to uid %u, not to this user (uid %u)%s; refusing it",
                  base_dir, (unsigned)st.st_uid, (unsigned)geteuid(),
-                 gid >= 0 ? " nor, unwritable by others, to CFN_GROUP" : "");
+                 o->gid >= 0 ? " nor, unwritable by others, to CFN_GROUP" : "");
         (void)close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *o, cfn_err *err)
+{
+    if (strlen(base_dir) >= sizeof(((cfn_bus *)0)->base_path)) {
+        cfn_fail(err, -ENAMETOOLONG, "base folder path is too long");
         return NULL;
     }
+    if (o->lock_timeout_ms < 1 || o->lock_timeout_ms > 86400000LL) {
+        cfn_fail(err, CFN_E_BADARG, "lock timeout must be 1 ms to 1 day, not %" PRId64 " ms", o->lock_timeout_ms);
+        return NULL;
+    }
+    int fd = open_base(base_dir, flags, o, err);
+    if (fd < 0)
+        return NULL;
     cfn_bus *bus = calloc(1, sizeof *bus);
     if (!bus) {
         cfn_fail(err, -ENOMEM, "allocating the bus handle");
@@ -171,42 +240,69 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_
         return NULL;
     }
     bus->basefd = fd;
-    bus->statefd = -1;
-    bus->gid = gid;
-    bus->file_mode = gid >= 0 ? 0660 : 0600;
+    bus->gid = o->gid;
+    bus->dir_mode = o->dir_mode;
+    bus->file_mode = o->gid >= 0 ? 0660 : 0600;
+    bus->lock_timeout_ms = o->lock_timeout_ms;
+    bus->consumer_lockfd = -1;
     atomic_store(&bus->metrics_fd, -1);
     snprintf(bus->base_path, sizeof bus->base_path, "%s", base_dir);
     caches_init(bus);
+    pthread_mutex_init(&bus->consumer_mu, NULL);
     seed_ids(bus);
+    void *page = mmap(NULL, (size_t)sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (page != MAP_FAILED && madvise(page, (size_t)sysconf(_SC_PAGESIZE), MADV_WIPEONFORK) == 0) {
+        bus->fork_guard = page;
+        *bus->fork_guard = 1;
+    } else if (page != MAP_FAILED) {
+        (void)munmap(page, (size_t)sysconf(_SC_PAGESIZE));  /* an old kernel: getpid() per call instead */
+    }
     if (cfn_region_open(bus, err) != 0) {
-        (void)close(fd);
-        free(bus);
+        cfn_bus_free(bus);
         return NULL;
     }
     return bus;
 }
 
+/* Releases everything once the calls in flight have returned. Idempotent. */
 void cfn_bus_close(cfn_bus *bus)
 {
-    if (!bus)
+    if (!bus || atomic_exchange(&bus->closing, 1))
         return;
+    cfn_bus_fork_check(bus);
+    while (atomic_load(&bus->inflight) > 0) {
+        struct timespec ts = {0, 200000};
+        (void)nanosleep(&ts, NULL);
+    }
     for (int i = 0; i < CFN_CACHE; i++) {
         ent_close(&bus->ents[i]);
         pair_close(&bus->pairs[i]);
-        pthread_mutex_destroy(&bus->ents[i].gate_mu);
-        pthread_mutex_destroy(&bus->ents[i].list_mu);
-        pthread_mutex_destroy(&bus->pairs[i].mu);
     }
     cfn_region_close(bus);
-    (void)close(bus->basefd);
-    pthread_mutex_destroy(&bus->mu);
-    free(bus);
+    if (bus->consumer_lockfd >= 0)
+        (void)close(bus->consumer_lockfd);
+    bus->consumer_lockfd = -1;
+    if (bus->basefd >= 0)
+        (void)close(bus->basefd);
+    bus->basefd = -1;
 }
 
-int cfn_bus_state_path(cfn_bus *bus, char *out, size_t cap)
+void cfn_bus_free(cfn_bus *bus)
 {
-    int n = snprintf(out, cap, "%s/" CFN_STATE_NAME, bus->base_path);
-    return n < 0 || (size_t)n >= cap ? -ENAMETOOLONG : 0;
+    if (!bus)
+        return;
+    cfn_bus_close(bus);
+    for (int i = 0; i < CFN_CACHE; i++) {
+        pthread_mutex_destroy(&bus->ents[i].gate_mu);
+        pthread_mutex_destroy(&bus->ents[i].list_mu);
+        pthread_mutex_destroy(&bus->ents[i].slot_mu);
+        pthread_mutex_destroy(&bus->pairs[i].mu);
+    }
+    pthread_mutex_destroy(&bus->mu);
+    pthread_mutex_destroy(&bus->consumer_mu);
+    if (bus->fork_guard)
+        (void)munmap((void *)bus->fork_guard, (size_t)sysconf(_SC_PAGESIZE));
+    free(bus);
 }
 
 /* Opens (creating) a lock or sequence file that other processes, and with
@@ -222,11 +318,77 @@ int cfn_open_shared_file(cfn_bus *bus, int dirfd, const char *name)
     return fd;
 }
 
+/* ---- this handle's consumer identity ------------------------------------------ */
+
+/* Makes sure this handle has a consumer identity and holds its lock:
+ * <base>/.consumers/<id>.lock, flocked exclusive for the handle's life. The
+ * kernel drops the lock when the process dies, whatever PID namespace it
+ * lives in, so a claim folder's owner is alive exactly while its lock is
+ * held. The lock is taken before any claim folder of the id exists. */
+int cfn_consumer_ready(cfn_bus *bus, cfn_err *err)
+{
+    int rc = 0;
+    pthread_mutex_lock(&bus->consumer_mu);
+    if (bus->consumer_lockfd >= 0)
+        goto out;
+    if (mkdirat(bus->basefd, CFN_CONSUMERS_DIR, (mode_t)bus->dir_mode) != 0 && errno != EEXIST) {
+        rc = cfn_fail_sys(err, "mkdir %s/" CFN_CONSUMERS_DIR, bus->base_path);
+        goto out;
+    }
+    int dfd = openat(bus->basefd, CFN_CONSUMERS_DIR, DIR_FLAGS);
+    if (dfd < 0) {
+        rc = errno == ELOOP || errno == ENOTDIR
+                 ? cfn_fail(err, CFN_E_UNSAFE, "%s/" CFN_CONSUMERS_DIR " is a symlink or not a folder", bus->base_path)
+                 : cfn_fail_sys(err, "open %s/" CFN_CONSUMERS_DIR, bus->base_path);
+        goto out;
+    }
+    char id[40], name[48];
+    snprintf(id, sizeof id, "c%016" PRIx64, cfn_random64(bus));
+    snprintf(name, sizeof name, "%s.lock", id);
+    int fd = openat(dfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)bus->file_mode);
+    if (fd < 0) {
+        rc = cfn_fail_sys(err, "create %s/" CFN_CONSUMERS_DIR "/%s", bus->base_path, name);
+    } else if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        rc = cfn_fail_sys(err, "lock %s/" CFN_CONSUMERS_DIR "/%s", bus->base_path, name);
+        (void)unlinkat(dfd, name, 0);
+        (void)close(fd);
+    } else {
+        bus->consumer_lockfd = fd;
+        snprintf(bus->consumer_id, sizeof bus->consumer_id, "%s", id);
+    }
+    (void)close(dfd);
+out:
+    pthread_mutex_unlock(&bus->consumer_mu);
+    return rc;
+}
+
+/* 1 while the consumer `id` lives (its lock is held), 0 when it is gone. */
+int cfn_consumer_alive(cfn_bus *bus, const char *id)
+{
+    char name[NAME_MAX + 1];
+    if (strlen(id) > 40 || strchr(id, '/'))
+        return 0;
+    snprintf(name, sizeof name, CFN_CONSUMERS_DIR "/%s.lock", id);
+    int fd = openat(bus->basefd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT || errno == ELOOP ? 0 : 1;  /* cannot tell: never take a live consumer's claims */
+    int alive = flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    if (!alive)
+        (void)unlinkat(bus->basefd, name, 0);  /* its owner is gone: the lock file goes too */
+    (void)close(fd);
+    return alive;
+}
+
+/* ---- the folder cache ----------------------------------------------------------- */
+
 /* Opens <base>/<agent> and, when asked, its inbox and gate. */
 static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool need_inbox, cfn_err *err)
 {
     e->agentfd = e->inboxfd = e->lockfd = -1;
     e->claimfd = -1;
+    e->slot_region = NULL;
+    e->tmpfs = false;
+    e->outbox_sends = 0;
     atomic_store(&e->outboxfd, -1);
     e->agentfd = openat(bus->basefd, agent, DIR_FLAGS);
     if (e->agentfd < 0) {
@@ -242,7 +404,7 @@ static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool nee
         int rc;
         if (errno == ENOENT) {
             if (!need_inbox)
-                goto slot;
+                goto done;
             rc = cfn_fail(err, CFN_E_NOINBOX, "agent '%s' has no inbox (run init for it first)", agent);
         } else if (errno == ELOOP || errno == ENOTDIR) {
             rc = cfn_fail(err, CFN_E_UNSAFE, "%s/%s/inbox is a symlink or not a folder; refusing it",
@@ -261,24 +423,42 @@ static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool nee
         ent_close(e);
         return rc;
     }
-slot:
-    if (cfn_slot_find(bus, agent, true, &e->slot, err) != 0) {
-        int rc = err ? err->code : CFN_E_NOSLOT;
-        ent_close(e);
-        return rc;
-    }
+    e->tmpfs = cfn_is_tmpfs(e->inboxfd);
+done:
     snprintf(e->agent, sizeof e->agent, "%s", agent);
     return 0;
+}
+
+/* The inbox's slot, found (made) again when the state file was re-mapped or
+ * the slot freed since it was cached. NULL with err set when there is none. */
+struct cfn_slot *cfn_ent_slot(cfn_bus *bus, struct cfn_ent *e, cfn_err *err)
+{
+    struct cfn_region *r = cfn_reg(bus);
+    pthread_mutex_lock(&e->slot_mu);
+    struct cfn_slot *s = NULL;
+    if (e->slot_region == r) {
+        s = &r->slots[e->slot];
+        if (atomic_load_explicit(&s->gen, memory_order_acquire) != e->slot_gen ||
+            atomic_load_explicit(&s->state, memory_order_acquire) != SLOT_READY)
+            s = NULL;
+    }
+    if (!s) {
+        uint32_t idx, gen;
+        if (cfn_slot_find(bus, r, e->agent, true, &idx, &gen, err) == 0) {
+            e->slot = idx;
+            e->slot_gen = gen;
+            e->slot_region = r;
+            s = &r->slots[idx];
+        }
+    }
+    pthread_mutex_unlock(&e->slot_mu);
+    return s;
 }
 
 /* Pins the cached entry for agent, opening it on a miss. A cached entry
  * without an inbox is reopened when the caller needs one (init may have run). */
 int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent **out, cfn_err *err)
 {
-    int rc = cfn_check_agent(agent, err);
-    if (rc)
-        return rc;
-    cfn_bus_fork_check(bus);
     pthread_mutex_lock(&bus->mu);
     struct cfn_ent *victim = NULL;
     for (int i = 0; i < CFN_CACHE; i++) {
@@ -311,21 +491,19 @@ int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent
     pthread_mutex_unlock(&bus->mu);
     struct cfn_ent *e = victim;
     if (!e) {  /* every entry pinned by other threads: use a private one */
-        e = calloc(1, sizeof *e);
+        e = malloc(sizeof *e);
         if (!e)
             return cfn_fail(err, -ENOMEM, "allocating a folder cache entry");
+        ent_init(e);
         e->dynamic = true;
         e->pins = 1;
-        e->claimfd = -1;
-        atomic_store(&e->outboxfd, -1);
-        pthread_mutex_init(&e->gate_mu, NULL);
-        pthread_mutex_init(&e->list_mu, NULL);
     }
-    rc = ent_open(bus, e, agent, need_inbox, err);
+    int rc = ent_open(bus, e, agent, need_inbox, err);
     if (rc) {
         if (e->dynamic) {
             pthread_mutex_destroy(&e->gate_mu);
             pthread_mutex_destroy(&e->list_mu);
+            pthread_mutex_destroy(&e->slot_mu);
             free(e);
         } else {
             pthread_mutex_lock(&bus->mu);
@@ -348,19 +526,20 @@ int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent
  * can take the gate exclusive directly. */
 int cfn_ent_open_private(cfn_bus *bus, const char *agent, struct cfn_ent *e, cfn_err *err)
 {
-    int rc = cfn_check_agent(agent, err);
-    if (rc)
-        return rc;
-    cfn_bus_fork_check(bus);
-    memset(e, 0, sizeof *e);
+    ent_init(e);
     e->private = true;
-    e->claimfd = -1;
-    return ent_open(bus, e, agent, true, err);
+    int rc = ent_open(bus, e, agent, true, err);
+    if (rc)
+        cfn_ent_close_private(e);
+    return rc;
 }
 
 void cfn_ent_close_private(struct cfn_ent *e)
 {
     ent_close(e);
+    pthread_mutex_destroy(&e->gate_mu);
+    pthread_mutex_destroy(&e->list_mu);
+    pthread_mutex_destroy(&e->slot_mu);
 }
 
 void cfn_ent_put(cfn_bus *bus, struct cfn_ent *e)
@@ -369,6 +548,7 @@ void cfn_ent_put(cfn_bus *bus, struct cfn_ent *e)
         ent_close(e);
         pthread_mutex_destroy(&e->gate_mu);
         pthread_mutex_destroy(&e->list_mu);
+        pthread_mutex_destroy(&e->slot_mu);
         free(e);
         return;
     }
@@ -392,21 +572,16 @@ void cfn_ent_drop(cfn_bus *bus, struct cfn_ent *e)
     pthread_mutex_unlock(&bus->mu);
 }
 
-/* The inbox's gate, shared. flock belongs to the open file, which all threads
- * of this process share, so the first thread in takes it and the last out
- * drops it. */
-int cfn_gate_shared(struct cfn_ent *e, cfn_err *err)
+/* The inbox's gate, shared, waiting no later than deadline for a holder of
+ * it exclusive (a reconcile, a bash writer). flock belongs to the open file,
+ * which all threads of this process share, so the first thread in takes it
+ * and the last out drops it. */
+int cfn_gate_shared(cfn_bus *bus, struct cfn_ent *e, int64_t deadline, cfn_err *err)
 {
     int rc = 0;
     pthread_mutex_lock(&e->gate_mu);
-    if (e->holders == 0) {
-        while (flock(e->lockfd, LOCK_SH) != 0) {
-            if (errno != EINTR) {
-                rc = cfn_fail_sys(err, "flock(LOCK_SH) inbox/.lock of '%s'", e->agent);
-                break;
-            }
-        }
-    }
+    if (e->holders == 0)
+        rc = cfn_flock_until(e->lockfd, LOCK_SH, deadline, err, "%s/%s/inbox/.lock", bus->base_path, e->agent);
     if (rc == 0)
         e->holders++;
     pthread_mutex_unlock(&e->gate_mu);
@@ -421,12 +596,13 @@ void cfn_gate_release(struct cfn_ent *e)
     pthread_mutex_unlock(&e->gate_mu);
 }
 
-static int pair_open(cfn_bus *bus, struct cfn_pair *p, struct cfn_ent *from, const char *to, uint32_t dir_mode,
-                     cfn_err *err)
+/* ---- the sequence-file cache ------------------------------------------------------ */
+
+static int pair_open(cfn_bus *bus, struct cfn_pair *p, struct cfn_ent *from, const char *to, cfn_err *err)
 {
     int seqdir = openat(from->agentfd, ".sequences", DIR_FLAGS);
     if (seqdir < 0 && errno == ENOENT) {
-        if (mkdirat(from->agentfd, ".sequences", (mode_t)dir_mode) != 0 && errno != EEXIST)
+        if (mkdirat(from->agentfd, ".sequences", (mode_t)bus->dir_mode) != 0 && errno != EEXIST)
             return cfn_fail_sys(err, "mkdir %s/.sequences", from->agent);
         seqdir = openat(from->agentfd, ".sequences", DIR_FLAGS);
     }
@@ -457,8 +633,7 @@ out:
 
 /* Pins the sequence files of from->to, holding its mutex (callers then take
  * the flock). A cached file that was deleted (its agent cleaned up) is reopened. */
-int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, uint32_t dir_mode,
-                 struct cfn_pair **out, cfn_err *err)
+int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, struct cfn_pair **out, cfn_err *err)
 {
     char key[sizeof(((struct cfn_pair *)0)->key)];
     snprintf(key, sizeof key, "%s/%s", from->agent, to);
@@ -505,7 +680,7 @@ int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, uint32_t di
         }
     }
     if (fresh) {
-        int rc = pair_open(bus, p, from, to, dir_mode, err);
+        int rc = pair_open(bus, p, from, to, err);
         if (rc) {
             pthread_mutex_unlock(&p->mu);
             if (p->dynamic) {
@@ -540,15 +715,17 @@ void cfn_pair_put(cfn_bus *bus, struct cfn_pair *p)
     pthread_mutex_unlock(&bus->mu);
 }
 
-/* Creates <base>/<agent>/{inbox,outbox} with dir_mode (and group gid when
- * gid >= 0), refusing symlinks on the way. Idempotent. */
-int cfn_init_agent(cfn_bus *bus, const char *agent, uint32_t dir_mode, int32_t gid, cfn_err *err)
+/* ---- agents ------------------------------------------------------------------------ */
+
+/* Creates <base>/<agent>/{inbox,outbox} with the bus's folder mode (and group),
+ * refusing symlinks on the way, and records capacity as the inbox's. Idempotent. */
+int cfn_init_agent_in(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err)
 {
-    int rc = cfn_check_agent(agent, err);
-    if (rc)
-        return rc;
-    cfn_bus_fork_check(bus);
-    if (mkdirat(bus->basefd, agent, (mode_t)dir_mode) != 0 && errno != EEXIST)
+    int rc = 0;
+    if (capacity < 0 || capacity > CFN_CAPACITY_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "capacity must be 1 to %lld, not %" PRId64,
+                        (long long)CFN_CAPACITY_MAX, capacity);
+    if (mkdirat(bus->basefd, agent, (mode_t)bus->dir_mode) != 0 && errno != EEXIST)
         return cfn_fail_sys(err, "mkdir %s/%s", bus->base_path, agent);
     int afd = openat(bus->basefd, agent, DIR_FLAGS);
     if (afd < 0)
@@ -558,7 +735,7 @@ int cfn_init_agent(cfn_bus *bus, const char *agent, uint32_t dir_mode, int32_t g
                    : cfn_fail_sys(err, "open %s/%s", bus->base_path, agent);
     static const char *const subs[] = {"inbox", "outbox"};
     for (int i = 0; i < 2 && rc == 0; i++) {
-        if (mkdirat(afd, subs[i], (mode_t)dir_mode) != 0 && errno != EEXIST) {
+        if (mkdirat(afd, subs[i], (mode_t)bus->dir_mode) != 0 && errno != EEXIST) {
             rc = cfn_fail_sys(err, "mkdir %s/%s/%s", bus->base_path, agent, subs[i]);
             break;
         }
@@ -570,28 +747,31 @@ int cfn_init_agent(cfn_bus *bus, const char *agent, uint32_t dir_mode, int32_t g
                      : cfn_fail_sys(err, "open %s/%s/%s", bus->base_path, agent, subs[i]);
             break;
         }
-        if (gid >= 0 && fchown(fd, (uid_t)-1, (gid_t)gid) != 0)
+        if (bus->gid >= 0 && fchown(fd, (uid_t)-1, (gid_t)bus->gid) != 0)
             rc = cfn_fail_sys(err, "chgrp %s/%s/%s", bus->base_path, agent, subs[i]);
-        else if (gid >= 0 && fchmod(fd, (mode_t)dir_mode) != 0)
+        else if (bus->gid >= 0 && fchmod(fd, (mode_t)bus->dir_mode) != 0)
             rc = cfn_fail_sys(err, "chmod %s/%s/%s", bus->base_path, agent, subs[i]);
         (void)close(fd);
     }
-    if (rc == 0 && gid >= 0) {
-        if (fchown(afd, (uid_t)-1, (gid_t)gid) != 0 || fchmod(afd, (mode_t)dir_mode) != 0)
+    if (rc == 0 && bus->gid >= 0) {
+        if (fchown(afd, (uid_t)-1, (gid_t)bus->gid) != 0 || fchmod(afd, (mode_t)bus->dir_mode) != 0)
             rc = cfn_fail_sys(err, "chgrp/chmod %s/%s", bus->base_path, agent);
     }
     (void)close(afd);
+    if (rc == 0 && capacity > 0) {
+        uint32_t idx, gen;
+        struct cfn_region *r = cfn_reg(bus);
+        if ((rc = cfn_slot_find(bus, r, agent, true, &idx, &gen, err)) == 0)
+            atomic_store(&r->slots[idx].capacity, capacity);
+    }
     return rc;
 }
 
-/* After the agent's folder is removed: close cached descriptors and mark its
- * counter unknown, so a re-created inbox is counted afresh. */
-int cfn_forget_agent(cfn_bus *bus, const char *agent, cfn_err *err)
+/* After the agent's folder is removed: close cached descriptors and free its
+ * slot, so a re-created inbox is counted afresh and the slot serves another. */
+int cfn_forget_agent_in(cfn_bus *bus, const char *agent, cfn_err *err)
 {
-    int rc = cfn_check_agent(agent, err);
-    if (rc)
-        return rc;
-    cfn_bus_fork_check(bus);
+    (void)err;
     pthread_mutex_lock(&bus->mu);
     size_t n = strlen(agent);
     for (int i = 0; i < CFN_CACHE; i++) {
@@ -605,17 +785,25 @@ int cfn_forget_agent(cfn_bus *bus, const char *agent, cfn_err *err)
             pair_close(p);
     }
     pthread_mutex_unlock(&bus->mu);
-    uint32_t idx;
-    if (cfn_slot_find(bus, agent, false, &idx, NULL) == 0) {
-        struct cfn_slot *s = &bus->slots[idx];
-        atomic_store(&s->count, CFN_COUNT_UNKNOWN);
-        atomic_store(&s->claimed, 0);
-        cfn_slot_wake(s, INT32_MAX);
+    char path[CFN_AGENT_MAX + 8];
+    snprintf(path, sizeof path, "%s/inbox", agent);
+    struct stat st;
+    struct cfn_region *r = cfn_reg(bus);
+    if (fstatat(bus->basefd, path, &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+        cfn_slot_forget(r, agent);
+    } else {
+        uint32_t idx, gen;
+        if (cfn_slot_find(bus, r, agent, false, &idx, &gen, NULL) == 0) {
+            struct cfn_slot *s = &r->slots[idx];
+            atomic_store(&s->count, CFN_COUNT_UNKNOWN);  /* made again already: count it afresh */
+            atomic_store(&s->claimed, 0);
+            cfn_slot_wake(s, INT32_MAX);
+        }
     }
     return 0;
 }
 
-int cfn_set_metrics_fd(cfn_bus *bus, int fd)
+int cfn_set_metrics_fd_in(cfn_bus *bus, int fd)
 {
     atomic_store(&bus->metrics_fd, fd);
     return 0;

@@ -25,7 +25,9 @@ enum {
     CFN_E_BADSTATE = -1008,  /* shared-memory state file foreign or damaged */
     CFN_E_NOSLOT = -1009,    /* state file has no free inbox slot */
     CFN_E_BADARG = -1010,    /* an option out of range */
-    CFN_E_UNSAFE = -1011     /* symlink, wrong owner or wrong file kind */
+    CFN_E_UNSAFE = -1011,    /* symlink, wrong owner or wrong file kind */
+    CFN_E_LOCKED = -1012,    /* another process held a lock past the call's budget */
+    CFN_E_CLOSED = -1013     /* the handle was closed */
 };
 
 enum {
@@ -36,7 +38,18 @@ enum {
     CFN_SLOTS = 16384,       /* inbox slots in one state file */
     CFN_COUNTERS = 64,       /* shared event counters */
     CFN_COOLDOWNS = 1024,    /* shared alert cooldown entries */
-    CFN_LAYOUT_VERSION = 1
+    CFN_LAYOUT_VERSION = 2,
+    CFN_JSON_INT_DIGITS = 4300,  /* longest integer a payload may hold (Python's int limit) */
+    CFN_JSON_PAYLOAD_DEPTH = 256,/* deepest nesting of a payload */
+    CFN_JSON_FILE_DEPTH = 257    /* a message file: the payload inside its envelope */
+};
+
+/* What a reader must know about a message's numbers (cfn_read_messages'
+ * per-record flags): a number to decode exactly, or a string to keep as it is. */
+enum {
+    CFN_JSON_BIG_INT = 1,        /* an integer of more than CFN_JSON_INT_DIGITS digits */
+    CFN_JSON_HUGE_NUMBER = 2,    /* a number beyond a double's range (1e400) */
+    CFN_JSON_LONE_SURROGATE = 4  /* a \ud800-\udfff escape without its pair */
 };
 
 enum { CFN_BACKOFF_FIXED = 0, CFN_BACKOFF_EXPONENTIAL = 1, CFN_BACKOFF_DECORRELATED = 2 };
@@ -56,12 +69,22 @@ enum {
     CFN_CTR_METRICS = 10,        /* metric lines written */
     CFN_CTR_ALERTS = 11,         /* alert lines written */
     CFN_CTR_ALERTS_SUPPRESSED = 12, /* alerts held back by a cooldown */
-    CFN_CTR_FIRST_FREE = 13      /* 13..CFN_COUNTERS-1: free for later use */
+    CFN_CTR_LOCK_TIMEOUTS = 13,  /* calls that gave up on a lock another process held */
+    CFN_CTR_TAKE_ERRORS = 14,    /* messages a consume could not delete (left in the inbox) */
+    CFN_CTR_STATE_REATTACHED = 15, /* state file replaced or removed under a process, re-mapped */
+    CFN_CTR_SLOTS_FREED = 16,    /* inbox slots of removed agents freed */
+    CFN_CTR_OUTBOX_PRUNED = 17,  /* outbox copies removed to keep OUTBOX_MAX */
+    CFN_CTR_FIRST_FREE = 18      /* 18..CFN_COUNTERS-1: free for later use */
 };
 
-/* How cfn_read_messages reads: leave the files, take them for good, or move
- * them into this process's claim folder until cfn_ack (at-least-once). */
-enum { CFN_READ_PEEK = 0, CFN_READ_CONSUME = 1, CFN_READ_CLAIM = 2 };
+/* How cfn_read_messages reads: every message, leaving the files (PEEK); the
+ * next ones from this handle's listing, leaving the files for cfn_take to
+ * delete once the caller holds them (NEXT); or moving them into this
+ * handle's claim folder until cfn_take from the claims (CLAIM, at-least-once). */
+enum { CFN_READ_PEEK = 0, CFN_READ_NEXT = 1, CFN_READ_CLAIM = 2 };
+
+/* Where cfn_take deletes from, and cfn_put_back moves back from. */
+enum { CFN_FROM_INBOX = 0, CFN_FROM_CLAIMS = 1 };
 
 /* Bits for cfn_bus_open's flags. */
 enum { CFN_OPEN_CREATE = 1 };
@@ -75,7 +98,13 @@ typedef struct {
 } cfn_err;
 
 typedef struct {
-    int64_t capacity;               /* MAX_INBOX_SIZE */
+    uint32_t dir_mode;              /* mode of created folders (0700, 02770 with a group) */
+    int32_t gid;                    /* CFN_GROUP, or -1 */
+    int64_t lock_timeout_ms;        /* LOCK_TIMEOUT_MS: longest wait for another process's lock */
+} cfn_bus_opts;
+
+typedef struct {
+    int64_t capacity;               /* MAX_INBOX_SIZE (the inbox's, when smaller, wins) */
     int64_t wait_ms;                /* BACKPRESSURE_WAIT_MS: base retry wait */
     int64_t max_retries;            /* BACKPRESSURE_MAX_RETRIES; -1: plain send */
     int64_t max_total_ms;           /* time budget; 0: wait_ms * max_retries */
@@ -85,6 +114,7 @@ typedef struct {
     int32_t fsync;                  /* 1: fsync file then folder before returning */
     uint32_t file_mode;             /* mode of message files (0600) */
     uint32_t dir_mode;              /* mode of created folders (0700) */
+    int64_t outbox_max;             /* OUTBOX_MAX: copies kept in the outbox; 0 unbounded */
 } cfn_send_opts;
 
 typedef struct {
@@ -107,8 +137,9 @@ typedef struct {
     int32_t scanned;                /* 0 when a concurrent reconcile made it moot */
 } cfn_reconcile_result;
 
-/* Messages read by cfn_read_messages: `count` records, each a little-endian
- * u32 byte length followed by the file's bytes, oldest first. */
+/* Messages read by cfn_read_messages: `count` records, oldest first, each
+ * a little-endian u32 name length, the file's name, a u32 of CFN_JSON_* flags,
+ * a u32 byte length and the file's bytes. */
 typedef struct {
     char *data;
     size_t len;
@@ -118,7 +149,7 @@ typedef struct {
 
 typedef struct {
     int64_t count;                  /* counter value; -1 when never scanned */
-    int64_t capacity;               /* capacity last used by a sender; 0 unknown */
+    int64_t capacity;               /* the inbox's capacity; 0 unknown */
     int64_t waiters;                /* senders asleep on the inbox now */
     int64_t reconcile_ns;           /* CLOCK_REALTIME of the last scan; 0 never */
     char agent[136];
@@ -134,19 +165,24 @@ typedef struct {
 } cfn_rate_settings;
 
 /* --- handle ------------------------------------------------------------- */
-/* gid >= 0 opens the bus to that group (CFN_GROUP): new folders dir_mode with
- * the group, new files 0660, and folders or files of other users accepted when
- * they belong to that group and are not writable by everyone. */
-cfn_bus *cfn_bus_open(const char *base_dir, int flags, uint32_t dir_mode, int32_t gid, cfn_err *err);
+/* opts->gid >= 0 opens the bus to that group (CFN_GROUP): new folders dir_mode
+ * with the group, new files 0660, and folders or files of other users accepted
+ * when they belong to that group and are not writable by everyone.
+ * cfn_bus_close releases the folders and the mapping once the calls in flight
+ * have returned; later calls fail with CFN_E_CLOSED. cfn_bus_free (the owner's
+ * finaliser, when nothing can call any more) frees the handle itself. */
+cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *opts, cfn_err *err);
 void cfn_bus_close(cfn_bus *bus);
-int cfn_bus_state_path(cfn_bus *bus, char *out, size_t cap);
+void cfn_bus_free(cfn_bus *bus);
 
 /* --- validation --------------------------------------------------------- */
 int cfn_check_agent(const char *agent, cfn_err *err);
 int cfn_check_json(const char *buf, size_t len, cfn_err *err);
 
 /* --- folders ------------------------------------------------------------ */
-int cfn_init_agent(cfn_bus *bus, const char *agent, uint32_t dir_mode, int32_t gid, cfn_err *err);
+/* Creates the agent's folders and records capacity (> 0) as its inbox's. */
+int cfn_init_agent(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err);
+/* After the agent's folder is removed: forgets it and frees its inbox slot. */
 int cfn_forget_agent(cfn_bus *bus, const char *agent, cfn_err *err);
 
 /* --- sending ------------------------------------------------------------ */
@@ -156,27 +192,45 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to,
              const cfn_send_opts *opts, cfn_send_result *res, cfn_err *err);
 
 /* --- counting ----------------------------------------------------------- */
+/* The inbox's size from the shared counter, healed by a scan first when the
+ * folder changed behind cfn-fast's back or the counter says full. */
 int64_t cfn_inbox_size(cfn_bus *bus, const char *agent, cfn_err *err);
+/* The capacity that holds for the inbox, the same for every process: the
+ * smallest any process has used since init set it (this call's `fallback`,
+ * the caller's own, counts as used). */
+int64_t cfn_inbox_capacity(cfn_bus *bus, const char *agent, int64_t fallback, cfn_err *err);
 int64_t cfn_scan_count(cfn_bus *bus, const char *agent, const char *box, cfn_err *err);
 int cfn_reconcile(cfn_bus *bus, const char *agent, int force,
                   cfn_reconcile_result *res, cfn_err *err);
 int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out);
 /* Fills out[0..cap) with every inbox slot in use; returns how many. */
 int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap);
+/* Frees the slots of inboxes whose folder is gone; returns how many. */
+int64_t cfn_slots_sweep(cfn_bus *bus, cfn_err *err);
 
 /* --- receiving ---------------------------------------------------------- */
 int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max,
                       int64_t max_bytes, cfn_blob *out, cfn_err *err);
-/* Deletes claimed messages: ids is `count` NUL-terminated message ids back to back. */
-int64_t cfn_ack(cfn_bus *bus, const char *agent, const char *ids, size_t ids_len, cfn_err *err);
+/* `names` is NUL-terminated file names back to back (a name may also be a
+ * message id: ".json" is added). cfn_take deletes them from the inbox or
+ * this handle's claim folder, setting taken[i] to 1 for each it deleted and
+ * 0 for one another consumer had or that could not be deleted (the first
+ * such failure is in err, and the message stays where it was, counted);
+ * returns how many it deleted. cfn_put_back moves claimed messages back into
+ * the inbox; cfn_quarantine moves bad ones to <agent>/.quarantine. */
+int64_t cfn_take(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
+                 uint8_t *taken, cfn_err *err);
+int64_t cfn_put_back(cfn_bus *bus, const char *agent, const char *names, size_t names_len, cfn_err *err);
+int64_t cfn_quarantine(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
+                       cfn_err *err);
 void cfn_blob_free(cfn_blob *blob);
 int64_t cfn_clear_inbox(cfn_bus *bus, const char *agent, cfn_err *err);
 
 /* --- shared counters and settings ---------------------------------------- */
-int64_t cfn_counter_add(cfn_bus *bus, int index, int64_t delta);
-int64_t cfn_counter_get(cfn_bus *bus, int index);
-void cfn_rate_publish(cfn_bus *bus, const cfn_rate_settings *s);
-void cfn_rate_read(cfn_bus *bus, cfn_rate_settings *out);
+int cfn_counter_add(cfn_bus *bus, int index, int64_t delta);
+int cfn_counter_get(cfn_bus *bus, int index, int64_t *out);
+int cfn_rate_publish(cfn_bus *bus, const cfn_rate_settings *s);
+int cfn_rate_read(cfn_bus *bus, cfn_rate_settings *out);
 int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len,
                      int64_t now_ns, int64_t cooldown_ns);
 

@@ -1,12 +1,14 @@
 /*
  * internal.h - what the C files share and Python never sees: the layout of the
- * mapped state file and the process-local handle.
+ * mapped state file, the process-local handle, and the functions behind the
+ * boundary (api.c), grouped by the file that holds them.
  */
 #ifndef CFN_INTERNAL_H
 #define CFN_INTERNAL_H
 
 #define _GNU_SOURCE 1
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -19,32 +21,39 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2, "32-bit atomics must be lock-free in s
 
 #define CFN_MAGIC 0x31545341464e4643ULL  /* "CFNFAST1" */
 #define CFN_STATE_NAME ".cfn-fast.shm"
+#define CFN_CONSUMERS_DIR ".consumers"    /* <base>/.consumers/<id>.lock: a live consumer holds it */
 #define CFN_COUNT_UNKNOWN INT64_MIN      /* slot never scanned */
 #define CFN_HEADER_SIZE 4096
 #define CFN_COOLDOWN_OFF 4096
 #define CFN_SLOTS_OFF 32768
 #define CFN_SLOT_SIZE 256
+#define CFN_TMPFS_DIRENT 20              /* tmpfs adds this to a folder's size per entry */
+#define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 
-enum { SLOT_EMPTY = 0, SLOT_BUSY = 1, SLOT_READY = 2 };
+/* EMPTY ends a probe; TOMB (a freed slot) is skipped by lookups and reused by inserts. */
+enum { SLOT_EMPTY = 0, SLOT_BUSY = 1, SLOT_READY = 2, SLOT_TOMB = 3 };
 
 /* One inbox's shared state. Every field a process may change at any time is
- * atomic; `agent` and `hash` are written once, before state turns READY. */
+ * atomic; `agent` and `hash` are written once, while the slot is BUSY. */
 struct cfn_slot {
     _Atomic uint32_t state;
     _Atomic uint32_t wake_seq;      /* futex word: bumped whenever room appears */
-    _Atomic uint32_t waiters;       /* senders asleep on wake_seq */
+    _Atomic uint32_t gen;           /* bumped when the slot is freed: cached indexes check it */
     uint32_t hash;
+    _Atomic uint64_t waiters;       /* epoch << 32 | senders asleep; a reset starts a new epoch */
     _Atomic int64_t count;          /* files + reservations + claims */
     _Atomic int64_t claimed;        /* messages in this inbox's claim folders */
     _Atomic int64_t reconcile_gen;  /* bumped by every reconciling scan */
     _Atomic int64_t reconcile_ns;   /* CLOCK_REALTIME of the last scan */
-    _Atomic int64_t capacity;       /* capacity last used by a sender */
-    /* what the last full scan saw, so an unchanged folder need not be read again */
+    _Atomic int64_t capacity;       /* the inbox's capacity: set by init, lowered by any process told less */
+    /* what the last full scan saw, so an unchanged folder need not be read again
+     * and a folder changed behind our back (a bash sender) is noticed */
     _Atomic int64_t scan_mtime_ns;  /* the folder's mtime before that scan */
     _Atomic int64_t scan_start_ns;  /* CLOCK_REALTIME when that scan began */
     _Atomic int64_t scan_files;     /* *.json entries it counted */
-    _Atomic int64_t scan_ino;       /* the folder's inode, and whether temp files remained (bit 63) */
-    _Atomic int64_t reserved[4];    /* room for per-inbox counters */
+    _Atomic int64_t scan_ino;       /* the folder's inode, and whether temp files remained (-1) */
+    _Atomic int64_t scan_dirsize;   /* the folder's st_size then (tmpfs: 20 bytes an entry) */
+    _Atomic int64_t reserved[2];
     char agent[136];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
@@ -79,12 +88,24 @@ _Static_assert(CFN_COOLDOWN_OFF + CFN_COOLDOWNS * sizeof(struct cfn_cooldown) <=
 
 #define CFN_STATE_SIZE ((size_t)CFN_SLOTS_OFF + (size_t)CFN_SLOTS * CFN_SLOT_SIZE)
 
+/* One mapping of the state file. When the file is deleted or replaced under
+ * a running process, the handle maps the new one and keeps the old mapping
+ * (threads may still be reading it) until the handle closes. */
+struct cfn_region {
+    struct cfn_header *hdr;
+    struct cfn_slot *slots;
+    struct cfn_cooldown *cooldowns;
+    int fd;
+    struct cfn_region *older;
+};
+
 /* Process-local cache of one agent's open folders. */
 struct cfn_ent {
     char agent[CFN_AGENT_MAX + 1];
     bool used;
     bool dynamic;                   /* heap-allocated overflow entry */
     bool private;                   /* one caller's alone: its descriptors are not shared */
+    bool tmpfs;                     /* the inbox is on tmpfs: its size counts its entries */
     int agentfd;                    /* <base>/<agent> */
     int inboxfd;                    /* <base>/<agent>/inbox, or -1 */
     int lockfd;                     /* <inbox>/.lock: the inbox's gate */
@@ -92,15 +113,21 @@ struct cfn_ent {
     int pins;                       /* callers using it now; never evicted then */
     int holders;                    /* threads holding the gate shared */
     pthread_mutex_t gate_mu;
+    /* the inbox's slot as last looked up: valid while the region and the slot's gen match */
+    pthread_mutex_t slot_mu;        /* guards the three below (never held while waiting) */
     uint32_t slot;
+    uint32_t slot_gen;
+    struct cfn_region *slot_region;
     uint64_t tick;
     /* this process's consumer side: the inbox's names, oldest first, from its
      * last read, taken from until used up, so a consume does not read the
-     * whole folder each time; and this process's claim folder */
+     * whole folder each time; and this handle's claim folder */
     pthread_mutex_t list_mu;
     char **list;
     size_t list_n, list_next;
     int claimfd;
+    bool outbox_tmpfs;              /* the outbox is on tmpfs: its size counts its entries */
+    int64_t outbox_sends;           /* sends since the outbox was last measured (not tmpfs) */
 };
 
 /* Process-local cache of one sender->recipient sequence file. */
@@ -119,71 +146,167 @@ struct cfn_pair {
 
 struct cfn_bus {
     int basefd;
-    int statefd;
-    struct cfn_header *hdr;
-    struct cfn_slot *slots;
-    struct cfn_cooldown *cooldowns;
-    pthread_mutex_t mu;             /* guards the caches below */
-    pid_t pid;                      /* a forked child rebuilds its caches */
-    uint64_t start_ticks;           /* this process's start time, for claim owners */
+    _Atomic(struct cfn_region *) region;
+    pthread_mutex_t mu;             /* guards the caches below and region changes */
+    /* A private page the kernel zeroes in a forked child (MADV_WIPEONFORK):
+     * a child notices the fork without a getpid() per call. */
+    volatile uint32_t *fork_guard;
+    _Atomic int inflight;           /* calls inside the handle now; close waits for none */
+    _Atomic int closing;
+    pid_t pid;
+    uint64_t start_ticks;           /* this process's start time, for temp names */
     _Atomic uint64_t id_counter;
     uint64_t id_seed;
     _Atomic int metrics_fd;
-    _Atomic int link_mode;          /* how unnamed files get their name: LINK_* in inbox.c */
+    _Atomic int link_mode;          /* how unnamed files get their name: LINK_* in util.c */
     uint64_t tick;
     int32_t gid;                    /* CFN_GROUP, or -1 */
     uint32_t file_mode;             /* 0600, or 0660 with a group */
+    uint32_t dir_mode;
+    int64_t lock_timeout_ms;        /* longest wait for a lock another process holds */
+    /* this handle's consumer identity: claims live in <agent>/.claims/<consumer_id>/
+     * and are its own while it holds <base>/.consumers/<consumer_id>.lock */
+    pthread_mutex_t consumer_mu;
+    char consumer_id[40];
+    int consumer_lockfd;
+    int64_t region_checked_ns;      /* last time the state file's identity was checked */
     struct cfn_ent ents[CFN_CACHE];
     struct cfn_pair pairs[CFN_CACHE];
     char base_path[4096];
 };
 
-/* err.c */
-int cfn_fail(cfn_err *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-int cfn_fail_sys(cfn_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* What cfn_json_scan found in a JSON text. */
+struct cfn_json_info {
+    int64_t ts, seq;                /* a top-level object's integer timestamp and sequence */
+    bool has_ts, has_seq;
+    uint32_t flags;                 /* CFN_JSON_* */
+    const char *why;                /* when invalid: what, and where */
+    size_t err_at;
+};
+
+static inline struct cfn_region *cfn_reg(cfn_bus *bus)
+{
+    return atomic_load_explicit(&bus->region, memory_order_acquire);
+}
+
+/* Bounds every setting must respect: each later computation then fits an
+ * int64 of nanoseconds. cfn_fast/config.py holds the same ranges for the
+ * environment variables. */
+#define CFN_CAPACITY_MAX 1000000000LL       /* MAX_INBOX_SIZE */
+#define CFN_WAIT_MS_MAX 3600000LL           /* BACKPRESSURE_WAIT_MS: an hour */
+#define CFN_RETRIES_MAX 1000000LL           /* BACKPRESSURE_MAX_RETRIES */
+#define CFN_TOTAL_MS_MAX 604800000LL        /* BACKPRESSURE_MAX_TOTAL_MS: a week */
+#define CFN_PAYLOAD_MAX 268435456LL         /* MAX_MESSAGE_BYTES: 256 MiB */
+#define CFN_TMP_PREFIX ".cfn-"              /* our temporary names: .cfn-<pid>-<ticks>-<hex>.tmp */
 
 /* util.c */
+int cfn_fail(cfn_err *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int cfn_fail_sys(cfn_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int cfn_owner_ok(const cfn_bus *bus, uid_t uid, gid_t gid, mode_t mode);
 int64_t cfn_now_ns(void);
 int64_t cfn_mono_ns(void);
+int64_t cfn_mul_sat(int64_t a, int64_t b);
+int64_t cfn_add_sat(int64_t a, int64_t b);
+int64_t cfn_deadline(int64_t timeout_ms);
 uint32_t cfn_hash32(const char *s, size_t n);
 uint64_t cfn_hash64(const char *s, size_t n);
 uint64_t cfn_random64(cfn_bus *bus);
 bool cfn_is_json_name(const char *name, size_t n);
+bool cfn_is_tmpfs(int fd);
 int cfn_pid_alive(pid_t pid, uint64_t start_ticks);
 uint64_t cfn_proc_start_ticks(pid_t pid);
 int cfn_futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 void cfn_futex_wake(_Atomic uint32_t *addr, int n);
 int cfn_write_all(int fd, const char *buf, size_t len);
+void cfn_lock_holder(int fd, char *out, size_t cap);
+int cfn_flock_until(int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
+    __attribute__((format(printf, 5, 6)));
+int cfn_link_unnamed(cfn_bus *bus, int fd, int dirfd, const char *name);
+int cfn_link_mode_unnamed(cfn_bus *bus);
+void cfn_link_mode_none(cfn_bus *bus);
 
 /* json.c */
-int cfn_json_check(const char *buf, size_t len, int64_t *ts, int64_t *seq);
+int cfn_json_scan(const char *buf, size_t len, int max_depth, struct cfn_json_info *info);
 size_t cfn_json_escape(char *out, const char *s, size_t n);
 int cfn_utf8_check(const char *s, size_t n);
 
-/* region.c */
+/* region.c: the state file, slots, waiters, counters */
 int cfn_region_open(cfn_bus *bus, cfn_err *err);
+int cfn_region_check(cfn_bus *bus, cfn_err *err);
 void cfn_region_close(cfn_bus *bus);
-int cfn_slot_find(cfn_bus *bus, const char *agent, bool create, uint32_t *index, cfn_err *err);
+int cfn_slot_find(cfn_bus *bus, struct cfn_region *r, const char *agent, bool create, uint32_t *index,
+                  uint32_t *gen, cfn_err *err);
+int64_t cfn_slots_sweep_in(cfn_bus *bus, struct cfn_region *r);
+void cfn_slot_forget(struct cfn_region *r, const char *agent);
+uint32_t cfn_waiter_enter(struct cfn_slot *s);
+void cfn_waiter_leave(struct cfn_slot *s, uint32_t epoch);
+void cfn_waiters_reset(struct cfn_slot *s);
+int64_t cfn_waiters(struct cfn_slot *s);
 void cfn_slot_wake(struct cfn_slot *s, int n);
 void cfn_slot_sub(struct cfn_slot *s, int64_t n);
+void cfn_region_counter_add(struct cfn_region *r, int index, int64_t delta);
+void cfn_region_rate_publish(struct cfn_region *r, const cfn_rate_settings *s);
+void cfn_region_rate_read(struct cfn_region *r, cfn_rate_settings *out);
+int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_len, int64_t now_ns,
+                            int64_t cooldown_ns);
 
-/* bus.c: agent folder cache */
+/* bus.c: the handle, calls in flight, the consumer identity, the folder caches */
 void cfn_bus_fork_check(cfn_bus *bus);
+bool cfn_enter(cfn_bus *bus);
+void cfn_leave(cfn_bus *bus);
+bool cfn_closing(cfn_bus *bus);
 int cfn_open_shared_file(cfn_bus *bus, int dirfd, const char *name);
+int cfn_consumer_ready(cfn_bus *bus, cfn_err *err);
+int cfn_consumer_alive(cfn_bus *bus, const char *id);
 int cfn_ent_get(cfn_bus *bus, const char *agent, bool need_inbox, struct cfn_ent **out, cfn_err *err);
 void cfn_ent_put(cfn_bus *bus, struct cfn_ent *e);
 void cfn_ent_drop(cfn_bus *bus, struct cfn_ent *e);
-int cfn_gate_shared(struct cfn_ent *e, cfn_err *err);
-void cfn_gate_release(struct cfn_ent *e);
-int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, uint32_t dir_mode,
-                 struct cfn_pair **out, cfn_err *err);
-void cfn_pair_put(cfn_bus *bus, struct cfn_pair *p);
-
-/* inbox.c */
-int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_gen,
-                      cfn_reconcile_result *res, cfn_err *err);
 int cfn_ent_open_private(cfn_bus *bus, const char *agent, struct cfn_ent *e, cfn_err *err);
 void cfn_ent_close_private(struct cfn_ent *e);
+struct cfn_slot *cfn_ent_slot(cfn_bus *bus, struct cfn_ent *e, cfn_err *err);
+int cfn_gate_shared(cfn_bus *bus, struct cfn_ent *e, int64_t deadline, cfn_err *err);
+void cfn_gate_release(struct cfn_ent *e);
+int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, struct cfn_pair **out, cfn_err *err);
+void cfn_pair_put(cfn_bus *bus, struct cfn_pair *p);
+int cfn_init_agent_in(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err);
+int cfn_forget_agent_in(cfn_bus *bus, const char *agent, cfn_err *err);
+int cfn_set_metrics_fd_in(cfn_bus *bus, int fd);
+
+/* scan.c: scanning, reconciling, claims of dead consumers, drift */
+typedef int (*cfn_scan_cb)(void *ctx, int dfd, const char *name, size_t len, unsigned char type);
+int cfn_scan_fd(int dfd, cfn_scan_cb cb, void *ctx, cfn_err *err, const char *what);
+int cfn_scan_dir(int dirfd, cfn_scan_cb cb, void *ctx, cfn_err *err, const char *what);
+unsigned char cfn_entry_type(int dfd, const char *name, unsigned char type);
+/* deadline: CLOCK_MONOTONIC ns for the exclusive lock; 0 means LOCK_TIMEOUT_MS from now */
+int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_gen, int64_t deadline,
+                      cfn_reconcile_result *res, cfn_err *err);
+int cfn_inbox_drift(struct cfn_ent *e, struct cfn_slot *s);
+int cfn_reconcile_in(cfn_bus *bus, const char *agent, int force, cfn_reconcile_result *res, cfn_err *err);
+int64_t cfn_inbox_size_in(cfn_bus *bus, const char *agent, cfn_err *err);
+int64_t cfn_inbox_capacity_in(cfn_bus *bus, const char *agent, int64_t own, cfn_err *err);
+int64_t cfn_scan_count_in(cfn_bus *bus, const char *agent, const char *box, cfn_err *err);
+int cfn_slot_info_in(cfn_bus *bus, int64_t index, cfn_slot_info *out);
+
+/* send.c: delivery and the send loop */
+int64_t cfn_capacity_for(struct cfn_slot *s, int64_t own);
+int cfn_write_file(cfn_bus *bus, int dirfd, const char *name, const char *buf, size_t len,
+                   const cfn_send_opts *o, bool *retry, cfn_err *err, const char *where);
+int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type, size_t type_len,
+                const char *payload, size_t payload_len, const cfn_send_opts *o, cfn_send_result *res,
+                cfn_err *err);
+
+/* consume.c: reading, taking, claims, clearing */
+int cfn_read_messages_in(cfn_bus *bus, const char *agent, int mode, int64_t max, int64_t max_bytes,
+                         cfn_blob *out, cfn_err *err);
+int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
+                    uint8_t *taken, cfn_err *err);
+int64_t cfn_put_back_in(cfn_bus *bus, const char *agent, const char *names, size_t names_len, cfn_err *err);
+int64_t cfn_quarantine_in(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
+                          cfn_err *err);
+int64_t cfn_clear_inbox_in(cfn_bus *bus, const char *agent, cfn_err *err);
+
+/* metrics.c */
+int cfn_metric_emit_in(cfn_bus *bus, const char *name, double value, const char *unit,
+                       const char *tags_json, size_t tags_len, cfn_err *err);
 
 #endif

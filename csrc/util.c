@@ -1,4 +1,5 @@
-/* util.c - errors, clocks, hashes, futexes and process liveness. */
+/* util.c - errors, clocks, hashes, futexes, bounded lock waits, unnamed
+ * files and process liveness. */
 #include "internal.h"
 
 #include <fcntl.h>
@@ -8,8 +9,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -137,11 +142,13 @@ int cfn_pid_alive(pid_t pid, uint64_t start_ticks)
  * MAP_SHARED mapping, so this is a shared (not FUTEX_PRIVATE) futex. */
 int cfn_futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns)
 {
+    if (timeout_ns < 0)
+        timeout_ns = 0;
     struct timespec ts = {.tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL};
     long r = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
     if (r == 0 || errno == EAGAIN)
         return 0;
-    return -errno;
+    return errno == EINTR ? -EINTR : -ETIMEDOUT;  /* anything else: count it as a wait that ran out */
 }
 
 void cfn_futex_wake(_Atomic uint32_t *addr, int n)
@@ -162,4 +169,164 @@ int cfn_write_all(int fd, const char *buf, size_t len)
         len -= (size_t)w;
     }
     return 0;
+}
+
+/* a * b, or INT64_MAX when that overflows (both >= 0). */
+int64_t cfn_mul_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+int64_t cfn_add_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_add_overflow(a, b, &r) ? (b > 0 ? INT64_MAX : INT64_MIN) : r;
+}
+
+/* CLOCK_MONOTONIC deadline timeout_ms from now. */
+int64_t cfn_deadline(int64_t timeout_ms)
+{
+    return cfn_add_sat(cfn_mono_ns(), cfn_mul_sat(timeout_ms, 1000000));
+}
+
+/* Names who holds a lock on fd's file, from /proc/locks: "pid 123 (bash),
+ * exclusively". Best effort: "another process" when it cannot tell (a holder
+ * in another PID namespace shows no pid we can look up). */
+void cfn_lock_holder(int fd, char *out, size_t cap)
+{
+    snprintf(out, cap, "another process");
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return;
+    FILE *f = fopen("/proc/locks", "re");
+    if (!f)
+        return;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        char kind[16], mode[16];
+        int pid;
+        unsigned maj, min;
+        unsigned long long ino;
+        /* "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF"; waiters' lines have "->" */
+        if (strstr(line, "->") ||
+            sscanf(line, "%*d: %15s %*s %15s %d %x:%x:%llu", kind, mode, &pid, &maj, &min, &ino) != 6)
+            continue;
+        if (ino != (unsigned long long)st.st_ino || maj != major(st.st_dev) || min != minor(st.st_dev))
+            continue;
+        char comm[64] = "?";
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/comm", pid);
+        int cfd = pid > 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+        if (cfd >= 0) {
+            ssize_t n = read(cfd, comm, sizeof comm - 1);
+            comm[n > 0 ? n : 0] = '\0';
+            comm[strcspn(comm, "\n")] = '\0';
+            (void)close(cfd);
+        }
+        const char *how = strcmp(mode, "WRITE") == 0 ? "exclusively" : "shared";
+        if (pid > 0)
+            snprintf(out, cap, "pid %d (%s), %s", pid, comm, how);
+        else
+            snprintf(out, cap, "a process in another PID namespace, %s", how);
+        break;
+    }
+    (void)fclose(f);
+}
+
+/* flock(fd, op) that gives up at deadline (CLOCK_MONOTONIC ns) with
+ * CFN_E_LOCKED naming the file (what: a printf format and its arguments,
+ * formatted only on failure) and its holder, and returns -EINTR when a signal
+ * arrives while it waits, so the caller's interpreter can run its handlers.
+ * Waits by polling with a growing nap (20 us to 2 ms): the kernel has no
+ * timed flock. */
+int cfn_flock_until(int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
+{
+    if (flock(fd, op | LOCK_NB) == 0)
+        return 0;
+    int rc = 0;
+    int64_t start = cfn_mono_ns(), nap = 20000;
+    for (;;) {
+        if (errno != EWOULDBLOCK && errno != EINTR) {
+            rc = -(errno ? errno : EIO);
+            break;
+        }
+        int64_t now = cfn_mono_ns();
+        if (now >= deadline) {
+            rc = CFN_E_LOCKED;
+            break;
+        }
+        if (nap > deadline - now)
+            nap = deadline - now;
+        struct timespec ts = {.tv_sec = nap / 1000000000LL, .tv_nsec = nap % 1000000000LL};
+        if (nanosleep(&ts, NULL) != 0 && errno == EINTR) {
+            rc = -EINTR;
+            break;
+        }
+        if (flock(fd, op | LOCK_NB) == 0)
+            return 0;
+        if (nap < 2000000)
+            nap *= 2;
+    }
+    char name[4400];
+    va_list ap;
+    va_start(ap, what);
+    vsnprintf(name, sizeof name, what, ap);
+    va_end(ap);
+    if (rc == CFN_E_LOCKED) {
+        char who[200];
+        cfn_lock_holder(fd, who, sizeof who);
+        return cfn_fail(err, CFN_E_LOCKED, "%.3000s is held by %s; gave up after %lld ms", name, who,
+                        (long long)((cfn_mono_ns() - start) / 1000000));
+    }
+    if (rc == -EINTR)
+        return cfn_fail(err, -EINTR, "interrupted while waiting for %.3000s", name);
+    errno = -rc;
+    return cfn_fail_sys(err, "flock %.3000s", name);
+}
+
+enum { LINK_UNKNOWN = 0, LINK_EMPTY_PATH = 1, LINK_PROC = 2, LINK_NONE = 3 };
+
+/* Gives the unnamed (O_TMPFILE) file fd the name dirfd/name; never replaces
+ * a file (EEXIST). linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on older
+ * kernels; the /proc/self/fd path works for everyone. The first call finds
+ * out which, and remembers it in the handle. Returns 0 or -errno. */
+int cfn_link_unnamed(cfn_bus *bus, int fd, int dirfd, const char *name)
+{
+    int mode = atomic_load_explicit(&bus->link_mode, memory_order_relaxed);
+    if (mode != LINK_PROC) {
+        if (linkat(fd, "", dirfd, name, AT_EMPTY_PATH) == 0) {
+            if (mode == LINK_UNKNOWN)
+                atomic_store(&bus->link_mode, LINK_EMPTY_PATH);
+            return 0;
+        }
+        if (mode == LINK_EMPTY_PATH || (errno != ENOENT && errno != EPERM && errno != EINVAL))
+            return -errno;
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    if (linkat(AT_FDCWD, path, dirfd, name, AT_SYMLINK_FOLLOW) != 0)
+        return -errno;
+    if (mode == LINK_UNKNOWN)
+        atomic_store(&bus->link_mode, LINK_PROC);
+    return 0;
+}
+
+/* Whether unnamed files work here (1), do not (0), or are not known yet (-1). */
+int cfn_link_mode_unnamed(cfn_bus *bus)
+{
+    int mode = atomic_load_explicit(&bus->link_mode, memory_order_relaxed);
+    return mode == LINK_NONE ? 0 : mode == LINK_UNKNOWN ? -1 : 1;
+}
+
+void cfn_link_mode_none(cfn_bus *bus)
+{
+    atomic_store(&bus->link_mode, LINK_NONE);
+}
+
+/* tmpfs (the /dev/shm of every Linux): a folder's size there is 20 bytes an entry. */
+bool cfn_is_tmpfs(int fd)
+{
+    struct statfs sf;
+    return fstatfs(fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC;
 }

@@ -12,8 +12,20 @@ from hypothesis import strategies as st
 from cfn_fast import Config, InvalidAgentId, InvalidMessageType, InvalidPayload, MessageBus, _core
 
 
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
+
+
 def reference_accepts(data: bytes) -> bool:
-    """RFC 8259, strictly: UTF-8, one value, no NaN/Infinity, no control characters in strings."""
+    """The send policy: RFC 8259 strictly (UTF-8, one value, no NaN/Infinity,
+    no control characters in strings), and only what every reader returns
+    intact: no unpaired surrogate escape, no integer Python's int() refuses."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -23,10 +35,10 @@ def reference_accepts(data: bytes) -> bool:
         raise ValueError(name)
 
     try:
-        json.loads(text, parse_constant=no_constants)
+        value = json.loads(text, parse_constant=no_constants)
     except (ValueError, RecursionError):
         return False
-    return text.strip(" \t\n\r") != ""
+    return text.strip(" \t\n\r") != "" and not _has_lone_surrogate(value)
 
 
 def c_accepts(data: bytes) -> bool:
@@ -63,7 +75,8 @@ def mutated_json(draw: st.DrawFn) -> bytes:
 
 @given(mutated_json() | st.binary(max_size=64))
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@example(b'"\\ud800"')  # a lone surrogate escape is grammatical JSON
+@example(b'"\\ud800"')  # a lone surrogate escape is grammatical JSON, but not text: refused
+@example(b'"\\ud83d\\ude00"')  # a surrogate pair is one character: accepted
 @example(b"1e999")
 @example(b"-0")
 @example(b'"\xed\xa0\x80"')  # a surrogate encoded in UTF-8 is not UTF-8

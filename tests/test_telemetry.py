@@ -295,7 +295,7 @@ def test_alerts_summary_without_a_file(base):
 
 def test_counter_table_stays_inside_the_shared_area():
     own = [v for k, v in telemetry.COUNTERS.items() if k not in cfn_fast._core.COUNTERS]
-    assert min(own) == 13 and max(own) < 64 and len(set(telemetry.COUNTERS.values())) == len(telemetry.COUNTERS)
+    assert min(own) == cfn_fast._core.lib.CFN_CTR_FIRST_FREE and max(own) < 64 and len(set(telemetry.COUNTERS.values())) == len(telemetry.COUNTERS)
 
 
 def test_cooldown_still_holds_in_process_when_the_shared_table_is_full(bus, monkeypatch):

@@ -1,0 +1,233 @@
+/*
+ * api.c - the boundary: every function of cfn_fast.h that takes a handle
+ * enters it here (so cfn_bus_close waits for it, and a call on a closed
+ * handle fails with CFN_E_CLOSED instead of touching released state), and
+ * every agent id is checked here, once per call, before any path is built
+ * from it. The work is done by the *_in functions behind.
+ */
+#include "internal.h"
+
+#include <string.h>
+
+#define ENTER(bus, err)                                                     \
+    do {                                                                    \
+        if (!cfn_enter(bus))                                                \
+            return cfn_fail(err, CFN_E_CLOSED, "the bus is closed");        \
+    } while (0)
+
+#define CHECK_AGENT(agent, err)                                             \
+    do {                                                                    \
+        int rc_ = cfn_check_agent(agent, err);                              \
+        if (rc_)                                                            \
+            return rc_;                                                     \
+    } while (0)
+
+int cfn_init_agent(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_init_agent_in(bus, agent, capacity, err);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_forget_agent(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_forget_agent_in(bus, agent, err);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, size_t type_len,
+             const char *payload, size_t payload_len, const cfn_send_opts *opts, cfn_send_result *res,
+             cfn_err *err)
+{
+    const char *roles[2] = {"sender", "recipient"}, *ids[2] = {from, to};
+    memset(res, 0, sizeof *res);
+    for (int i = 0; i < 2; i++) {
+        cfn_err why = {0};
+        int rc = cfn_check_agent(ids[i], &why);
+        if (rc)
+            return cfn_fail(err, rc, "%s: %s", roles[i], why.what);
+    }
+    ENTER(bus, err);
+    int rc = cfn_send_in(bus, from, to, type, type_len, payload, payload_len, opts, res, err);
+    cfn_leave(bus);
+    return rc;
+}
+
+int64_t cfn_inbox_size(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_inbox_size_in(bus, agent, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int64_t cfn_inbox_capacity(cfn_bus *bus, const char *agent, int64_t fallback, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_inbox_capacity_in(bus, agent, fallback, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int64_t cfn_scan_count(cfn_bus *bus, const char *agent, const char *box, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_scan_count_in(bus, agent, box, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int cfn_reconcile(cfn_bus *bus, const char *agent, int force, cfn_reconcile_result *res, cfn_err *err)
+{
+    memset(res, 0, sizeof *res);
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_reconcile_in(bus, agent, force, res, err);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out)
+{
+    ENTER(bus, NULL);
+    int rc = cfn_slot_info_in(bus, index, out);
+    cfn_leave(bus);
+    return rc;
+}
+
+int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap)
+{
+    ENTER(bus, NULL);
+    int64_t n = 0;
+    for (int64_t i = 0; i < CFN_SLOTS && n < cap; i++)
+        if (cfn_slot_info_in(bus, i, &out[n]) == 1)
+            n++;
+    cfn_leave(bus);
+    return n;
+}
+
+int64_t cfn_slots_sweep(cfn_bus *bus, cfn_err *err)
+{
+    ENTER(bus, err);
+    int64_t n = cfn_slots_sweep_in(bus, cfn_reg(bus));
+    cfn_leave(bus);
+    return n;
+}
+
+int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max, int64_t max_bytes,
+                      cfn_blob *out, cfn_err *err)
+{
+    memset(out, 0, sizeof *out);
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_read_messages_in(bus, agent, mode, max, max_bytes, out, err);
+    cfn_leave(bus);
+    return rc;
+}
+
+int64_t cfn_take(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
+                 uint8_t *taken, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_take_in(bus, agent, from, names, names_len, taken, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int64_t cfn_put_back(cfn_bus *bus, const char *agent, const char *names, size_t names_len, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_put_back_in(bus, agent, names, names_len, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int64_t cfn_quarantine(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
+                       cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_quarantine_in(bus, agent, from, names, names_len, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int64_t cfn_clear_inbox(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t n = cfn_clear_inbox_in(bus, agent, err);
+    cfn_leave(bus);
+    return n;
+}
+
+int cfn_counter_add(cfn_bus *bus, int index, int64_t delta)
+{
+    if (index < 0 || index >= CFN_COUNTERS)
+        return CFN_E_BADARG;
+    ENTER(bus, NULL);
+    cfn_region_counter_add(cfn_reg(bus), index, delta);
+    cfn_leave(bus);
+    return 0;
+}
+
+int cfn_counter_get(cfn_bus *bus, int index, int64_t *out)
+{
+    if (index < 0 || index >= CFN_COUNTERS)
+        return CFN_E_BADARG;
+    ENTER(bus, NULL);
+    *out = atomic_load_explicit(&cfn_reg(bus)->hdr->counters[index], memory_order_relaxed);
+    cfn_leave(bus);
+    return 0;
+}
+
+int cfn_rate_publish(cfn_bus *bus, const cfn_rate_settings *s)
+{
+    ENTER(bus, NULL);
+    cfn_region_rate_publish(cfn_reg(bus), s);
+    cfn_leave(bus);
+    return 0;
+}
+
+int cfn_rate_read(cfn_bus *bus, cfn_rate_settings *out)
+{
+    ENTER(bus, NULL);
+    cfn_region_rate_read(cfn_reg(bus), out);
+    cfn_leave(bus);
+    return 0;
+}
+
+int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len, int64_t now_ns, int64_t cooldown_ns)
+{
+    ENTER(bus, NULL);
+    int rc = cfn_region_cooldown_try(cfn_reg(bus), key, key_len, now_ns, cooldown_ns);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_set_metrics_fd(cfn_bus *bus, int fd)
+{
+    ENTER(bus, NULL);
+    int rc = cfn_set_metrics_fd_in(bus, fd);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit, const char *tags_json,
+                    size_t tags_len, cfn_err *err)
+{
+    ENTER(bus, err);
+    int rc = cfn_metric_emit_in(bus, name, value, unit, tags_json, tags_len, err);
+    cfn_leave(bus);
+    return rc;
+}

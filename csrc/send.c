@@ -1,0 +1,595 @@
+/*
+ * send.c - the hot path of a send, top to bottom: check the arguments, open
+ * (cached) the two agents' folders, then per attempt: take the recipient's
+ * gate shared, heal the counter if the folder changed behind cfn-fast's back,
+ * reserve a place with one CAS that never passes the inbox's capacity, number
+ * the message under the pair's sequence lock, write it as an unnamed file and
+ * link it into the inbox (never replacing a file), copy it to the sender's
+ * outbox, release. A full inbox makes a backpressure sender sleep on the
+ * inbox's futex until a consumer frees a place or its wait runs out.
+ */
+#include "internal.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int opts_check(const cfn_send_opts *o, cfn_err *err)
+{
+    if (o->capacity < 1 || o->capacity > CFN_CAPACITY_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "capacity must be 1 to %lld, not %" PRId64,
+                        (long long)CFN_CAPACITY_MAX, o->capacity);
+    if (o->wait_ms < 0 || o->wait_ms > CFN_WAIT_MS_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "wait must be 0 to %lld ms, not %" PRId64,
+                        (long long)CFN_WAIT_MS_MAX, o->wait_ms);
+    if (o->max_retries > CFN_RETRIES_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "retries must be at most %lld, not %" PRId64,
+                        (long long)CFN_RETRIES_MAX, o->max_retries);
+    if (o->max_total_ms < 0 || o->max_total_ms > CFN_TOTAL_MS_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "total wait must be 0 to %lld ms, not %" PRId64,
+                        (long long)CFN_TOTAL_MS_MAX, o->max_total_ms);
+    if (o->max_payload < 1 || o->max_payload > CFN_PAYLOAD_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "payload limit must be 1 to %lld bytes, not %" PRId64,
+                        (long long)CFN_PAYLOAD_MAX, o->max_payload);
+    if (o->backoff < CFN_BACKOFF_FIXED || o->backoff > CFN_BACKOFF_DECORRELATED)
+        return cfn_fail(err, CFN_E_BADARG, "unknown backoff %d", (int)o->backoff);
+    if (o->outbox_max < 0 || o->stale_after_ms < 0)
+        return cfn_fail(err, CFN_E_BADARG, "outbox limit and staleness must not be negative");
+    return 0;
+}
+
+/* The inbox's capacity: one value for every process, whatever each was told:
+ * the smallest MAX_INBOX_SIZE any process has used on it since its init set
+ * it. A process told less lowers it for everyone (one CAS); init raises it. */
+int64_t cfn_capacity_for(struct cfn_slot *s, int64_t own)
+{
+    int64_t cap = atomic_load_explicit(&s->capacity, memory_order_relaxed);
+    for (;;) {
+        bool valid = cap >= 1 && cap <= CFN_CAPACITY_MAX;
+        if (valid && cap <= own)
+            return cap;
+        if (atomic_compare_exchange_weak(&s->capacity, &cap, own))
+            return own;
+    }
+}
+
+/* Reserve one place: CAS count+1 while below capacity. 1 when the counter
+ * cannot be trusted (never scanned, or a value no cfn-fast process writes). */
+static int reserve(struct cfn_slot *s, int64_t cap)
+{
+    int64_t c = atomic_load_explicit(&s->count, memory_order_acquire);
+    for (;;) {
+        if (c < 0)
+            return 1;
+        if (c >= cap)
+            return CFN_E_FULL;
+        if (atomic_compare_exchange_weak_explicit(&s->count, &c, c + 1, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return 0;
+    }
+}
+
+static int fsync_or_fail(int fd, cfn_err *err, const char *what)
+{
+    return fsync(fd) == 0 ? 0 : cfn_fail_sys(err, "fsync %s", what);
+}
+
+static int write_fd(int fd, const char *buf, size_t len, const cfn_send_opts *o, cfn_err *err, const char *where)
+{
+    int rc = 0;
+    if ((o->file_mode & 0777) != 0600 && fchmod(fd, (mode_t)o->file_mode) != 0)
+        rc = cfn_fail_sys(err, "chmod new file in %s", where);
+    if (rc == 0 && (rc = cfn_write_all(fd, buf, len)) != 0)
+        rc = cfn_fail(err, rc, "write message to %s: %s", where, strerror(-rc));
+    if (rc == 0 && o->fsync)
+        rc = fsync_or_fail(fd, err, where);
+    return rc;
+}
+
+/* Writes buf as <dirfd>/<name> so that no reader ever sees it half-written:
+ * an unnamed O_TMPFILE given its name by linkat, or (where the filesystem
+ * has no O_TMPFILE) a temporary dotfile renamed into place. Neither ever
+ * replaces an existing file: on EEXIST *retry is set (the caller picks a new
+ * name). With fsync, the file and then its folder are flushed, as Maildir does. */
+int cfn_write_file(cfn_bus *bus, int dirfd, const char *name, const char *buf, size_t len,
+                   const cfn_send_opts *o, bool *retry, cfn_err *err, const char *where)
+{
+    int rc;
+    if (cfn_link_mode_unnamed(bus) != 0) {
+        int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, (mode_t)o->file_mode);
+        if (fd >= 0) {
+            rc = write_fd(fd, buf, len, o, err, where);
+            if (rc == 0 && (rc = cfn_link_unnamed(bus, fd, dirfd, name)) != 0) {
+                if (rc == -EEXIST)
+                    *retry = true;
+                else if (rc == -ENOENT)
+                    rc = cfn_fail(err, CFN_E_NOINBOX, "%s was removed", where);
+                else {
+                    errno = -rc;
+                    rc = cfn_fail_sys(err, "link new file into %s", where);
+                }
+            }
+            (void)close(fd);    /* unnamed on failure: it vanishes with the descriptor */
+            if (rc == 0 && o->fsync)
+                rc = fsync_or_fail(dirfd, err, where);
+            return rc;
+        }
+        if (errno == ENOENT)
+            return cfn_fail(err, CFN_E_NOINBOX, "%s was removed", where);
+        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+            return cfn_fail_sys(err, "create file in %s", where);
+        cfn_link_mode_none(bus);
+    }
+    char tmp[96];
+    snprintf(tmp, sizeof tmp, CFN_TMP_PREFIX "%d-%" PRIu64 "-%016" PRIx64 ".tmp", (int)bus->pid,
+             bus->start_ticks, cfn_random64(bus));
+    int fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)o->file_mode);
+    if (fd < 0)
+        return errno == ENOENT ? cfn_fail(err, CFN_E_NOINBOX, "%s was removed", where)
+                               : cfn_fail_sys(err, "create temporary file in %s", where);
+    rc = write_fd(fd, buf, len, o, err, where);
+    if (close(fd) != 0 && rc == 0)
+        rc = cfn_fail_sys(err, "close temporary file in %s", where);
+    if (rc == 0 && renameat2(dirfd, tmp, dirfd, name, RENAME_NOREPLACE) != 0) {
+        if (errno == EEXIST)
+            *retry = true;
+        rc = errno == EEXIST ? -EEXIST : cfn_fail_sys(err, "rename into %s", where);
+    }
+    if (rc != 0) {
+        (void)unlinkat(dirfd, tmp, 0);  /* best effort: a leftover is removed as stale later */
+        return rc;
+    }
+    if (o->fsync)
+        return fsync_or_fail(dirfd, err, where);
+    return 0;
+}
+
+static int64_t read_seq(int fd, size_t *oldlen)
+{
+    char buf[32];
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    if (n < 0)
+        return -errno;
+    buf[n] = '\0';
+    *oldlen = (size_t)n;
+    int64_t v = 0;
+    for (ssize_t i = 0; i < n && buf[i] >= '0' && buf[i] <= '9' && v < INT64_MAX / 20; i++)
+        v = v * 10 + (buf[i] - '0');
+    return v;
+}
+
+static int write_seq(int fd, int64_t v, size_t oldlen)
+{
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%" PRId64 "\n", v);
+    if (pwrite(fd, buf, (size_t)n, 0) != n)
+        return errno ? -errno : -EIO;
+    if ((size_t)n < oldlen && ftruncate(fd, n) != 0)
+        return -errno;
+    return 0;
+}
+
+struct msg {
+    const char *type;
+    size_t type_len;
+    const char *payload;
+    size_t payload_len;
+};
+
+/* The original's layout, byte for byte: one envelope field per line, the
+ * payload embedded as the caller gave it. Bash readers grep these lines
+ * (head -n 1 of '"timestamp":'), so the envelope must come before the payload. */
+static char *build_message(const char *from, const char *to, int64_t ts, int64_t seq, const char *id,
+                           const struct msg *m, size_t *len)
+{
+    size_t cap = 256 + strlen(from) + strlen(to) + strlen(id) + 6 * m->type_len + m->payload_len;
+    char *buf = malloc(cap);
+    if (!buf)
+        return NULL;
+    int n = snprintf(buf, cap,
+                     "{\n  \"version\": \"1.1\",\n  \"msg_id\": \"%s\",\n  \"from\": \"%s\",\n  \"to\": \"%s\",\n"
+                     "  \"timestamp\": %" PRId64 ",\n  \"sequence\": %" PRId64 ",\n  \"type\": \"",
+                     id, from, to, ts, seq);
+    size_t o = (size_t)n;
+    o += cfn_json_escape(buf + o, m->type, m->type_len);
+    memcpy(buf + o, "\",\n  \"payload\": ", 15);
+    o += 15;
+    memcpy(buf + o, m->payload, m->payload_len);
+    o += m->payload_len;
+    static const char tail[] = ",\n  \"requires_ack\": false\n}\n";
+    memcpy(buf + o, tail, sizeof tail - 1);
+    o += sizeof tail - 1;
+    *len = o;
+    return buf;
+}
+
+/* ---- the outbox and its bound ----------------------------------------------------- */
+
+struct names {
+    char **v;
+    size_t n, cap;
+};
+
+static int names_cb(void *ctx, int dfd, const char *name, size_t n, unsigned char type)
+{
+    struct names *a = ctx;
+    if (!cfn_is_json_name(name, n) || cfn_entry_type(dfd, name, type) == DT_DIR)
+        return 0;
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 256;
+        char **v = realloc(a->v, cap * sizeof *v);
+        if (!v)
+            return -ENOMEM;
+        a->v = v;
+        a->cap = cap;
+    }
+    if (!(a->v[a->n] = strndup(name, n)))
+        return -ENOMEM;
+    a->n++;
+    return 0;
+}
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Keeps the outbox at OUTBOX_MAX copies: past it, the oldest (by name, which
+ * is by time then sequence) go until a tenth of the room is free again, so
+ * the trimming is paid once per max/10 sends. One process trims at a time
+ * (a non-blocking flock on the folder); the copies are a courtesy, so every
+ * failure here is silent. */
+static void outbox_trim(cfn_bus *bus, struct cfn_ent *ef, int ob, int64_t max)
+{
+    if (max <= 0)
+        return;
+    struct stat st;
+    if (ef->outbox_tmpfs) {
+        if (fstat(ob, &st) != 0 || (int64_t)st.st_size / CFN_TMPFS_DIRENT - 2 <= max)
+            return;
+    } else if (++ef->outbox_sends < max / 10 + 1) {
+        return;  /* a racy tally between threads: it only spaces the measurements */
+    }
+    ef->outbox_sends = 0;
+    int dfd = openat(ob, ".", DIR_FLAGS);
+    if (dfd < 0)
+        return;
+    if (flock(dfd, LOCK_EX | LOCK_NB) == 0) {
+        struct names a = {0};
+        if (cfn_scan_fd(dfd, names_cb, &a, NULL, "outbox") == 0 && (int64_t)a.n > max) {
+            qsort(a.v, a.n, sizeof *a.v, name_cmp);
+            size_t drop = a.n - (size_t)(max - max / 10), gone = 0;
+            for (size_t i = 0; i < drop; i++)
+                gone += unlinkat(dfd, a.v[i], 0) == 0;
+            cfn_region_counter_add(cfn_reg(bus), CFN_CTR_OUTBOX_PRUNED, (int64_t)gone);
+        }
+        for (size_t i = 0; i < a.n; i++)
+            free(a.v[i]);
+        free(a.v);
+    }
+    (void)close(dfd);  /* drops the flock */
+}
+
+static void outbox_copy(cfn_bus *bus, struct cfn_ent *ef, const char *name, const char *buf, size_t len,
+                        const cfn_send_opts *o, cfn_send_result *res)
+{
+    int ob = atomic_load(&ef->outboxfd);
+    if (ob < 0 && (ob = openat(ef->agentfd, "outbox", DIR_FLAGS)) >= 0) {
+        int none = -1;
+        if (!atomic_compare_exchange_strong(&ef->outboxfd, &none, ob)) {
+            (void)close(ob);    /* another thread cached it first */
+            ob = none;
+        } else {
+            ef->outbox_tmpfs = cfn_is_tmpfs(ob);
+        }
+    }
+    if (ob < 0)
+        return;
+    bool retry = false;
+    cfn_err why;
+    /* the descriptor stays cached while other threads may use it; a removed
+     * outbox is forgotten with the entry (cleanup_message_bus) */
+    res->outbox_copied = cfn_write_file(bus, ob, name, buf, len, o, &retry, &why, "outbox") == 0;
+    if (res->outbox_copied)
+        outbox_trim(bus, ef, ob, o->outbox_max);
+}
+
+/* One delivery into a place already reserved. Holds the pair's sequence lock
+ * from numbering to link, so one sender's messages land in sequence order. */
+static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const struct msg *m,
+                   const cfn_send_opts *o, int64_t deadline, cfn_send_result *res, cfn_err *err)
+{
+    struct cfn_pair *p;
+    int rc = cfn_pair_get(bus, ef, et->agent, &p, err);
+    if (rc)
+        return rc;
+    rc = cfn_flock_until(p->lockfd, LOCK_EX, deadline, err, "%s/%s/.sequences/%s.lock", bus->base_path,
+                         ef->agent, et->agent);
+    if (rc) {
+        cfn_pair_put(bus, p);
+        return rc;
+    }
+    size_t oldlen = 0, len = 0;
+    int64_t last = read_seq(p->seqfd, &oldlen);
+    char *buf = NULL;
+    if (last < 0) {
+        errno = (int)-last;
+        rc = cfn_fail_sys(err, "read sequence %s->%s", ef->agent, et->agent);
+        goto out;
+    }
+    int64_t seq = last + 1;
+    /* numbered before the link: a crash in between leaves a gap, never a repeat */
+    if ((rc = write_seq(p->seqfd, seq, oldlen)) != 0) {
+        errno = -rc;
+        rc = cfn_fail_sys(err, "write sequence %s->%s", ef->agent, et->agent);
+        goto out;
+    }
+    int64_t ts = cfn_now_ns() / 1000000000LL;
+    char name[CFN_MSG_ID_MAX + 8] = "";
+    for (int attempt = 0;; attempt++) {
+        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%016" PRIx64, ts, seq,
+                 cfn_random64(bus));
+        snprintf(name, sizeof name, "%s.json", res->msg_id);
+        free(buf);
+        buf = build_message(ef->agent, et->agent, ts, seq, res->msg_id, m, &len);
+        if (!buf) {
+            rc = cfn_fail(err, -ENOMEM, "allocating a %zu-byte message", m->payload_len);
+            break;
+        }
+        bool retry = false;
+        rc = cfn_write_file(bus, et->inboxfd, name, buf, len, o, &retry, err, "inbox");
+        if (!(retry && attempt < 8))
+            break;
+    }
+    if (rc != 0) {
+        (void)write_seq(p->seqfd, last, SIZE_MAX);  /* give the number back */
+        if (rc == -EEXIST)
+            rc = cfn_fail(err, -EEXIST, "message id collided 8 times in a row");
+        goto out;
+    }
+    res->sequence = seq;
+    res->timestamp = ts;
+out:
+    (void)flock(p->lockfd, LOCK_UN);
+    cfn_pair_put(bus, p);
+    if (rc == 0)
+        outbox_copy(bus, ef, name, buf, len, o, res);  /* delivered already: a failed copy fails nothing */
+    free(buf);
+    return rc;
+}
+
+/* One attempt: gate, heal, reserve, deliver. CFN_E_FULL when there is no room. */
+static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const struct msg *m,
+                    const cfn_send_opts *o, int64_t deadline, bool healed_recently,
+                    cfn_send_result *res, cfn_err *err)
+{
+    int rc = cfn_gate_shared(bus, et, deadline, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = cfn_ent_slot(bus, et, err);
+    if (!s) {
+        cfn_gate_release(et);
+        return err ? err->code : CFN_E_NOSLOT;
+    }
+    int64_t gen = atomic_load(&s->reconcile_gen);
+    int64_t cap = cfn_capacity_for(s, o->capacity);
+    /* Files the counter does not know (a bash sender wrote since the last
+     * scan) are counted before any place is given out. */
+    int r = cfn_inbox_drift(et, s) > 0 ? 1 : reserve(s, cap);
+    if (r == CFN_E_FULL && o->max_retries >= 0 && healed_recently) {
+        /* A backpressure sender goes straight to its wait when the inbox was
+         * scanned within the last wait interval: under load the inbox is full
+         * at every other send, and a scan per "full" (an exclusive lock and a
+         * read of ~capacity names) would stall every sender and consumer.
+         * Drift is healed by the first attempt after an interval with no scan. */
+        cfn_gate_release(et);
+        return CFN_E_FULL;
+    }
+    if (r != 0) {
+        cfn_gate_release(et);
+        /* heal drift (rm behind our back, a killed sender's reservation, a dead
+         * consumer's claims) before saying full; moot if someone scanned since */
+        if ((rc = cfn_reconcile_ent(bus, et, 0, r == 1 ? -1 : gen, deadline, NULL, err)) != 0)
+            return rc;
+        if ((rc = cfn_gate_shared(bus, et, deadline, err)) != 0)
+            return rc;
+        if (!(s = cfn_ent_slot(bus, et, err))) {
+            cfn_gate_release(et);
+            return err ? err->code : CFN_E_NOSLOT;
+        }
+        if (reserve(s, cfn_capacity_for(s, o->capacity)) != 0) {
+            cfn_gate_release(et);
+            return CFN_E_FULL;
+        }
+    }
+    rc = deliver(bus, ef, et, m, o, deadline, res, err);
+    if (rc != 0) {
+        cfn_slot_sub(s, 1);  /* give the place back */
+        cfn_gate_release(et);
+        cfn_slot_wake(s, 1);
+        return rc;
+    }
+    cfn_gate_release(et);
+    return 0;
+}
+
+static void emit_bp_metric(cfn_bus *bus, const char *name, const char *from, const char *to,
+                           const char *key, int64_t n)
+{
+    if (atomic_load_explicit(&bus->metrics_fd, memory_order_relaxed) < 0)
+        return;
+    char tags[3 * CFN_AGENT_MAX + 64];
+    int k = snprintf(tags, sizeof tags, "{\"from\":\"%s\",\"to\":\"%s\",\"%s\":%" PRId64 "}", from, to, key, n);
+    (void)cfn_metric_emit_in(bus, name, 1, "count", tags, (size_t)k, NULL);
+}
+
+/* The next wait, in ns: the configured one, or the one apply_dynamic_rate_limit
+ * published while it is fresh, grown by the backoff; never more than `left`. */
+static int64_t next_wait_ns(cfn_bus *bus, const cfn_send_opts *o, int64_t retries, int64_t *prev_ns, int64_t left)
+{
+    int64_t base_ms = o->wait_ms;
+    cfn_rate_settings rs;
+    cfn_region_rate_read(cfn_reg(bus), &rs);
+    int64_t stale_ms = o->stale_after_ms;  /* three check intervals, the reader's or the publisher's */
+    if (rs.interval_ms > 0 && rs.interval_ms < INT64_MAX / 3 && 3 * rs.interval_ms > stale_ms)
+        stale_ms = 3 * rs.interval_ms;
+    if (rs.updated_ns > 0 && rs.wait_ms > 0 && rs.wait_ms <= CFN_WAIT_MS_MAX && o->stale_after_ms > 0 &&
+        cfn_now_ns() - rs.updated_ns <= cfn_mul_sat(stale_ms, 1000000))
+        base_ms = rs.wait_ms;
+    int64_t base = base_ms * 1000000LL, w = base;  /* at most an hour: no overflow */
+    if (o->backoff == CFN_BACKOFF_EXPONENTIAL) {
+        w = cfn_mul_sat(base, (int64_t)1 << (retries < 40 ? retries : 40));
+    } else if (o->backoff == CFN_BACKOFF_DECORRELATED && base > 0) {
+        int64_t hi = *prev_ns > 0 ? cfn_mul_sat(*prev_ns, 3) : base;
+        if (hi > cfn_mul_sat(base, 32)) hi = cfn_mul_sat(base, 32);
+        w = hi > base ? base + (int64_t)(cfn_random64(bus) % (uint64_t)(hi - base + 1)) : base;
+        *prev_ns = w;
+    }
+    return w < left ? w : left;
+}
+
+int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type, size_t type_len,
+                const char *payload, size_t payload_len, const cfn_send_opts *o, cfn_send_result *res,
+                cfn_err *err)
+{
+    int rc;
+    memset(res, 0, sizeof *res);
+    if (type_len == 0 || type_len > CFN_TYPE_MAX || memchr(type, '\0', type_len) ||
+        cfn_utf8_check(type, type_len) != 0)
+        return cfn_fail(err, CFN_E_BADTYPE, "message type must be 1 to %d bytes of UTF-8 text without NUL",
+                        CFN_TYPE_MAX);
+    if ((rc = opts_check(o, err)) != 0)
+        return rc;
+    if ((int64_t)payload_len > o->max_payload)
+        return cfn_fail(err, CFN_E_TOOBIG, "payload is %zu bytes, over the limit of %" PRId64 " (MAX_MESSAGE_BYTES)",
+                        payload_len, o->max_payload);
+    if ((rc = cfn_check_json(payload, payload_len, err)) != 0)
+        return rc;
+    while (payload_len && strchr(" \t\r\n", payload[payload_len - 1])) payload_len--;
+    while (payload_len && strchr(" \t\r\n", payload[0])) { payload++; payload_len--; }
+    struct msg m = {type, type_len, payload, payload_len};
+    if ((rc = cfn_region_check(bus, err)) != 0)
+        return rc;
+
+    struct cfn_ent *et, *ef;
+    if ((rc = cfn_ent_get(bus, to, true, &et, err)) != 0)
+        return rc;
+    rc = cfn_ent_get(bus, from, false, &ef, err);
+    if (rc == CFN_E_NOINBOX) {
+        /* a sender needs no inbox, but its sequence files need its folder */
+        if (mkdirat(bus->basefd, from, (mode_t)o->dir_mode) != 0 && errno != EEXIST)
+            rc = cfn_fail_sys(err, "mkdir %s/%s", bus->base_path, from);
+        else
+            rc = cfn_ent_get(bus, from, false, &ef, err);
+    }
+    if (rc) {
+        cfn_ent_put(bus, et);
+        return rc;
+    }
+
+    bool backpressure = o->max_retries >= 0;
+    /* The budget bounds time spent waiting (for room or for a lock), not time
+     * spent trying. With no wait and no total, retries alone bound it. */
+    int64_t budget_ns = o->max_total_ms ? cfn_mul_sat(o->max_total_ms, 1000000)
+                                        : cfn_mul_sat(cfn_mul_sat(o->wait_ms, 1000000),
+                                                      o->max_retries > 0 ? o->max_retries : 0);
+    bool timed = o->max_total_ms > 0 || o->wait_ms > 0;
+    int64_t start = cfn_mono_ns(), prev_ns = 0, last_heal = INT64_MIN / 2;
+    int64_t heal_every = cfn_mul_sat(o->wait_ms > 10 ? o->wait_ms : 10, 1000000);
+    for (;;) {
+        struct cfn_slot *s = cfn_ent_slot(bus, et, err);
+        if (!s) {
+            rc = err ? err->code : CFN_E_NOSLOT;
+            break;
+        }
+        uint32_t seen = atomic_load_explicit(&s->wake_seq, memory_order_acquire);
+        int64_t t0 = cfn_mono_ns();
+        int64_t lock_deadline = cfn_deadline(bus->lock_timeout_ms);
+        if (backpressure && timed && t0 + (budget_ns - res->waited_ns) < lock_deadline)
+            lock_deadline = cfn_add_sat(t0, budget_ns - res->waited_ns);
+        bool healed = t0 - last_heal < heal_every ||
+                      cfn_now_ns() - atomic_load(&s->reconcile_ns) < heal_every;
+        rc = try_send(bus, ef, et, &m, o, lock_deadline, healed, res, err);
+        if (rc == -ENOENT || rc == CFN_E_NOINBOX) {
+            /* the cached inbox was removed and maybe made again: look once more */
+            cfn_ent_drop(bus, et);
+            et = NULL;
+            if ((rc = cfn_ent_get(bus, to, true, &et, err)) != 0) {
+                et = NULL;  /* nothing pinned: nothing to put back below */
+                break;
+            }
+            rc = try_send(bus, ef, et, &m, o, lock_deadline, false, res, err);
+        }
+        if (rc == CFN_E_LOCKED) {
+            res->waited_ns += cfn_mono_ns() - t0;
+            cfn_region_counter_add(cfn_reg(bus), CFN_CTR_LOCK_TIMEOUTS, 1);
+            if (backpressure && timed && res->waited_ns >= budget_ns)
+                rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed unavailable for the whole wait budget "
+                              "(%" PRId64 " ms): %.120s", to, budget_ns / 1000000, err ? err->what : "");
+            break;
+        }
+        if (rc != CFN_E_FULL)
+            break;
+        last_heal = healed ? last_heal : t0;
+        if (!backpressure) {
+            cfn_region_counter_add(cfn_reg(bus), CFN_CTR_SEND_FULL, 1);
+            rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to,
+                          cfn_capacity_for(s, o->capacity));
+            break;
+        }
+        int64_t left = budget_ns - res->waited_ns;
+        if (res->retries >= o->max_retries || (timed && left <= 0)) {
+            rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed full after %" PRId64 " retries (%" PRId64 " ms)",
+                          to, res->retries, (cfn_mono_ns() - start) / 1000000);
+            break;
+        }
+        int64_t w = next_wait_ns(bus, o, res->retries, &prev_ns, timed ? left : 0);
+        /* every wait is a backpressure event, whether a timeout or a consumer ends it */
+        cfn_region_counter_add(cfn_reg(bus), CFN_CTR_BP_WAIT, 1);
+        emit_bp_metric(bus, "backpressure.wait", from, to, "retry", res->retries + res->wakeups + 1);
+        if (w <= 0) {
+            res->retries++;  /* BACKPRESSURE_WAIT_MS=0: retry at once, as the original */
+            sched_yield();
+            continue;
+        }
+        uint32_t epoch = cfn_waiter_enter(s);
+        int64_t w0 = cfn_mono_ns();
+        int wr = cfn_futex_wait(&s->wake_seq, seen, w);
+        cfn_waiter_leave(s, epoch);
+        res->waited_ns += cfn_mono_ns() - w0;
+        if (wr == -EINTR) {
+            rc = cfn_fail(err, -EINTR, "interrupted while waiting for room in the inbox of '%s'", to);
+            break;
+        }
+        if (wr == -ETIMEDOUT)
+            res->retries++;
+        else
+            res->wakeups++;
+        if (cfn_closing(bus)) {
+            rc = cfn_fail(err, CFN_E_CLOSED, "the bus was closed while waiting for room in the inbox of '%s'", to);
+            break;
+        }
+    }
+    struct cfn_region *r = cfn_reg(bus);
+    if (backpressure && rc == 0) {
+        cfn_region_counter_add(r, CFN_CTR_BP_SUCCESS, 1);
+        emit_bp_metric(bus, "backpressure.send.success", from, to, "retries", res->retries);
+    } else if (backpressure && rc == CFN_E_TIMEOUT) {
+        cfn_region_counter_add(r, CFN_CTR_BP_FAILURE, 1);
+        emit_bp_metric(bus, "backpressure.send.failure", from, to, "retries", res->retries);
+    }
+    if (rc == 0)
+        cfn_region_counter_add(r, CFN_CTR_SENT, 1);
+    cfn_ent_put(bus, ef);
+    if (et)
+        cfn_ent_put(bus, et);
+    return rc;
+}
