@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cfn_fast import Config, MessageBus
+from faults import faultshim  # noqa: F401  (the session fixture; see tests/faults/__init__.py)
 
 _TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
