@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -42,10 +41,10 @@ def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_monitor(base: Path, *, umask: int = -1, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+def start_monitor(base: Path, *, umask: int = -1) -> subprocess.Popen:
     """`python -m cfn_fast monitor-overflow 0.05`, as a user starts one; returns once its pid file is there."""
     p = subprocess.Popen([sys.executable, "-m", "cfn_fast", "monitor-overflow", "0.05"],
-                         env=dict(os.environ, MESSAGE_BASE_DIR=str(base), **(env or {})), umask=umask,
+                         env=dict(os.environ, MESSAGE_BASE_DIR=str(base)), umask=umask,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pidfile = base / ".monitors" / f"overflow-{p.pid}.pid"
     try:
