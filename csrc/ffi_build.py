@@ -14,7 +14,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["bus.c", "inbox.c", "json.c", "region.c", "util.c"]
+SOURCES = ["bus.c", "inbox.c", "json.c", "region.c", "util.c", "logfile.c"]
 
 
 def read_cdef(header: pathlib.Path) -> str:

@@ -136,6 +136,16 @@ struct cfn_bus {
     struct cfn_ent ents[CFN_CACHE];
     struct cfn_pair pairs[CFN_CACHE];
     char base_path[4096];
+    /* METRICS_FILE as cfn_set_metrics gave it (logfile.c); metrics_fd is its descriptor */
+    _Atomic int metrics_state;      /* metrics_mu: 0 not set up, 1 being set up, 2 ready */
+    pthread_mutex_t metrics_mu;     /* one metrics write at a time: a rotation swaps metrics_fd */
+    int64_t metrics_max;            /* METRICS_MAX_BYTES; 0 never rotates */
+    uint32_t metrics_mode;          /* for a file started afresh */
+    int32_t metrics_gid;
+    dev_t metrics_dev;              /* the file metrics_fd is open on */
+    ino_t metrics_ino;
+    pid_t metrics_pid;              /* the process that opened it: a forked child reopens */
+    char metrics_path[4096];        /* "" when metrics_fd came from cfn_set_metrics_fd */
 };
 
 /* err.c */
@@ -179,6 +189,9 @@ void cfn_gate_release(struct cfn_ent *e);
 int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, uint32_t dir_mode,
                  struct cfn_pair **out, cfn_err *err);
 void cfn_pair_put(cfn_bus *bus, struct cfn_pair *p);
+
+/* logfile.c: write(2) for the metrics file (len, or -1 and errno), following its rotation */
+ssize_t cfn_metrics_append(cfn_bus *bus, const char *line, size_t len);
 
 /* inbox.c */
 int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_gen,
