@@ -65,10 +65,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_medium_load_threshold", "RATE_LIMIT_MEDIUM_LOAD_THRESHOLD", 0.5, "float", 0, 1000,
             "load per CPU above which the medium tier applies; 0 to 1000"),
     Setting("batch_size", "CFN_BATCH_SIZE", 10, "int", 1, 1_000_000, "default batch size; 1 to 1000000"),
-    Setting("metrics_file", "METRICS_FILE", "/dev/shm/cfn-metrics.jsonl", "path", None, None,
-            "JSONL file metrics are appended to"),
-    Setting("alert_log_file", "ALERT_LOG_FILE", "/dev/shm/cfn-alerts.jsonl", "path", None, None,
-            "JSONL file alerts are appended to"),
+    Setting("metrics_file", "METRICS_FILE", None, "path", None, None,
+            "JSONL file metrics are appended to (default <MESSAGE_BASE_DIR>/.cfn-metrics.jsonl)"),
+    Setting("alert_log_file", "ALERT_LOG_FILE", None, "path", None, None,
+            "JSONL file alerts are appended to (default <MESSAGE_BASE_DIR>/.cfn-alerts.jsonl)"),
     Setting("alert_cooldown_seconds", "ALERT_COOLDOWN_SECONDS", 300.0, "float", 0, 31_536_000,
             "an alert for one type and agent is sent at most once per this many seconds; "
             "0 to 31536000 (a year)"),
@@ -87,12 +87,20 @@ SETTINGS: tuple[Setting, ...] = (
             "0 to 1099511627776 (1 TiB)"),
 )
 
+# Settings whose default is a file in the base folder (dotfiles: never taken for an agent).
+_IN_BASE = {"metrics_file": ".cfn-metrics.jsonl", "alert_log_file": ".cfn-alerts.jsonl"}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SPACE = " \t\n\r\f\v"
 _DIGITS = frozenset("0123456789")
 _FLOAT_CHARS = frozenset("0123456789+-.eE")
 _NOT_FINITE = {"nan", "inf", "infinity"}
+
+
+def default_path(attr: str, base_dir: str) -> str:
+    """Where a file setting left unset lives: <base_dir>/.cfn-metrics.jsonl, ..."""
+    return os.path.join(base_dir, _IN_BASE[attr])
 
 
 def _parse(s: Setting, raw: str) -> object:
@@ -213,9 +221,11 @@ def _check(s: Setting, value: object) -> object:
 class Config:
     """The settings in force for one bus. Build it with ``Config.from_env()``,
     or pass keyword arguments named as the attributes of ``SETTINGS`` (None
-    means the default)."""
+    means the default). ``metrics_file`` and ``alert_log_file`` left unset
+    follow ``base_dir``: ``Config(base_dir=b).metrics_file`` is
+    ``b/.cfn-metrics.jsonl``, and so after ``replace(base_dir=...)``."""
 
-    __slots__ = tuple(s.attr for s in SETTINGS)
+    __slots__ = tuple(s.attr for s in SETTINGS) + ("_unset",)
 
     base_dir: str
     max_inbox_size: int
@@ -237,6 +247,7 @@ class Config:
     lock_timeout_ms: int
     outbox_max: int
     metrics_max_bytes: int
+    _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:
         known = {s.attr: s for s in SETTINGS}
@@ -246,8 +257,19 @@ class Config:
         self._fill({s.attr: _check(s, values[s.attr]) for s in SETTINGS if values.get(s.attr) is not None})
 
     def _fill(self, values: Mapping[str, object]) -> None:
+        base = values.get("base_dir", SETTINGS[0].default)
+        assert isinstance(base, str)
+        unset = []
         for s in SETTINGS:
-            object.__setattr__(self, s.attr, values.get(s.attr, s.default))
+            if s.attr in values:
+                value = values[s.attr]
+            elif s.attr in _IN_BASE:
+                value = default_path(s.attr, base)
+                unset.append(s.attr)
+            else:
+                value = s.default
+            object.__setattr__(self, s.attr, value)
+        object.__setattr__(self, "_unset", frozenset(unset))
         self._check()
 
     def _check(self) -> None:
@@ -276,7 +298,7 @@ class Config:
         return self
 
     def replace(self, **changes: object) -> "Config":
-        values = {s.attr: getattr(self, s.attr) for s in SETTINGS}
+        values = {s.attr: getattr(self, s.attr) for s in SETTINGS if s.attr not in self._unset}
         values.update(changes)
         return Config(**values)
 
@@ -303,4 +325,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting"]
+__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "default_path"]

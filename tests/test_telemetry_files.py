@@ -250,6 +250,67 @@ def test_the_module_functions_follow_the_environment(bus, workdir, monkeypatch):
     assert cfn_fast.emit_metric("x", 1)
 
 
+# -- by default the files live in the base folder --------------------------------------------------
+
+@pytest.fixture
+def default_files(base: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    monkeypatch.delenv("METRICS_FILE")
+    monkeypatch.delenv("ALERT_LOG_FILE")
+    return base / ".cfn-metrics.jsonl", base / ".cfn-alerts.jsonl"
+
+
+def test_the_files_default_to_dotfiles_in_the_base_folder(default_files):
+    metrics, alerts = default_files
+    cfg = cfn_fast.Config.from_env()
+    assert (cfg.metrics_file, cfg.alert_log_file) == (str(metrics), str(alerts))
+    moved = cfg.replace(base_dir="/elsewhere")  # they follow the base folder...
+    assert (moved.metrics_file, moved.alert_log_file) == ("/elsewhere/.cfn-metrics.jsonl",
+                                                          "/elsewhere/.cfn-alerts.jsonl")
+    pinned = cfg.replace(metrics_file="/x/m.jsonl").replace(base_dir="/y")  # ...unless set
+    assert pinned.metrics_file == "/x/m.jsonl" and pinned.alert_log_file == "/y/.cfn-alerts.jsonl"
+
+
+def test_a_metric_or_alert_before_the_base_folder_exists_makes_it(base, default_files):
+    metrics, alerts = default_files
+    assert not base.exists()
+    assert telemetry.emit_metric("x", 1)
+    assert base.is_dir() and (base.stat().st_mode & 0o7777) == 0o700  # as init-system makes it
+    assert telemetry.emit_alert("t", "m", metadata={"agent": "a"})
+    assert not telemetry.emit_alert("t", "m", metadata={"agent": "a"})  # the cooldown holds
+    assert [r["metric"] for r in json_lines(metrics)] == ["x"]
+    assert [r["alert"] for r in json_lines(alerts)] == ["t"]
+    assert (metrics.stat().st_mode & 0o777) == 0o600 and (alerts.stat().st_mode & 0o777) == 0o600
+
+
+def test_the_files_are_never_taken_for_agents(base, default_files):
+    b = cfn_fast.MessageBus()
+    try:
+        b.init_message_bus("bob")
+        b.send_message("alice", "bob", "t", "{}")
+        telemetry.emit_metric("x", 1, bus=b)
+        telemetry.emit_alert("t", "m", bus=b)
+        assert all(p.exists() for p in default_files)
+        assert b.list_agents() == ["bob"]
+        from cfn_fast import monitors
+
+        assert [s["agent"] for s in monitors.get_all_inbox_stats(bus=b)] == ["bob"]
+    finally:
+        b.close()
+
+
+def test_env_shows_where_the_files_are(base, default_files):
+    env = {k: v for k, v in os.environ.items() if k not in ("METRICS_FILE", "ALERT_LOG_FILE")}
+    out = cfn("env", env=env).stdout
+    assert f"METRICS_FILE={default_files[0]}\t" in out and f"ALERT_LOG_FILE={default_files[1]}\t" in out
+
+
+def test_the_originals_paths_still_work(bus, monkeypatch, workdir):
+    """METRICS_FILE=/dev/shm/cfn-metrics.jsonl, as the original, under the same checks."""
+    path = workdir / "cfn-metrics.jsonl"  # the original's name, in this test's own /dev/shm folder
+    monkeypatch.setenv("METRICS_FILE", str(path))
+    assert telemetry.emit_metric("x", 1) and [r["metric"] for r in json_lines(path)] == ["x"]
+
+
 # -- METRICS_FILE is bounded ------------------------------------------------------------------------
 
 def whole_lines(path: Path) -> list[dict]:
