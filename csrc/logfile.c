@@ -129,7 +129,7 @@ static int metrics_lock_ready(cfn_bus *bus, cfn_err *err)
         return 0;
     }
     while (atomic_load(&bus->metrics_state) != 2)
-        sched_yield();
+        (void)sched_yield();  /* a hint; the loop re-checks either way */
     return 0;
 }
 
