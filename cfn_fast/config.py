@@ -201,9 +201,9 @@ def _check(s: Setting, value: object) -> object:
             raise _out_of_range(s, value, False) from None
         return _in_range(s, number, value)
     if s.kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{s.env}={_short(value)} is not a boolean (use True or False)")
-        return value
+        if value in (0, 1) and isinstance(value, int):  # True, False, 1 or 0, as the environment's 1 or 0
+            return bool(value)
+        raise ConfigError(f"{s.env}={_short(value)} is not a boolean (use True or False)")
     if s.kind == "backoff":
         raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(BACKOFFS)}")
     # path

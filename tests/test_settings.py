@@ -153,6 +153,13 @@ def test_group_from_python_values_is_bounded():
     assert Config(group=0).group == 0 and Config(group=None).group is None
 
 
+def test_boolean_settings_from_python_values():
+    assert Config(metrics_enabled=False).metrics_enabled is False and Config(fsync=1).fsync is True
+    for bad in (2, -1, 0.5, "maybe", [True]):
+        with pytest.raises(ConfigError, match="CFN_METRICS"):
+            Config(metrics_enabled=bad)
+
+
 def test_the_new_settings_and_their_defaults():
     c = Config.from_env({})
     assert (c.lock_timeout_ms, c.outbox_max, c.metrics_max_bytes) == (10000, 1000, 64 << 20)
