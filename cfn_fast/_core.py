@@ -391,8 +391,45 @@ def cooldown_try(h: Handle, key: bytes, now_ns: int, cooldown_ns: int) -> bool:
     return bool(rc)
 
 
-def set_metrics_fd(h: Handle, fd: int) -> None:
-    lib.cfn_set_metrics_fd(h, fd)
+def log_open(path: str, mode: int, gid: Optional[int]) -> int:
+    """A descriptor appending to a metrics or alert file, opened under the trust
+    rule of csrc/logfile.c (UnsafePath for a FIFO, a symlink, another user's or
+    an everyone-writable file). The caller closes it."""
+    err = new_err()
+    fd = lib.cfn_log_open(os.fsencode(path), mode, -1 if gid is None else gid, err)
+    if fd < 0:
+        raise_for(fd, err)
+    return int(fd)
+
+
+def log_open_read(path: str, gid: Optional[int]) -> Optional[int]:
+    """A descriptor reading a metrics or alert file under the same rule; None when there is none."""
+    err = new_err()
+    fd = lib.cfn_log_open_read(os.fsencode(path), -1 if gid is None else gid, err)
+    if fd == -_errno.ENOENT:
+        return None
+    if fd < 0:
+        raise_for(fd, err)
+    return int(fd)
+
+
+def set_metrics(h: Handle, path: Optional[str], max_bytes: int = 0, mode: int = 0o600,
+                gid: Optional[int] = None) -> None:
+    """Gives the handle its METRICS_FILE (None: metrics off, its file closed)."""
+    err = new_err()
+    rc = lib.cfn_set_metrics(h, ffi.NULL if path is None else os.fsencode(path), max_bytes, mode,
+                             -1 if gid is None else gid, err)
+    if rc:
+        raise_for(rc, err)
+
+
+def metrics_write(h: Handle, data: bytes, nlines: int) -> int:
+    """Appends whole metric lines through the handle's writer; 0 when metrics are off."""
+    err = new_err()
+    n = lib.cfn_metrics_write(h, data, len(data), nlines, err)
+    if n < 0:
+        raise_for(n, err)
+    return int(n)
 
 
 def metric_format(name: bytes, value: float, unit: bytes, tags_json: bytes) -> bytes:

@@ -106,11 +106,9 @@ class MessageBus:
         self.base_dir: str = cfg.base_dir
         self._handle: Optional[_core.Handle] = None
         self._lock = threading.Lock()
-        self._metrics_lock = threading.Lock()
-        self._metrics_fd: Optional[int] = None
         # claimed files whose name is not "<msg_id>.json" (written by other tools): msg_id -> name
         self._claimed_names: dict[str, bytes] = {}
-        self.metrics_error: Optional[str] = None
+        self.metrics_error: Optional[CfnError] = None
         common = dict(
             capacity=cfg.max_inbox_size,
             wait_ms=cfg.backpressure_wait_ms,
@@ -147,27 +145,29 @@ class MessageBus:
             return self._handle
 
     def _on_open(self, handle: _core.Handle) -> None:
-        """Gives the C send loop the metrics file, so its backpressure metrics
-        are written where they happen, one write(2) each on an O_APPEND descriptor."""
-        fd = self.metrics_fd()
-        if fd is not None:
-            _core.set_metrics_fd(handle, fd)
+        """Gives the C core METRICS_FILE: the send loop's backpressure metrics
+        and telemetry's lines share one writer, which rotates the file past
+        METRICS_MAX_BYTES. A file the trust rule refuses (a FIFO, a symlink,
+        another user's) or that cannot be opened turns metrics off for this
+        bus, and nothing else: sends go on; ``metrics_error`` says why."""
+        cfg = self.config
+        if cfg.metrics_enabled and self.metrics_error is None:
+            try:
+                _core.set_metrics(handle, cfg.metrics_file, cfg.metrics_max_bytes, cfg.file_mode, cfg.group)
+            except CfnError as e:
+                self.metrics_error = e
 
-    def metrics_fd(self) -> Optional[int]:
-        """The O_APPEND descriptor of METRICS_FILE (opened once), or None when
-        metrics are off (CFN_METRICS=0) or the file cannot be opened; then
-        ``metrics_error`` says why."""
+    def metrics_handle(self) -> Optional[_core.Handle]:
+        """The handle metric lines are written through (opening the bus, and
+        creating its base folder, on first use); None when metrics are off
+        (CFN_METRICS=0). Raises ``metrics_error`` when METRICS_FILE was refused."""
         if not self.config.metrics_enabled:
             return None
-        if self._metrics_fd is None and self.metrics_error is None:
-            with self._metrics_lock:  # two threads must not both open it (one descriptor would leak)
-                if self._metrics_fd is None and self.metrics_error is None:
-                    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-                    try:
-                        self._metrics_fd = os.open(self.config.metrics_file, flags, self.config.file_mode)
-                    except OSError as e:
-                        self.metrics_error = f"cannot open METRICS_FILE {self.config.metrics_file}: {e.strerror}"
-        return self._metrics_fd
+        h = self._bus(create=True)
+        e = self.metrics_error
+        if e is not None:
+            raise type(e)(*e.args)  # a fresh one: re-raising e would grow its traceback each time
+        return h
 
     def _need(self, agent: bytes) -> _core.Handle:
         h = self._bus()
@@ -182,11 +182,9 @@ class MessageBus:
         with self._lock:
             h, self._handle = self._handle, None
             if h is not None:
-                _core.close_bus(h)  # waits for the calls in flight; they hold h, so it is not freed under them
-            with self._metrics_lock:
-                if self._metrics_fd is not None:
-                    os.close(self._metrics_fd)
-                    self._metrics_fd = None
+                # waits for the calls in flight (they hold h, so it is not freed under
+                # them), then closes METRICS_FILE and the mapping
+                _core.close_bus(h)
 
     def __enter__(self) -> "MessageBus":
         return self

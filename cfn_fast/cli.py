@@ -300,13 +300,16 @@ def demo(senders: int, messages: int, capacity: int, batch: int, consume_delay_m
 
 
 def env() -> int:
-    from cfn_fast.config import SETTINGS
+    from cfn_fast.config import SETTINGS, default_path
 
+    base = os.environ.get("MESSAGE_BASE_DIR") or str(SETTINGS[0].default)
     for s in SETTINGS:
         value = os.environ.get(s.env)
         default = s.default
         if isinstance(default, bool):
             default = int(default)
+        elif default is None and s.kind == "path":  # a file in the base folder
+            default = default_path(s.attr, base)
         shown = value if value is not None else ("" if default is None else default)
         out(f"{s.env}={shown}\t# {s.help}{'' if value is not None else ' (default)'}")
     return EXIT_OK

@@ -2,8 +2,14 @@
 
 ``SETTINGS`` is the one table of every variable: its attribute name, default
 and bounds. ``Config.from_env()`` reads them and raises ConfigError naming the
-variable when one is invalid. Importing this module never reads the
-environment.
+variable when one is invalid; ``Config(**values)`` applies the same checks to
+Python values. Importing this module never reads the environment.
+
+Every numeric setting has a maximum as well as a minimum, chosen so that what
+the C core later computes from it fits an int64 of nanoseconds with room to
+spare: the longest wait, 3,600,000 ms, shifted by the exponential backoff's
+2**20 is 3.8e18 ns; the default budget, WAIT_MS x MAX_RETRIES, is at most
+3.6e18 ns; the longest alert cooldown is 3.2e16 ns. An int64 holds 9.2e18.
 """
 from __future__ import annotations
 
@@ -21,103 +27,205 @@ class Setting(NamedTuple):
     default: Union[int, float, str, None]
     kind: str  # "int", "float", "str", "path", "backoff", "bool", "group"
     minimum: Optional[float] = None
+    maximum: Optional[float] = None
     help: str = ""
 
+    def range_text(self) -> str:
+        """The allowed range as error messages and help show it: "1 to 1000000000"."""
+        return f"{_num(self.minimum)} to {_num(self.maximum)}"
+
+
+def _num(v: Optional[float]) -> str:
+    if v is None:
+        return "?"
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+GID_MAX = 2**31 - 1  # a gid travels to C as an int32; -1 means "no group"
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("base_dir", "MESSAGE_BASE_DIR", "/dev/shm/cfn-mvp/messages", "path", None,
+    Setting("base_dir", "MESSAGE_BASE_DIR", "/dev/shm/cfn-mvp/messages", "path", None, None,
             "folder holding one folder per agent"),
-    Setting("max_inbox_size", "MAX_INBOX_SIZE", 1000, "int", 1, "messages an inbox holds at most"),
-    Setting("backpressure_wait_ms", "BACKPRESSURE_WAIT_MS", 100, "int", 0, "wait between retries, ms"),
-    Setting("backpressure_max_retries", "BACKPRESSURE_MAX_RETRIES", 50, "int", 0,
-            "retries before a backpressure send fails"),
-    Setting("backpressure_backoff", "BACKPRESSURE_BACKOFF", "fixed", "backoff", None,
+    Setting("max_inbox_size", "MAX_INBOX_SIZE", 1000, "int", 1, 1_000_000_000,
+            "messages an inbox holds at most; 1 to 1000000000"),
+    Setting("backpressure_wait_ms", "BACKPRESSURE_WAIT_MS", 100, "int", 0, 3_600_000,
+            "wait between retries, ms; 0 to 3600000 (an hour)"),
+    Setting("backpressure_max_retries", "BACKPRESSURE_MAX_RETRIES", 50, "int", 0, 1_000_000,
+            "retries before a backpressure send fails; 0 to 1000000"),
+    Setting("backpressure_backoff", "BACKPRESSURE_BACKOFF", "fixed", "backoff", None, None,
             "retry waits: fixed, exponential or decorrelated"),
-    Setting("backpressure_max_total_ms", "BACKPRESSURE_MAX_TOTAL_MS", 0, "int", 0,
-            "total wait budget in ms; 0 means WAIT_MS x MAX_RETRIES"),
-    Setting("max_message_bytes", "MAX_MESSAGE_BYTES", 1048576, "int", 1, "largest payload, bytes"),
-    Setting("rate_limit_check_interval", "RATE_LIMIT_CHECK_INTERVAL", 5.0, "float", 0.001,
-            "seconds between load checks"),
-    Setting("rate_limit_high_load_threshold", "RATE_LIMIT_HIGH_LOAD_THRESHOLD", 0.8, "float", 0,
-            "load per CPU above which the high tier applies"),
-    Setting("rate_limit_medium_load_threshold", "RATE_LIMIT_MEDIUM_LOAD_THRESHOLD", 0.5, "float", 0,
-            "load per CPU above which the medium tier applies"),
-    Setting("batch_size", "CFN_BATCH_SIZE", 10, "int", 1, "default batch size"),
-    Setting("metrics_file", "METRICS_FILE", "/dev/shm/cfn-metrics.jsonl", "path", None,
-            "JSONL file metrics are appended to"),
-    Setting("alert_log_file", "ALERT_LOG_FILE", "/dev/shm/cfn-alerts.jsonl", "path", None,
-            "JSONL file alerts are appended to"),
-    Setting("alert_cooldown_seconds", "ALERT_COOLDOWN_SECONDS", 300.0, "float", 0,
-            "an alert for one type and agent is sent at most once per this many seconds"),
-    Setting("metrics_enabled", "CFN_METRICS", True, "bool", None, "write metric lines (1) or not (0)"),
-    Setting("fsync", "CFN_FSYNC", False, "bool", None, "fsync each delivery, then its folder (for disks)"),
-    Setting("group", "CFN_GROUP", None, "group", None,
-            "open folders and files to this group (name or gid) for multi-user swarms"),
+    Setting("backpressure_max_total_ms", "BACKPRESSURE_MAX_TOTAL_MS", 0, "int", 0, 604_800_000,
+            "total wait budget in ms, 0 meaning WAIT_MS x MAX_RETRIES; 0 to 604800000 (7 days)"),
+    Setting("max_message_bytes", "MAX_MESSAGE_BYTES", 1048576, "int", 1, 268_435_456,
+            "largest payload, bytes; 1 to 268435456 (256 MiB)"),
+    Setting("rate_limit_check_interval", "RATE_LIMIT_CHECK_INTERVAL", 5.0, "float", 0.001, 86_400,
+            "seconds between load checks; 0.001 to 86400 (a day)"),
+    Setting("rate_limit_high_load_threshold", "RATE_LIMIT_HIGH_LOAD_THRESHOLD", 0.8, "float", 0, 1000,
+            "load per CPU above which the high tier applies; 0 to 1000"),
+    Setting("rate_limit_medium_load_threshold", "RATE_LIMIT_MEDIUM_LOAD_THRESHOLD", 0.5, "float", 0, 1000,
+            "load per CPU above which the medium tier applies; 0 to 1000"),
+    Setting("batch_size", "CFN_BATCH_SIZE", 10, "int", 1, 1_000_000, "default batch size; 1 to 1000000"),
+    Setting("metrics_file", "METRICS_FILE", None, "path", None, None,
+            "JSONL file metrics are appended to (default <MESSAGE_BASE_DIR>/.cfn-metrics.jsonl)"),
+    Setting("alert_log_file", "ALERT_LOG_FILE", None, "path", None, None,
+            "JSONL file alerts are appended to (default <MESSAGE_BASE_DIR>/.cfn-alerts.jsonl)"),
+    Setting("alert_cooldown_seconds", "ALERT_COOLDOWN_SECONDS", 300.0, "float", 0, 31_536_000,
+            "an alert for one type and agent is sent at most once per this many seconds; "
+            "0 to 31536000 (a year)"),
+    Setting("metrics_enabled", "CFN_METRICS", True, "bool", None, None, "write metric lines (1) or not (0)"),
+    Setting("fsync", "CFN_FSYNC", False, "bool", None, None, "fsync each delivery, then its folder (for disks)"),
+    Setting("group", "CFN_GROUP", None, "group", 0, GID_MAX,
+            "open folders and files to this group for multi-user swarms: a group name, "
+            "or a gid 0 to 2147483647"),
+    Setting("lock_timeout_ms", "LOCK_TIMEOUT_MS", 10000, "int", 1, 3_600_000,
+            "longest wait, ms, for an inbox's .lock held by another process before a call fails "
+            "with InboxLocked; 1 to 3600000 (an hour)"),
+    Setting("outbox_max", "OUTBOX_MAX", 1000, "int", 0, 1_000_000_000,
+            "outbox copies kept per sender, oldest pruned first, 0 meaning unbounded; 0 to 1000000000"),
+    Setting("metrics_max_bytes", "METRICS_MAX_BYTES", 64 << 20, "int", 0, 1 << 40,
+            "METRICS_FILE is rotated to METRICS_FILE.1 past this size, 0 meaning never; "
+            "0 to 1099511627776 (1 TiB)"),
 )
+
+# Settings whose default is a file in the base folder (dotfiles: never taken for an agent).
+_IN_BASE = {"metrics_file": ".cfn-metrics.jsonl", "alert_log_file": ".cfn-alerts.jsonl"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_SPACE = " \t\n\r\f\v"
+_DIGITS = frozenset("0123456789")
+_FLOAT_CHARS = frozenset("0123456789+-.eE")
+_NOT_FINITE = {"nan", "inf", "infinity"}
+
+
+def default_path(attr: str, base_dir: str) -> str:
+    """Where a file setting left unset lives: <base_dir>/.cfn-metrics.jsonl, ..."""
+    return os.path.join(base_dir, _IN_BASE[attr])
 
 
 def _parse(s: Setting, raw: str) -> object:
-    text = raw.strip()
+    """A setting's value from its environment text."""
+    text = raw.strip(_SPACE)
     if s.kind == "int":
-        try:
-            value: Union[int, float] = int(text, 10)
-        except ValueError:
-            raise ConfigError(f"{s.env}={raw!r} is not a whole number") from None
-    elif s.kind == "float":
+        body = text[1:] if text[:1] in ("+", "-") else text
+        if not body or not _DIGITS.issuperset(body):  # not int(): it takes "1_000" and non-ASCII digits
+            raise ConfigError(f"{s.env}={_short(raw)} is not a whole number")
+        if len(body) > 30:  # far out of range; int() of a huge text costs, and may refuse it
+            raise _out_of_range(s, raw, text.startswith("-"))
+        return _in_range(s, int(text, 10), raw)
+    if s.kind == "float":
+        if text.lstrip("+-").lower() in _NOT_FINITE:
+            raise ConfigError(f"{s.env}={raw!r} is not a finite number")
+        if not text or not _FLOAT_CHARS.issuperset(text):  # not float(): it takes "1_0", "inf", "١"
+            raise ConfigError(f"{s.env}={_short(raw)} is not a number")
         try:
             value = float(text)
         except ValueError:
-            raise ConfigError(f"{s.env}={raw!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{s.env}={raw!r} is not a finite number")
-    elif s.kind == "backoff":
+            raise ConfigError(f"{s.env}={_short(raw)} is not a number") from None
+        return _in_range(s, value, raw)  # 1e400 is inf: out of range
+    if s.kind == "backoff":
         if text not in BACKOFFS:
-            raise ConfigError(f"{s.env}={raw!r} is not one of {', '.join(BACKOFFS)}")
+            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(BACKOFFS)}")
         return text
-    elif s.kind == "bool":
+    if s.kind == "bool":
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:
             return False
-        raise ConfigError(f"{s.env}={raw!r} is not a boolean (use 1 or 0)")
-    elif s.kind == "group":
-        return _parse_group(s, text)
-    else:  # path / str
-        if not text:
-            raise ConfigError(f"{s.env} is set but empty")
-        if "\0" in raw:
-            raise ConfigError(f"{s.env} contains a NUL byte")
-        return raw
+        raise ConfigError(f"{s.env}={_short(raw)} is not a boolean (use 1 or 0)")
+    if s.kind == "group":
+        return _parse_group(s, text, raw)
+    # path / str
+    if not text:
+        raise ConfigError(f"{s.env} is set but empty")
+    if "\0" in raw:
+        raise ConfigError(f"{s.env} contains a NUL byte")
+    return raw
+
+
+def _out_of_range(s: Setting, shown: object, below: bool) -> ConfigError:
+    text = f"{s.env}={_short(shown)} is out of range ({s.range_text()})"
+    if below:
+        text += ": it must not be negative" if s.minimum == 0 else f": it must be at least {_num(s.minimum)}"
+    return ConfigError(text)
+
+
+def _short(value: object) -> str:
+    """A value as an error shows it: repr, cut short when it is long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:50] + "...(" + str(len(text)) + " chars)"
+
+
+def _in_range(s: Setting, value: Union[int, float], shown: object) -> Union[int, float]:
+    if value != value:
+        raise ConfigError(f"{s.env}={_short(shown)} is not a finite number")
     if s.minimum is not None and value < s.minimum:
-        if s.minimum == 1:
-            raise ConfigError(f"{s.env}={raw!r} must be at least 1")
-        if s.minimum == 0:
-            raise ConfigError(f"{s.env}={raw!r} must not be negative")
-        raise ConfigError(f"{s.env}={raw!r} must be greater than 0")
+        raise _out_of_range(s, shown, True)
+    if s.maximum is not None and value > s.maximum:
+        raise _out_of_range(s, shown, False)
     return value
 
 
-def _parse_group(s: Setting, text: str) -> Optional[int]:
+def _parse_group(s: Setting, text: str, raw: str) -> Optional[int]:
     if not text:
         return None
-    if text.isdigit():
-        return int(text)
+    body = text[1:] if text[:1] in ("+", "-") else text
+    if body and _DIGITS.issuperset(body):  # a gid (ASCII digits only: "١٢٣" is a name, and none exists)
+        if len(body) > 30:
+            raise _out_of_range(s, raw, text.startswith("-"))
+        return int(_in_range(s, int(text, 10), raw))
     import grp
 
     try:
-        return grp.getgrnam(text).gr_gid
+        gid = grp.getgrnam(text).gr_gid
     except KeyError:
-        raise ConfigError(f"{s.env}={text!r} names no group on this machine") from None
+        raise ConfigError(f"{s.env}={_short(raw)} names no group on this machine") from None
+    return int(_in_range(s, gid, raw))
+
+
+def _check(s: Setting, value: object) -> object:
+    """A value given to Config(...) as Python data, held to the rules of the
+    environment's text: text is parsed as if read from the environment."""
+    if isinstance(value, str) and s.kind != "path":
+        return _parse(s, value)
+    if s.kind in ("int", "group"):
+        if isinstance(value, bool) or not isinstance(value, int):  # 5.0 is not a whole number either
+            raise ConfigError(f"{s.env}={_short(value)} is not a whole number")
+        return _in_range(s, value, value)
+    if s.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{s.env}={_short(value)} is not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            raise _out_of_range(s, value, False) from None
+        return _in_range(s, number, value)
+    if s.kind == "bool":
+        if value in (0, 1) and isinstance(value, int):  # True, False, 1 or 0, as the environment's 1 or 0
+            return bool(value)
+        raise ConfigError(f"{s.env}={_short(value)} is not a boolean (use True or False)")
+    if s.kind == "backoff":
+        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(BACKOFFS)}")
+    # path
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{s.env}={_short(value)} is not a path")
+    if not value.strip(_SPACE):
+        raise ConfigError(f"{s.env} is empty")
+    if "\0" in value:
+        raise ConfigError(f"{s.env} contains a NUL byte")
+    return value
 
 
 class Config:
     """The settings in force for one bus. Build it with ``Config.from_env()``,
-    or pass keyword arguments named as the attributes of ``SETTINGS``."""
+    or pass keyword arguments named as the attributes of ``SETTINGS`` (None
+    means the default). ``metrics_file`` and ``alert_log_file`` left unset
+    follow ``base_dir``: ``Config(base_dir=b).metrics_file`` is
+    ``b/.cfn-metrics.jsonl``, and so after ``replace(base_dir=...)``."""
 
-    __slots__ = tuple(s.attr for s in SETTINGS)
+    __slots__ = tuple(s.attr for s in SETTINGS) + ("_unset",)
 
     base_dir: str
     max_inbox_size: int
@@ -136,19 +244,32 @@ class Config:
     metrics_enabled: bool
     fsync: bool
     group: Optional[int]
+    lock_timeout_ms: int
+    outbox_max: int
+    metrics_max_bytes: int
+    _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:
         known = {s.attr: s for s in SETTINGS}
         for name in values:
             if name not in known:
                 raise ConfigError(f"unknown setting {name!r}")
+        self._fill({s.attr: _check(s, values[s.attr]) for s in SETTINGS if values.get(s.attr) is not None})
+
+    def _fill(self, values: Mapping[str, object]) -> None:
+        base = values.get("base_dir", SETTINGS[0].default)
+        assert isinstance(base, str)
+        unset = []
         for s in SETTINGS:
-            value = values.get(s.attr, s.default)
-            if s.attr in values and value is not None and s.kind not in ("path", "backoff", "bool", "group"):
-                value = _parse(s, str(value))
-            elif s.kind == "backoff" and value not in BACKOFFS:
-                raise ConfigError(f"{s.env}={value!r} is not one of {', '.join(BACKOFFS)}")
+            if s.attr in values:
+                value = values[s.attr]
+            elif s.attr in _IN_BASE:
+                value = default_path(s.attr, base)
+                unset.append(s.attr)
+            else:
+                value = s.default
             object.__setattr__(self, s.attr, value)
+        object.__setattr__(self, "_unset", frozenset(unset))
         self._check()
 
     def _check(self) -> None:
@@ -169,19 +290,15 @@ class Config:
         for s in SETTINGS:
             raw = env.get(s.env)
             if raw is not None:
-                values[s.attr] = _parse(s, raw)
-        return cls._trusted(values)
-
-    @classmethod
-    def _trusted(cls, values: Mapping[str, object]) -> "Config":
+                value = _parse(s, raw)
+                if value is not None:  # CFN_GROUP="" is unset
+                    values[s.attr] = value
         self = cls.__new__(cls)
-        for s in SETTINGS:
-            object.__setattr__(self, s.attr, values.get(s.attr, s.default))
-        self._check()
+        self._fill(values)
         return self
 
     def replace(self, **changes: object) -> "Config":
-        values = {s.attr: getattr(self, s.attr) for s in SETTINGS}
+        values = {s.attr: getattr(self, s.attr) for s in SETTINGS if s.attr not in self._unset}
         values.update(changes)
         return Config(**values)
 
@@ -208,4 +325,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting"]
+__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "default_path"]

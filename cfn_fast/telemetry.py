@@ -4,8 +4,12 @@ process on the base folder (the original kept its cooldown in one shell's
 memory, and its tags had a stray ``}``: defects 5 and 7).
 
 Metric lines are formatted by the C code the send loop uses
-(``_core.metric_format``) and written with one ``write(2)`` on the bus's
-O_APPEND descriptor, so concurrent writers never interleave or tear a line.
+(``_core.metric_format``) and written by the same C writer
+(``_core.metrics_write``): whole lines per ``write(2)`` on an O_APPEND
+descriptor, so concurrent writers never interleave or tear a line, and the
+file is rotated past METRICS_MAX_BYTES by one rule for every process. Both
+files are opened under the trust rule of csrc/logfile.c (no FIFO, symlink,
+another user's or everyone-writable file): they may sit in /dev/shm.
 Every function takes an optional ``bus=`` (default ``cfn_fast.default_bus()``).
 ``json`` is imported only where a dict has to be encoded or a file parsed.
 """
@@ -188,22 +192,18 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_metric_lines(bus: "MessageBus", data: bytes, nlines: int) -> bool:
-    """Appends already formatted lines (one write when under 64 KiB); False when metrics are off."""
-    fd = bus.metrics_fd()
-    if fd is None:
-        if bus.metrics_error:
-            raise CfnOSError(errno.EIO, bus.metrics_error)
+    """Appends already formatted lines (one write when under 64 KiB), creating
+    the base folder if need be; False when metrics are off (CFN_METRICS=0).
+    Raises UnsafePath when METRICS_FILE is refused, CfnOSError when it cannot
+    be written."""
+    h = bus.metrics_handle()
+    if h is None:
         return False
-    h = _handle(bus)
     try:
-        _write_all(fd, data)
-    except OSError as e:
-        if h is not None:
-            _core.counter_add(h, COUNTERS["metric_write_errors"], nlines)
-        raise CfnOSError(e.errno or errno.EIO,
-                         f"write METRICS_FILE {bus.config.metrics_file}: {e.strerror}") from None
-    if h is not None:
-        _core.counter_add(h, COUNTERS["metrics"], nlines)
+        _core.metrics_write(h, data, nlines)  # counts the lines in the shared "metrics" counter
+    except CfnError:
+        _core.counter_add(h, COUNTERS["metric_write_errors"], nlines)
+        raise
     return True
 
 
@@ -324,6 +324,8 @@ def emit_alert(alert_type: str, message: str, severity: str = "info",
     meta_bytes = _json_object(metadata, "alert metadata")
     meta = json.loads(meta_bytes) if not isinstance(metadata, Mapping) else dict(metadata)
     key = f"{atype}\0{_subject(meta)}".encode("utf-8", "surrogateescape")
+    # the base folder holds the shared cooldown (and, by default, the alert file): make it
+    h = _handle(b, create=True)
     if not _cooldown_ok(b, key, b.config.alert_cooldown_seconds):
         return False
     stamp = now_iso()
@@ -340,19 +342,19 @@ def emit_alert(alert_type: str, message: str, severity: str = "info",
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-    h = _handle(b)
     path = b.config.alert_log_file
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     b.config.file_mode)
+        fd = _core.log_open(path, b.config.file_mode, b.config.group)
         try:
             _write_all(fd, line)
+        except OSError as e:
+            raise CfnOSError(e.errno or errno.EIO, f"write ALERT_LOG_FILE {path}: {e.strerror}") from None
         finally:
             os.close(fd)
-    except OSError as e:
+    except CfnError:
         if h is not None:
             _core.counter_add(h, COUNTERS["alert_write_errors"], 1)
-        raise CfnOSError(e.errno or errno.EIO, f"write ALERT_LOG_FILE {path}: {e.strerror}") from None
+        raise
     if h is not None:
         _core.counter_add(h, COUNTERS["alerts"], 1)
         per_type = f"alerts_{atype}"
@@ -398,12 +400,8 @@ def alerts_summary(minutes: Optional[float] = None, *, bus: Optional["MessageBus
     nested: dict[str, dict[str, int]] = {}
     total = invalid = 0
     path = b.config.alert_log_file
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        f = None
-    except OSError as e:
-        raise CfnOSError(e.errno or errno.EIO, f"read ALERT_LOG_FILE {path}: {e.strerror}") from None
+    fd = _core.log_open_read(path, b.config.group)  # a FIFO there must not hang the reader
+    f = None if fd is None else os.fdopen(fd, "rb")
     if f is not None:
         with f:
             for raw in f:
@@ -449,14 +447,9 @@ def metrics_stats(*, bus: Optional["MessageBus"] = None) -> dict[str, Any]:
     b = _resolve(bus)
     path = b.config.metrics_file
     size = lines = 0
-    exists = True
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        exists = False
-    except OSError as e:
-        raise CfnOSError(e.errno or errno.EIO, f"read METRICS_FILE {path}: {e.strerror}") from None
-    if exists:
+    fd = _core.log_open_read(path, b.config.group)
+    exists = fd is not None
+    if fd is not None:
         try:
             while True:
                 chunk = os.read(fd, 1 << 20)
@@ -481,12 +474,9 @@ def clear_metrics(*, bus: Optional["MessageBus"] = None) -> None:
     new end). The shared totals are cumulative and stay."""
     b = _resolve(bus)
     path = b.config.metrics_file
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return
-    except OSError as e:
-        raise CfnOSError(e.errno or errno.EIO, f"open METRICS_FILE {path}: {e.strerror}") from None
+    fd = _core.log_open(path, b.config.file_mode, b.config.group)
     try:
         os.ftruncate(fd, 0)
     except OSError as e:

@@ -215,12 +215,20 @@ int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len, int64_t now_
     return rc;
 }
 
-int cfn_set_metrics_fd(cfn_bus *bus, int fd)
+int cfn_set_metrics(cfn_bus *bus, const char *path, int64_t max_bytes, uint32_t mode, int32_t gid, cfn_err *err)
 {
-    ENTER(bus, NULL);
-    int rc = cfn_set_metrics_fd_in(bus, fd);
+    ENTER(bus, err);
+    int rc = cfn_set_metrics_in(bus, path, max_bytes, mode, gid, err);
     cfn_leave(bus);
     return rc;
+}
+
+int64_t cfn_metrics_write(cfn_bus *bus, const char *data, size_t len, int64_t nlines, cfn_err *err)
+{
+    ENTER(bus, err);
+    int64_t n = cfn_metrics_write_in(bus, data, len, nlines, err);
+    cfn_leave(bus);
+    return n;
 }
 
 int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit, const char *tags_json,

@@ -278,6 +278,7 @@ void cfn_bus_close(cfn_bus *bus)
         ent_close(&bus->ents[i]);
         pair_close(&bus->pairs[i]);
     }
+    cfn_metrics_close(bus);
     cfn_region_close(bus);
     if (bus->consumer_lockfd >= 0)
         (void)close(bus->consumer_lockfd);
@@ -800,11 +801,5 @@ int cfn_forget_agent_in(cfn_bus *bus, const char *agent, cfn_err *err)
             cfn_slot_wake(s, INT32_MAX);
         }
     }
-    return 0;
-}
-
-int cfn_set_metrics_fd_in(cfn_bus *bus, int fd)
-{
-    atomic_store(&bus->metrics_fd, fd);
     return 0;
 }

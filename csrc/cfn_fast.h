@@ -235,12 +235,34 @@ int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len,
                      int64_t now_ns, int64_t cooldown_ns);
 
 /* --- metrics: one JSONL line, one write(2) on an O_APPEND descriptor ------ */
-int cfn_set_metrics_fd(cfn_bus *bus, int fd);
 int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit,
                     const char *tags_json, size_t tags_len, cfn_err *err);
 /* Formats the line cfn_metric_emit writes (newline included) into out;
  * returns its length, or a negative code (CFN_E_BADARG, or -ERANGE when cap is short). */
 int64_t cfn_metric_format(char *out, size_t cap, const char *name, double value, const char *unit,
                           const char *tags_json, size_t tags_len, cfn_err *err);
+
+/* --- telemetry files: METRICS_FILE and ALERT_LOG_FILE (logfile.c) ------------
+ * They may sit where every local user writes (/dev/shm), so they are opened
+ * under one rule: O_NOFOLLOW|O_NONBLOCK (a FIFO planted there never hangs a
+ * writer), then refused (CFN_E_UNSAFE, naming the path and why) unless the
+ * descriptor is a regular file of this user, or with gid >= 0 of that group,
+ * and not writable by everyone. A file created here gets `mode` (and the group). */
+/* Opens for appending (O_WRONLY|O_APPEND|O_CREAT|O_CLOEXEC); returns the descriptor. */
+int cfn_log_open(const char *path, uint32_t mode, int32_t gid, cfn_err *err);
+/* Opens an existing file for reading under the same rule; -ENOENT when there is none. */
+int cfn_log_open_read(const char *path, int32_t gid, cfn_err *err);
+/* Gives the handle its METRICS_FILE (path NULL: metrics off, its file closed),
+ * written by cfn_metrics_write and by the send loop's metric lines alike. When
+ * a write would take the file past max_bytes (0: never), it is renamed
+ * <path>.1 (replacing an older one) and a fresh file started; which process
+ * rotates is decided under a non-blocking flock, and every writer that finds
+ * the path naming another file than its descriptor's reopens it. */
+int cfn_set_metrics(cfn_bus *bus, const char *path, int64_t max_bytes, uint32_t mode, int32_t gid,
+                    cfn_err *err);
+/* Appends `nlines` whole lines (len bytes, the last ending in a newline), each
+ * write(2) holding whole lines only; returns nlines (counted in CFN_CTR_METRICS),
+ * 0 when metrics are off, or a negative code. */
+int64_t cfn_metrics_write(cfn_bus *bus, const char *data, size_t len, int64_t nlines, cfn_err *err);
 
 #endif

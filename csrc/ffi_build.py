@@ -14,7 +14,8 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["api.c", "bus.c", "consume.c", "json.c", "metrics.c", "region.c", "scan.c", "send.c", "util.c"]
+SOURCES = ["api.c", "bus.c", "consume.c", "json.c", "logfile.c", "metrics.c", "region.c", "scan.c", "send.c",
+           "util.c"]
 
 
 def read_cdef(header: pathlib.Path) -> str:

@@ -173,6 +173,16 @@ struct cfn_bus {
     struct cfn_ent ents[CFN_CACHE];
     struct cfn_pair pairs[CFN_CACHE];
     char base_path[4096];
+    /* METRICS_FILE as cfn_set_metrics gave it (logfile.c); metrics_fd is its descriptor */
+    _Atomic int metrics_state;      /* metrics_mu: 0 not set up, 1 being set up, 2 ready */
+    pthread_mutex_t metrics_mu;     /* one metrics write at a time: a rotation swaps metrics_fd */
+    int64_t metrics_max;            /* METRICS_MAX_BYTES; 0 never rotates */
+    uint32_t metrics_mode;          /* for a file started afresh */
+    int32_t metrics_gid;
+    dev_t metrics_dev;              /* the file metrics_fd is open on */
+    ino_t metrics_ino;
+    pid_t metrics_pid;              /* the process that opened it: a forked child reopens */
+    char metrics_path[4096];        /* "" when metrics are off */
 };
 
 /* What cfn_json_scan found in a JSON text. */
@@ -270,7 +280,6 @@ int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, struct cfn_
 void cfn_pair_put(cfn_bus *bus, struct cfn_pair *p);
 int cfn_init_agent_in(cfn_bus *bus, const char *agent, int64_t capacity, cfn_err *err);
 int cfn_forget_agent_in(cfn_bus *bus, const char *agent, cfn_err *err);
-int cfn_set_metrics_fd_in(cfn_bus *bus, int fd);
 
 /* scan.c: scanning, reconciling, claims of dead consumers, drift */
 typedef int (*cfn_scan_cb)(void *ctx, int dfd, const char *name, size_t len, unsigned char type);
@@ -304,6 +313,12 @@ int64_t cfn_put_back_in(cfn_bus *bus, const char *agent, const char *names, size
 int64_t cfn_quarantine_in(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,
                           cfn_err *err);
 int64_t cfn_clear_inbox_in(cfn_bus *bus, const char *agent, cfn_err *err);
+
+/* logfile.c: write(2) for the metrics file (len, or -1 and errno), following its rotation */
+ssize_t cfn_metrics_append(cfn_bus *bus, const char *line, size_t len);
+int64_t cfn_metrics_write_in(cfn_bus *bus, const char *data, size_t len, int64_t nlines, cfn_err *err);
+int cfn_set_metrics_in(cfn_bus *bus, const char *path, int64_t max_bytes, uint32_t mode, int32_t gid, cfn_err *err);
+void cfn_metrics_close(cfn_bus *bus);
 
 /* metrics.c */
 int cfn_metric_emit_in(cfn_bus *bus, const char *name, double value, const char *unit,

@@ -75,7 +75,7 @@ int cfn_metric_emit_in(cfn_bus *bus, const char *name, double value, const char 
         rc = (int)len;
     } else {
         /* one write on an O_APPEND descriptor: concurrent writers never interleave */
-        ssize_t w = write(fd, line, (size_t)len);
+        ssize_t w = cfn_metrics_append(bus, line, (size_t)len);
         if (w < 0)
             rc = cfn_fail_sys(err, "write metrics file");
         else if (w != len)

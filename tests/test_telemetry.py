@@ -202,11 +202,13 @@ def test_zero_cooldown_never_suppresses(base, make_bus):
     assert all(telemetry.emit_alert("t", "m", metadata={"agent": "a"}, bus=b) for _ in range(3))
 
 
-def test_cooldown_without_a_base_folder_is_kept_in_process(base, monkeypatch):
+def test_an_alert_before_the_base_folder_exists_makes_it_and_shares_its_cooldown(base, monkeypatch):
     monkeypatch.setattr(telemetry, "_local_cooldowns", {})
+    assert not base.exists()
     assert telemetry.emit_alert("t", "m", metadata={"agent": "a"})
-    assert not telemetry.emit_alert("t", "m", metadata={"agent": "a"})
-    assert not base.exists()  # an alert creates no base folder
+    assert base.is_dir() and (base.stat().st_mode & 0o7777) == 0o700  # as init-system makes it
+    monkeypatch.setattr(telemetry, "_local_cooldowns", {})  # forget this process's own record
+    assert not telemetry.emit_alert("t", "m", metadata={"agent": "a"})  # the shared table holds it
 
 
 @pytest.mark.slow

@@ -150,7 +150,7 @@ def test_round_trip(tmp_path_factory: pytest.TempPathFactory, value: object, mty
         ("BACKPRESSURE_WAIT_MS", "-5", "must not be negative"),
         ("BACKPRESSURE_MAX_RETRIES", "1.5", "not a whole number"),
         ("BACKPRESSURE_BACKOFF", "linear", "fixed, exponential, decorrelated"),
-        ("RATE_LIMIT_CHECK_INTERVAL", "0", "greater than 0"),
+        ("RATE_LIMIT_CHECK_INTERVAL", "0", "at least 0.001"),
         ("RATE_LIMIT_HIGH_LOAD_THRESHOLD", "nan", "finite"),
         ("MAX_MESSAGE_BYTES", "0", "at least 1"),
         ("ALERT_COOLDOWN_SECONDS", "-1", "must not be negative"),
