@@ -154,6 +154,7 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
         if isinstance(exc, E.BackpressureTimeout):
             exc.retries = int(res.retries)
             exc.waited_ns = int(res.waited_ns)
+            exc.locked = bool(res.locked)
         raise exc
     return SendResult(
         ffi.string(res.msg_id).decode("ascii"),

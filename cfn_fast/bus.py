@@ -241,7 +241,8 @@ class MessageBus:
         try:
             return self._send(from_agent, to_agent, msg_type, payload, self._bp_opts)
         except BackpressureTimeout as e:
-            self._on_backpressure_failure(from_agent, to_agent, e.retries)
+            if not e.locked:  # a locked inbox is not an overflow: the error says who holds it
+                self._on_backpressure_failure(from_agent, to_agent, e.retries)
             raise
 
     def _on_backpressure_failure(self, from_agent: str, to_agent: str, retries: int) -> None:

@@ -44,10 +44,12 @@ class InboxFull(CfnError, BlockingIOError):
 
 class BackpressureTimeout(InboxFull, TimeoutError):
     """send_with_backpressure gave up: the inbox stayed full through every retry.
-    ``retries`` and ``waited_ns`` say how long it tried."""
+    ``retries`` and ``waited_ns`` say how long it tried; ``locked`` is True when
+    its budget ran out waiting for the inbox's lock rather than for room."""
 
     retries: int = 0
     waited_ns: int = 0
+    locked: bool = False
 
 
 class InboxLocked(CfnError, TimeoutError):

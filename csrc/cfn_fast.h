@@ -34,7 +34,7 @@ enum {
     CFN_AGENT_MAX = 128,     /* longest agent id, in bytes */
     CFN_TYPE_MAX = 256,      /* longest message type, in bytes */
     CFN_MSG_ID_MAX = 80,     /* room for a message id and its NUL */
-    CFN_ERR_TEXT = 200,      /* room for an error text and its NUL */
+    CFN_ERR_TEXT = 512,      /* room for an error text and its NUL */
     CFN_SLOTS = 16384,       /* inbox slots in one state file */
     CFN_COUNTERS = 64,       /* shared event counters */
     CFN_COOLDOWNS = 1024,    /* shared alert cooldown entries */
@@ -94,7 +94,7 @@ typedef struct cfn_bus cfn_bus;     /* one base folder, mapped; owned by Python 
 typedef struct {
     int code;                       /* the return code, repeated */
     int sys_errno;                  /* errno of the failed call, or 0 */
-    char what[200];                 /* "renameat inbox/x.json: ..." */
+    char what[512];                 /* "renameat inbox/x.json: ..." */
 } cfn_err;
 
 typedef struct {
@@ -125,6 +125,7 @@ typedef struct {
     int64_t wakeups;                /* waits ended early by a consumer's wake */
     int64_t waited_ns;              /* time spent waiting in total */
     int32_t outbox_copied;          /* 1 when the sender's outbox got a copy */
+    int32_t locked;                 /* 1 when the send failed waiting for a lock, not for room */
 } cfn_send_result;
 
 typedef struct {

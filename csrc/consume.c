@@ -276,13 +276,14 @@ static int listing_refill(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, i
 
 /* Takes up to max names from the listing (reading the inbox again only when
  * it is used up) and reads them; with claim, moves each into the claim folder
- * first. Names another consumer took are skipped. A read that fails for any
- * other reason ends the batch: what was read so far is returned, and the
- * failure only when nothing was. The caller holds the gate shared. */
+ * first. Names another consumer took are skipped. One that cannot be claimed
+ * or read (EIO, say) stays where it was, counted, and the batch goes on; the
+ * first such failure is returned only when nothing could be read. The caller
+ * holds the gate shared. */
 static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool claim, int64_t max,
                        int64_t max_bytes, struct recs *r, int64_t *bad, bool *listing_empty, cfn_err *err)
 {
-    int rc = 0;
+    int rc = 0, first = 0;
     pthread_mutex_lock(&e->list_mu);
     if (claim && (rc = claim_dir(bus, e, err)) != 0)
         goto out;
@@ -300,15 +301,13 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
                 break;
             }
         }
-        const char *name = e->list[e->list_next];
+        const char *name = e->list[e->list_next++];
         int dfd = e->inboxfd;
         if (claim) {
             if (renameat(e->inboxfd, name, e->claimfd, name) != 0) {
-                e->list_next++;
-                if (errno == ENOENT)
-                    continue;  /* another consumer took it */
-                rc = cfn_fail_sys(err, "claim %s/inbox/%s", e->agent, name);
-                break;
+                if (errno != ENOENT && !first)  /* ENOENT: another consumer took it */
+                    first = cfn_fail_sys(err, "claim %s/inbox/%s", e->agent, name);
+                continue;
             }
             atomic_fetch_add(&s->claimed, 1);  /* after the rename: never more files than counted */
             dfd = e->claimfd;
@@ -321,7 +320,6 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
             }
             break;
         }
-        e->list_next++;
         struct rec *x = &r->v[r->n - 1];
         key_from_name(x);
         int k = read_msg(dfd, x, max_bytes);
@@ -338,18 +336,18 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
                 atomic_fetch_sub(&s->claimed, 1);
                 (void)renameat(e->claimfd, x->name, e->inboxfd, x->name);
             }
-            if (k != 1) {
+            if (k != 1 && !first) {
                 errno = -k;
-                rc = cfn_fail_sys(err, "read %s/inbox/%s", e->agent, x->name);
+                first = cfn_fail_sys(err, "read %s/inbox/%s", e->agent, x->name);
             }
         }
         free(x->name);
         free(x->data);
-        if (rc)
-            break;
     }
 out:
     pthread_mutex_unlock(&e->list_mu);
+    if (rc == 0 && first && r->n == 0)
+        rc = first;
     if (rc && r->n > 0)
         rc = 0;  /* hand over what was read; the failure comes back on the next call */
     return rc;

@@ -289,7 +289,7 @@ unsigned char cfn_entry_type(int dfd, const char *name, unsigned char type);
 /* deadline: CLOCK_MONOTONIC ns for the exclusive lock; 0 means LOCK_TIMEOUT_MS from now */
 int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_gen, int64_t deadline,
                       cfn_reconcile_result *res, cfn_err *err);
-int cfn_inbox_drift(struct cfn_ent *e, struct cfn_slot *s);
+int cfn_inbox_drift(struct cfn_ent *e, struct cfn_slot *s, int64_t *entries_since_scan);
 int cfn_reconcile_in(cfn_bus *bus, const char *agent, int force, cfn_reconcile_result *res, cfn_err *err);
 int64_t cfn_inbox_size_in(cfn_bus *bus, const char *agent, cfn_err *err);
 int64_t cfn_inbox_capacity_in(cfn_bus *bus, const char *agent, int64_t own, cfn_err *err);

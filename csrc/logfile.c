@@ -19,6 +19,7 @@
 
 #define LOG_WRITE_FLAGS (O_WRONLY | O_APPEND | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
 #define LOG_READ_FLAGS (O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+#define ROTATE_WAIT_MS 1000     /* longest wait for another process's rotation */
 #define LOG_CHUNK 65536  /* most bytes per write(2); a chunk ends at a line's end */
 
 static const char *kind_of(mode_t m)
@@ -156,12 +157,14 @@ static int metrics_reopen(cfn_bus *bus, struct stat *st, cfn_err *err)
 static int metrics_rotate(cfn_bus *bus, size_t len, struct stat *st, cfn_err *err)
 {
     int fd = atomic_load(&bus->metrics_fd);
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno == EWOULDBLOCK)
-            return 0;  /* another process is rotating it: this write lands in <path>.1, whole */
-        return cfn_fail_sys(err, "flock %s", bus->metrics_path);
-    }
-    int rc = 0;
+    /* Another process rotating it holds the lock for a rename, unless the
+     * scheduler stops it there: wait for it (briefly), then follow it to the
+     * new file, rather than pile lines into the one it is moving aside. */
+    int rc = cfn_flock_until(fd, LOCK_EX, cfn_deadline(ROTATE_WAIT_MS), err, "%s", bus->metrics_path);
+    if (rc == CFN_E_LOCKED || rc == -EINTR)
+        return 0;  /* still rotating: this write lands in <path>.1, whole */
+    if (rc != 0)
+        return rc;
     struct stat now;
     if (lstat(bus->metrics_path, &now) != 0) {
         if (errno != ENOENT)

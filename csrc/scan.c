@@ -318,9 +318,11 @@ unlock:
 /* 1 when the inbox holds more message files than the counter accounts for (a
  * bash sender wrote since the last scan), -1 fewer (a bash rm, or a cfn-fast
  * change in flight), 0 as expected or when it cannot tell (not tmpfs, never
- * scanned). One fstat. */
-int cfn_inbox_drift(struct cfn_ent *e, struct cfn_slot *s)
+ * scanned). One fstat; *entries_since_scan gets the net change in entries. */
+int cfn_inbox_drift(struct cfn_ent *e, struct cfn_slot *s, int64_t *entries_since_scan)
 {
+    if (entries_since_scan)
+        *entries_since_scan = 0;
     if (!e->tmpfs)
         return 0;
     int64_t base = atomic_load(&s->scan_dirsize), files = atomic_load(&s->scan_files);
@@ -328,7 +330,10 @@ int cfn_inbox_drift(struct cfn_ent *e, struct cfn_slot *s)
     struct stat st;
     if (count < 0 || base <= 0 || fstat(e->inboxfd, &st) != 0)
         return 0;
-    int64_t now_files = files + ((int64_t)st.st_size - base) / CFN_TMPFS_DIRENT;
+    int64_t delta = ((int64_t)st.st_size - base) / CFN_TMPFS_DIRENT;
+    if (entries_since_scan)
+        *entries_since_scan = delta;
+    int64_t now_files = files + delta;
     int64_t expect = count - claimed;
     return now_files > expect ? 1 : now_files < expect ? -1 : 0;
 }
@@ -380,8 +385,12 @@ int64_t cfn_inbox_size_in(cfn_bus *bus, const char *agent, cfn_err *err)
         return rc;
     if (s && c >= 0 && slot_sane(s)) {
         int64_t cap = atomic_load(&s->capacity);
-        bool suspect = cfn_inbox_drift(e, s) > 0 || (cap > 0 && c >= cap);
-        if (!suspect || cfn_now_ns() - atomic_load(&s->reconcile_ns) < HEAL_EVERY_NS) {
+        int drift = cfn_inbox_drift(e, s, NULL);
+        bool more = drift > 0, full = cap > 0 && c >= cap;
+        /* a full counter over fewer files than it accounts for: an rm (or a last
+         * place being filled right now, which the scan then waits a moment for) */
+        bool urgent = more || (full && drift < 0);
+        if (!(more || full) || (!urgent && cfn_now_ns() - atomic_load(&s->reconcile_ns) < HEAL_EVERY_NS)) {
             cfn_ent_put(bus, e);
             return c;
         }

@@ -383,7 +383,7 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
     int64_t cap = cfn_capacity_for(s, o->capacity);
     /* Files the counter does not know (a bash sender wrote since the last
      * scan) are counted before any place is given out. */
-    int r = cfn_inbox_drift(et, s) > 0 ? 1 : reserve(s, cap);
+    int r = cfn_inbox_drift(et, s, NULL) > 0 ? 1 : reserve(s, cap);
     if (r == CFN_E_FULL && o->max_retries >= 0 && healed_recently) {
         /* A backpressure sender goes straight to its wait when the inbox was
          * scanned within the last wait interval: under load the inbox is full
@@ -529,11 +529,19 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             rc = try_send(bus, ef, et, &m, o, lock_deadline, false, res, err);
         }
         if (rc == CFN_E_LOCKED) {
+            /* Locked, not full. When the send's own budget was the shorter, it is
+             * a backpressure timeout like any other (contention among senders
+             * ends that way too); when LOCK_TIMEOUT_MS was, an InboxLocked. */
             res->waited_ns += cfn_mono_ns() - t0;
+            res->locked = 1;
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_LOCK_TIMEOUTS, 1);
-            if (backpressure && timed && res->waited_ns >= budget_ns)
-                rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed unavailable for the whole wait budget "
-                              "(%" PRId64 " ms): %.120s", to, budget_ns / 1000000, err ? err->what : "");
+            if (backpressure && timed && res->waited_ns >= budget_ns) {
+                char why[sizeof err->what] = "";
+                if (err)
+                    memcpy(why, err->what, sizeof why);
+                rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's wait budget (%" PRId64 " ms) ran out waiting for a "
+                              "lock: %s", budget_ns / 1000000, why);
+            }
             break;
         }
         if (rc != CFN_E_FULL)

@@ -2,6 +2,7 @@
  * files and process liveness. */
 #include "internal.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -190,9 +191,83 @@ int64_t cfn_deadline(int64_t timeout_ms)
     return cfn_add_sat(cfn_mono_ns(), cfn_mul_sat(timeout_ms, 1000000));
 }
 
-/* Names who holds a lock on fd's file, from /proc/locks: "pid 123 (bash),
- * exclusively". Best effort: "another process" when it cannot tell (a holder
- * in another PID namespace shows no pid we can look up). */
+/* A /proc/locks or fdinfo "lock:" line about the file dev:ino, not a waiter's:
+ * its pid (as the kernel recorded it) and whether it is exclusive. */
+static bool lock_line(const char *line, dev_t dev, ino_t ino, int *pid, bool *exclusive)
+{
+    char mode[16];
+    unsigned maj, min;
+    unsigned long long i;
+    if (strstr(line, "->") ||
+        sscanf(line, "%*d: %*s %*s %15s %d %x:%x:%llu", mode, pid, &maj, &min, &i) != 5)
+        return false;
+    *exclusive = strcmp(mode, "WRITE") == 0;
+    return i == (unsigned long long)ino && maj == major(dev) && min == minor(dev);
+}
+
+static bool read_comm(int pid, char *comm, size_t cap)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/comm", pid);
+    int fd = pid > 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, comm, cap - 1);
+    (void)close(fd);
+    if (n <= 0)
+        return false;
+    comm[n] = '\0';
+    comm[strcspn(comm, "\n")] = '\0';
+    return true;
+}
+
+/* A live process holding a lock on dev:ino, found through the "lock:" lines
+ * of /proc/<pid>/fdinfo: the pid /proc/locks records is the one that took a
+ * flock, which may have exited and left the open file (and the lock) to
+ * another (flock(1) under a bash script). Only on a failure path. */
+static int find_holder(dev_t dev, ino_t ino, bool *exclusive)
+{
+    DIR *procs = opendir("/proc");
+    if (!procs)
+        return 0;
+    int found = 0;
+    struct dirent *p;
+    while (!found && (p = readdir(procs)) != NULL) {
+        if (p->d_name[0] < '1' || p->d_name[0] > '9')
+            continue;
+        char path[300];
+        snprintf(path, sizeof path, "/proc/%s/fdinfo", p->d_name);
+        DIR *fds = opendir(path);
+        if (!fds)
+            continue;
+        struct dirent *f;
+        while (!found && (f = readdir(fds)) != NULL) {
+            if (f->d_name[0] == '.')
+                continue;
+            char info[600], buf[1024];
+            snprintf(info, sizeof info, "%s/%s", path, f->d_name);
+            int fd = open(info, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                continue;
+            ssize_t n = read(fd, buf, sizeof buf - 1);
+            (void)close(fd);
+            if (n <= 0)
+                continue;
+            buf[n] = '\0';
+            int lpid;
+            for (char *l = strstr(buf, "lock:"); l && !found; l = strstr(l + 5, "lock:"))
+                if (lock_line(l + 5, dev, ino, &lpid, exclusive))
+                    found = atoi(p->d_name);
+        }
+        (void)closedir(fds);
+    }
+    (void)closedir(procs);
+    return found;
+}
+
+/* Names who holds a lock on fd's file: "pid 123 (bash), exclusively". Best
+ * effort: "another process" when it cannot tell (a holder in another PID
+ * namespace shows no pid we can look up). */
 void cfn_lock_holder(int fd, char *out, size_t cap)
 {
     snprintf(out, cap, "another process");
@@ -202,36 +277,24 @@ void cfn_lock_holder(int fd, char *out, size_t cap)
     FILE *f = fopen("/proc/locks", "re");
     if (!f)
         return;
-    char line[256];
-    while (fgets(line, sizeof line, f)) {
-        char kind[16], mode[16];
-        int pid;
-        unsigned maj, min;
-        unsigned long long ino;
-        /* "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF"; waiters' lines have "->" */
-        if (strstr(line, "->") ||
-            sscanf(line, "%*d: %15s %*s %15s %d %x:%x:%llu", kind, mode, &pid, &maj, &min, &ino) != 6)
-            continue;
-        if (ino != (unsigned long long)st.st_ino || maj != major(st.st_dev) || min != minor(st.st_dev))
-            continue;
-        char comm[64] = "?";
-        char path[64];
-        snprintf(path, sizeof path, "/proc/%d/comm", pid);
-        int cfd = pid > 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
-        if (cfd >= 0) {
-            ssize_t n = read(cfd, comm, sizeof comm - 1);
-            comm[n > 0 ? n : 0] = '\0';
-            comm[strcspn(comm, "\n")] = '\0';
-            (void)close(cfd);
-        }
-        const char *how = strcmp(mode, "WRITE") == 0 ? "exclusively" : "shared";
-        if (pid > 0)
-            snprintf(out, cap, "pid %d (%s), %s", pid, comm, how);
-        else
-            snprintf(out, cap, "a process in another PID namespace, %s", how);
-        break;
-    }
+    char line[256], comm[64];
+    int pid = 0;
+    bool exclusive = false, seen = false;
+    while (!seen && fgets(line, sizeof line, f))
+        seen = lock_line(strchr(line, ':') ? line : "", st.st_dev, st.st_ino, &pid, &exclusive);
     (void)fclose(f);
+    if (!seen)
+        return;
+    const char *how = exclusive ? "exclusively" : "shared";
+    if (pid > 0 && read_comm(pid, comm, sizeof comm)) {
+        snprintf(out, cap, "pid %d (%s), %s", pid, comm, how);
+        return;
+    }
+    int holder = find_holder(st.st_dev, st.st_ino, &exclusive);
+    if (holder > 0 && read_comm(holder, comm, sizeof comm))
+        snprintf(out, cap, "pid %d (%s), %s", holder, comm, exclusive ? "exclusively" : "shared");
+    else
+        snprintf(out, cap, "a process this one cannot see (another PID namespace?), %s", how);
 }
 
 /* flock(fd, op) that gives up at deadline (CLOCK_MONOTONIC ns) with
