@@ -1,0 +1,81 @@
+"""Messages written by the bash original count before the counter says full,
+and files a bash agent removes are seen by every capacity check, not only
+by a send that happens to find the inbox full."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+import bash_original as orig
+import cfn_fast
+from cfn_fast import InboxFull, MessageBus
+
+
+def test_bash_messages_written_since_the_last_scan_count_before_any_place_is_given(make_bus, base: Path) -> None:
+    bus = make_bus(max_inbox_size=15)
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", {"n": 0})  # the counter says 1, and it is trusted
+    orig.send_many(base, "carol", "bob", 13)       # the original writes 13 more behind its back
+    sent = 0
+    with pytest.raises(InboxFull):
+        for i in range(20):
+            bus.send_message("alice", "bob", "t", {"n": i})
+            sent += 1
+    assert sent == 1                                # 14 + 1 = 15: not 10 more (24 files)
+    assert bus.message_count("bob") == 15 == bus.get_inbox_size("bob")
+
+
+def test_bash_and_cfn_fast_senders_together_never_pass_capacity(make_bus, base: Path) -> None:
+    """Capacity is strict among cfn-fast senders; bash senders (which do not
+    look at capacity at all) are counted at the next cfn-fast send, so the
+    inbox ends at capacity plus at most what bash wrote after the last one."""
+    bus = make_bus(max_inbox_size=40)
+    bus.init_message_bus("bob")
+    bash = threading.Thread(target=orig.send_many, args=(base, "carol", "bob", 20))
+    bash.start()
+    full = 0
+    for i in range(200):
+        try:
+            bus.send_message("alice", "bob", "t", {"n": i})
+        except InboxFull:
+            full += 1
+    bash.join()
+    assert full > 0
+    files = bus.message_count("bob")
+    assert 40 <= files <= 60
+    assert bus.reconcile("bob").count == files
+
+
+def test_a_bash_rm_is_seen_by_check_inbox_capacity(make_bus, base: Path) -> None:
+    bus = make_bus(max_inbox_size=5)
+    bus.init_message_bus("bob")
+    for i in range(5):
+        bus.send_message("alice", "bob", "t", {"n": i})
+    assert not cfn_fast.check_inbox_capacity("bob")
+    for name in sorted((base / "bob" / "inbox").glob("*.json"))[:3]:  # rm, as a bash agent would
+        name.unlink()
+    assert cfn_fast.check_inbox_capacity("bob")      # the full counter is healed, not believed
+    assert cfn_fast.get_inbox_size("bob") == 2
+    assert cfn_fast.get_inbox_utilization("bob") == 40
+
+
+def test_bash_messages_are_seen_by_get_inbox_size(make_bus, base: Path) -> None:
+    bus = make_bus()
+    bus.init_message_bus("bob")
+    assert bus.get_inbox_size("bob") == 0
+    orig.send_many(base, "carol", "bob", 7)
+    assert bus.get_inbox_size("bob") == 7
+    orig.clear(base, "bob")
+    assert bus.message_count("bob") == 0
+
+
+def test_a_bash_clear_of_a_full_inbox_lets_a_plain_send_through(make_bus, base: Path) -> None:
+    bus = make_bus(max_inbox_size=3)
+    bus.init_message_bus("bob")
+    for i in range(3):
+        bus.send_message("alice", "bob", "t", {"n": i})
+    orig.clear(base, "bob")
+    MessageBus(config=bus.config).send_message("alice", "bob", "t", {"n": 9})  # another process's view
+    assert bus.message_count("bob") == 1 == bus.get_inbox_size("bob")

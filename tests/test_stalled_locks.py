@@ -1,0 +1,134 @@
+"""A lock another process holds never outlasts a call's budget: a bash sender
+stopped inside its locked write, or `flock -x` on the inbox's .lock, makes
+cfn-fast calls fail with an error that says which file and who holds it,
+within LOCK_TIMEOUT_MS (or a backpressure send's own budget), and a Python
+caller can still interrupt the wait."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import bash_original as orig
+from cfn_fast import BackpressureTimeout, InboxLocked, MessageBus
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cfn_fast", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+@pytest.fixture
+def bob(make_bus) -> MessageBus:
+    bus = make_bus(lock_timeout_ms=300)
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", {"n": 0})
+    return bus
+
+
+def test_a_stalled_bash_sender_makes_calls_fail_in_time_naming_the_lock_and_its_holder(
+        bob: MessageBus, base: Path) -> None:
+    with orig.stalled_sender(base, "carol", "bob") as stalled:
+        for call in (lambda: bob.send_message("alice", "bob", "t", {"n": 1}),
+                     lambda: bob.consume_messages("bob"),
+                     lambda: bob.clear_inbox("bob"),
+                     lambda: bob.reconcile("bob")):
+            t0 = time.monotonic()
+            with pytest.raises(InboxLocked) as info:
+                call()
+            assert time.monotonic() - t0 < 5
+            text = str(info.value)
+            assert f"{base}/bob/inbox/.lock" in text and f"pid {stalled.pid}" in text and "bash" in text
+        assert bob.get_inbox_size("bob") == 1  # the shared counter needs no lock
+        msg_id = stalled.resume()              # the bash sender finishes its write
+    assert msg_id and bob.message_count("bob") == 2
+    bob.send_message("alice", "bob", "t", {"n": 2})
+    assert bob.get_inbox_size("bob") == 3
+
+
+def test_a_backpressure_send_gives_up_within_its_own_budget(make_bus, base: Path) -> None:
+    """Its budget ran out: a BackpressureTimeout that says which lock held it
+    up and who holds it; a locked inbox is not a full one, so no overflow alert."""
+    bus = make_bus(lock_timeout_ms=60_000, backpressure_wait_ms=50, backpressure_max_retries=4)
+    bus.init_message_bus("bob")
+    with orig.stalled_sender(base, "carol", "bob"):
+        t0 = time.monotonic()
+        with pytest.raises(BackpressureTimeout, match=r"wait budget \(200 ms\) ran out waiting for a lock: "
+                                                      r".*inbox/\.lock is held by pid \d+ \(bash\)") as info:
+            bus.send_with_backpressure("alice", "bob", "t", {"n": 1})
+        assert info.value.locked
+        assert time.monotonic() - t0 < 5  # 200 ms of budget, not the 60 s lock timeout
+    assert not Path(bus.config.alert_log_file).exists()
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="needs flock(1)")
+@pytest.mark.parametrize("argv", [["get-size", "bob"], ["check-capacity", "bob"], ["bus", "send", "a", "bob", "t", "1"],
+                                  ["bus", "consume", "bob"], ["send-backpressure", "a", "bob", "t", "1"]])
+def test_the_cli_fails_with_one_line_when_flock_holds_the_inbox(bob: MessageBus, base: Path, argv: list[str]) -> None:
+    lock = base / "bob" / "inbox" / ".lock"
+    holder = subprocess.Popen(["flock", "-x", str(lock), "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while "WRITE" not in Path("/proc/locks").read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out = cli(*argv, LOCK_TIMEOUT_MS="300", BACKPRESSURE_WAIT_MS="50", BACKPRESSURE_MAX_RETRIES="4")
+        assert out.returncode == 1, out
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and ".lock is held by" in lines[0] and "Traceback" not in out.stderr
+        assert out.stdout == ""
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ctrl_c_interrupts_a_send_waiting_for_a_lock(bob: MessageBus, base: Path) -> None:
+    with orig.stalled_sender(base, "carol", "bob"):
+        p = subprocess.Popen([sys.executable, "-m", "cfn_fast", "bus", "send", "alice", "bob", "t", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "LOCK_TIMEOUT_MS": "60000"})
+        time.sleep(0.5)  # well inside its wait for the lock
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
+        assert time.monotonic() - t0 < 3
+        assert p.returncode == 130 and err.strip() == "cfn-fast: interrupted", err
+    assert bob.message_count("bob") == 1  # nothing was half-sent
+
+
+def test_a_library_caller_can_interrupt_the_wait(bob: MessageBus, base: Path) -> None:
+    code = """
+import signal, threading, os, time
+from cfn_fast import MessageBus, Config
+bus = MessageBus(config=Config.from_env().replace(lock_timeout_ms=60000))
+threading.Timer(0.4, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+t0 = time.monotonic()
+try:
+    bus.consume_messages("bob")
+except KeyboardInterrupt:
+    print(round(time.monotonic() - t0, 1))
+"""
+    with orig.stalled_sender(base, "carol", "bob"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 3
+    assert bob.message_count("bob") == 1
+
+
+def test_a_stalled_sequence_lock_is_bounded_too(bob: MessageBus, base: Path) -> None:
+    """The original's sequence lock, held by a stalled bash sender of the same pair."""
+    import fcntl
+
+    fd = os.open(base / "alice" / ".sequences" / "bob.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(InboxLocked, match=r"\.sequences/bob\.lock is held by pid"):
+            bob.send_message("alice", "bob", "t", {"n": 1})
+    finally:
+        os.close(fd)
+    assert bob.get_inbox_size("bob") == 1 == bob.message_count("bob")  # its place was given back
