@@ -354,21 +354,16 @@ int cfn_reconcile_in(cfn_bus *bus, const char *agent, int force, cfn_reconcile_r
 #define HEAL_EVERY_NS (20LL * 1000000LL)  /* a reader heals an inbox at most this often */
 #define HEAL_WAIT_MS 50                   /* and waits no longer than this for the lock to do it */
 
-/* The shared counter: O(1) while it is known and the folder is as cfn-fast
- * left it. A scan heals it first when the folder holds files the counter
- * does not know (a bash sender) or when it says full (a bash rm, a killed
- * sender's place, a dead consumer's claims); a reader heals an inbox at most
- * every 20 ms, and only when it gets the lock within 50 ms: senders in
- * flight hold it shared, and a reader must not stall them or itself. */
+/* The shared counter: O(1), no system call, while it is known and below the
+ * inbox's capacity. When it says full, a reader heals it like a sender
+ * does: one fstat tells whether the folder holds fewer files than counted
+ * (a bash rm, a dead consumer's claims) or more (a bash sender), and then a
+ * scan sets it; otherwise it is healed at most every 20 ms. A reader waits
+ * at most 50 ms for the lock to scan: senders in flight hold it shared, and a
+ * reader must not stall them or itself. (Files a bash sender adds to an inbox
+ * that is not full are counted by the next send, before it reserves.) */
 int64_t cfn_inbox_size_in(cfn_bus *bus, const char *agent, cfn_err *err)
 {
-    int64_t now = cfn_mono_ns();
-    if (now - bus->region_checked_ns > 1000000000LL) {
-        bus->region_checked_ns = now;  /* a racy stamp: at worst two threads check */
-        int rc = cfn_region_check(bus, err);
-        if (rc)
-            return rc;
-    }
     struct cfn_region *r = cfn_reg(bus);
     uint32_t idx, gen;
     int64_t c = -1;
@@ -376,27 +371,25 @@ int64_t cfn_inbox_size_in(cfn_bus *bus, const char *agent, cfn_err *err)
     if (cfn_slot_find(bus, r, agent, false, &idx, &gen, NULL) == 0) {
         s = &r->slots[idx];
         c = atomic_load_explicit(&s->count, memory_order_acquire);
+        int64_t cap = atomic_load_explicit(&s->capacity, memory_order_relaxed);
+        if (c >= 0 && slot_sane(s) && (cap < 1 || c < cap))
+            return c;
     }
+    int rc = cfn_region_check(bus, err);
+    if (rc)
+        return rc;
     struct cfn_ent *e;
-    int rc = cfn_ent_get(bus, agent, true, &e, err);
-    if (rc == CFN_E_NOINBOX)
+    if ((rc = cfn_ent_get(bus, agent, true, &e, err)) == CFN_E_NOINBOX)
         return 0;  /* as the original: no inbox yet counts as empty */
     if (rc)
         return rc;
-    if (s && c >= 0 && slot_sane(s)) {
-        int64_t cap = atomic_load(&s->capacity);
-        int drift = cfn_inbox_drift(e, s, NULL);
-        bool more = drift > 0, full = cap > 0 && c >= cap;
-        /* a full counter over fewer files than it accounts for: an rm (or a last
-         * place being filled right now, which the scan then waits a moment for) */
-        bool urgent = more || (full && drift < 0);
-        if (!(more || full) || (!urgent && cfn_now_ns() - atomic_load(&s->reconcile_ns) < HEAL_EVERY_NS)) {
-            cfn_ent_put(bus, e);
-            return c;
-        }
+    bool known = s && cfn_reg(bus) == r && c >= 0 && slot_sane(s);
+    if (known && cfn_inbox_drift(e, s, NULL) == 0 &&
+        cfn_now_ns() - atomic_load(&s->reconcile_ns) < HEAL_EVERY_NS) {
+        cfn_ent_put(bus, e);
+        return c;  /* full, and the folder agrees, as of a scan moments ago */
     }
     cfn_reconcile_result res;
-    bool known = s && c >= 0 && slot_sane(s);
     rc = cfn_reconcile_ent(bus, e, 0, -1, known ? cfn_deadline(HEAL_WAIT_MS) : 0, &res, known ? NULL : err);
     cfn_ent_put(bus, e);
     if (rc == CFN_E_LOCKED && known)

@@ -56,13 +56,6 @@ def test_files_written_by_bash_are_counted_at_the_next_scan(bus: MessageBus, bas
     assert bus.get_inbox_size("bob") == 5
 
 
-def test_files_written_by_bash_are_seen_by_the_next_size_read(bus: MessageBus, base: Path) -> None:
-    bus.send_message("alice", "bob", "t", 0)
-    for i in range(4):
-        (base / "bob" / "inbox" / f"msg-{int(time.time())}-{100 + i}.json").write_text('{"sequence": 1}')
-    assert bus.get_inbox_size("bob") == 5  # tmpfs: one fstat shows more entries than counted
-
-
 def _send_one(base: str) -> None:
     MessageBus(base, Config.from_env().replace(max_inbox_size=3)).send_message("alice", "bob", "t", "{}")
 
