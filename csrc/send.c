@@ -242,23 +242,22 @@ static int name_cmp(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* Keeps the outbox at OUTBOX_MAX copies: past it, the oldest (by name, which
- * is by time then sequence) go until a tenth of the room is free again, so
- * the trimming is paid once per max/10 sends. One process trims at a time
- * (a non-blocking flock on the folder); the copies are a courtesy, so every
- * failure here is silent. */
+/* Keeps the outbox near OUTBOX_MAX copies: every max/10 sends of this
+ * process it is measured (one fstat on tmpfs, where a folder's size counts
+ * its entries; a listing elsewhere), and past the limit the oldest (by name,
+ * which is by time then sequence) go until a tenth of the room is free again.
+ * So it never holds more than the limit plus a tenth of it per process
+ * sending as this agent, and a send pays no system call for it in between.
+ * One process trims at a time (a non-blocking flock on the folder); the
+ * copies are a courtesy, so every failure here is silent. */
 static void outbox_trim(cfn_bus *bus, struct cfn_ent *ef, int ob, int64_t max)
 {
-    if (max <= 0)
-        return;
-    struct stat st;
-    if (ef->outbox_tmpfs) {
-        if (fstat(ob, &st) != 0 || (int64_t)st.st_size / CFN_TMPFS_DIRENT - 2 <= max)
-            return;
-    } else if (++ef->outbox_sends < max / 10 + 1) {
+    if (max <= 0 || ++ef->outbox_sends < max / 10 + 1)
         return;  /* a racy tally between threads: it only spaces the measurements */
-    }
     ef->outbox_sends = 0;
+    struct stat st;
+    if (ef->outbox_tmpfs && (fstat(ob, &st) != 0 || (int64_t)st.st_size / CFN_TMPFS_DIRENT - 2 <= max))
+        return;
     int dfd = openat(ob, ".", DIR_FLAGS);
     if (dfd < 0)
         return;

@@ -52,7 +52,7 @@ def test_outbox_copies_are_bounded(make_bus, base: Path) -> None:
     for i in range(100):
         bus.send_message("alice", "bob", "t", i)
     kept = sorted(n for n in os.listdir(base / "alice" / "outbox") if n.endswith(".json"))
-    assert 9 <= len(kept) <= 10
+    assert 9 <= len(kept) <= 11  # the limit, plus at most a tenth of it between two measurements
     newest = sorted(n for n in os.listdir(base / "bob" / "inbox") if n.endswith(".json"))[-len(kept):]
     assert kept == newest  # the oldest copies went
 
