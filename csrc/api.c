@@ -95,14 +95,6 @@ int cfn_reconcile(cfn_bus *bus, const char *agent, int force, cfn_reconcile_resu
     return rc;
 }
 
-int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out)
-{
-    ENTER(bus, NULL);
-    int rc = cfn_slot_info_in(bus, index, out);
-    cfn_leave(bus);
-    return rc;
-}
-
 int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap)
 {
     ENTER(bus, NULL);
@@ -231,11 +223,3 @@ int64_t cfn_metrics_write(cfn_bus *bus, const char *data, size_t len, int64_t nl
     return n;
 }
 
-int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit, const char *tags_json,
-                    size_t tags_len, cfn_err *err)
-{
-    ENTER(bus, err);
-    int rc = cfn_metric_emit_in(bus, name, value, unit, tags_json, tags_len, err);
-    cfn_leave(bus);
-    return rc;
-}

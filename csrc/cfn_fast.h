@@ -176,6 +176,11 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *opts,
 void cfn_bus_close(cfn_bus *bus);
 void cfn_bus_free(cfn_bus *bus);
 
+/* --- processes ------------------------------------------------------------ */
+/* A process's start time in clock ticks since boot (with its pid, it names one
+ * process: a reused pid has another); 0 when it is gone or a zombie. */
+uint64_t cfn_proc_start(int32_t pid);
+
 /* --- validation --------------------------------------------------------- */
 int cfn_check_agent(const char *agent, cfn_err *err);
 int cfn_check_json(const char *buf, size_t len, cfn_err *err);
@@ -203,7 +208,6 @@ int64_t cfn_inbox_capacity(cfn_bus *bus, const char *agent, int64_t fallback, cf
 int64_t cfn_scan_count(cfn_bus *bus, const char *agent, const char *box, cfn_err *err);
 int cfn_reconcile(cfn_bus *bus, const char *agent, int force,
                   cfn_reconcile_result *res, cfn_err *err);
-int cfn_slot_info_at(cfn_bus *bus, int64_t index, cfn_slot_info *out);
 /* Fills out[0..cap) with every inbox slot in use; returns how many. */
 int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap);
 /* Frees the slots of inboxes whose folder is gone; returns how many. */
@@ -232,13 +236,14 @@ int cfn_counter_add(cfn_bus *bus, int index, int64_t delta);
 int cfn_counter_get(cfn_bus *bus, int index, int64_t *out);
 int cfn_rate_publish(cfn_bus *bus, const cfn_rate_settings *s);
 int cfn_rate_read(cfn_bus *bus, cfn_rate_settings *out);
+/* 1 while published settings hold: updated within stale_after_ms (three of
+ * the reader's check intervals) or three of the publisher's, whichever is longer. */
+int cfn_rate_fresh(const cfn_rate_settings *s, int64_t stale_after_ms, int64_t now_ns);
 int cfn_cooldown_try(cfn_bus *bus, const char *key, size_t key_len,
                      int64_t now_ns, int64_t cooldown_ns);
 
 /* --- metrics: one JSONL line, one write(2) on an O_APPEND descriptor ------ */
-int cfn_metric_emit(cfn_bus *bus, const char *name, double value, const char *unit,
-                    const char *tags_json, size_t tags_len, cfn_err *err);
-/* Formats the line cfn_metric_emit writes (newline included) into out;
+/* Formats a metric line (newline included) into out, as the send loop writes it;
  * returns its length, or a negative code (CFN_E_BADARG, or -ERANGE when cap is short). */
 int64_t cfn_metric_format(char *out, size_t cap, const char *name, double value, const char *unit,
                           const char *tags_json, size_t tags_len, cfn_err *err);

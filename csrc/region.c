@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -465,6 +466,14 @@ void cfn_region_rate_publish(struct cfn_region *r, const cfn_rate_settings *s)
     atomic_store_explicit(&h->rl_interval_ms, s->interval_ms, memory_order_relaxed);
     atomic_store_explicit(&h->rl_updated_ns, s->updated_ns ? s->updated_ns : cfn_now_ns(),
                           memory_order_release);
+}
+
+int cfn_rate_fresh(const cfn_rate_settings *s, int64_t stale_after_ms, int64_t now_ns)
+{
+    int64_t stale_ms = stale_after_ms;
+    if (s->interval_ms > 0 && s->interval_ms < INT64_MAX / 3 && 3 * s->interval_ms > stale_ms)
+        stale_ms = 3 * s->interval_ms;
+    return s->updated_ns > 0 && stale_after_ms > 0 && now_ns - s->updated_ns <= cfn_mul_sat(stale_ms, 1000000);
 }
 
 void cfn_region_rate_read(struct cfn_region *r, cfn_rate_settings *out)

@@ -437,11 +437,7 @@ static int64_t next_wait_ns(cfn_bus *bus, const cfn_send_opts *o, int64_t retrie
     int64_t base_ms = o->wait_ms;
     cfn_rate_settings rs;
     cfn_region_rate_read(cfn_reg(bus), &rs);
-    int64_t stale_ms = o->stale_after_ms;  /* three check intervals, the reader's or the publisher's */
-    if (rs.interval_ms > 0 && rs.interval_ms < INT64_MAX / 3 && 3 * rs.interval_ms > stale_ms)
-        stale_ms = 3 * rs.interval_ms;
-    if (rs.updated_ns > 0 && rs.wait_ms > 0 && rs.wait_ms <= CFN_WAIT_MS_MAX && o->stale_after_ms > 0 &&
-        cfn_now_ns() - rs.updated_ns <= cfn_mul_sat(stale_ms, 1000000))
+    if (rs.wait_ms > 0 && rs.wait_ms <= CFN_WAIT_MS_MAX && cfn_rate_fresh(&rs, o->stale_after_ms, cfn_now_ns()))
         base_ms = rs.wait_ms;
     int64_t base = base_ms * 1000000LL, w = base;  /* at most an hour: no overflow */
     if (o->backoff == CFN_BACKOFF_EXPONENTIAL) {

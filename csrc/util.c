@@ -102,7 +102,8 @@ bool cfn_is_json_name(const char *name, size_t n)
     return n > 5 && name[0] != '.' && memcmp(name + n - 5, ".json", 5) == 0;
 }
 
-/* Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. 0 when unknown. */
+/* Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. 0 when
+ * unknown, gone, or a zombie (field 3 is Z or X: it no longer runs). */
 uint64_t cfn_proc_start_ticks(pid_t pid)
 {
     char path[64], buf[1024];
@@ -116,7 +117,7 @@ uint64_t cfn_proc_start_ticks(pid_t pid)
         return 0;
     buf[n] = '\0';
     char *p = strrchr(buf, ')');  /* the command name may hold spaces and parentheses */
-    if (!p)
+    if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X')
         return 0;
     /* after ") " come fields 3.. ; start time is field 22 */
     int field = 2;
@@ -124,6 +125,11 @@ uint64_t cfn_proc_start_ticks(pid_t pid)
         if (*p == ' ')
             field++;
     return strtoull(p, NULL, 10);
+}
+
+uint64_t cfn_proc_start(int32_t pid)
+{
+    return pid > 0 ? cfn_proc_start_ticks((pid_t)pid) : 0;
 }
 
 /* 1 alive, 0 dead, judged by pid and, when known, its start time (pids are reused). */
