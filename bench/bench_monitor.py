@@ -71,7 +71,7 @@ def _build_farm(n: int, per_inbox: int, name: Callable[[int, int], str]) -> Iter
             os.write(fd, body)
             os.close(fd)
     mon = monitors.OverflowMonitor(bus, interval=5)
-    assert mon.reconcile_all(bus._bus(), everyone=True) == n
+    assert mon.reconcile_all(everyone=True) == n
     try:
         yield mon, work, inboxes
     finally:
@@ -125,7 +125,7 @@ def test_counter_pass_over_1000_inboxes(benchmark, farm):
 
 def test_full_reconciling_scan_of_100000_messages(benchmark, farm):
     mon, _work, inboxes = farm
-    h = mon.bus._bus()
+    h = mon.bus.storage.handle()
 
     def scan() -> int:
         n = mon.reconcile_all(h, everyone=True)

@@ -65,7 +65,7 @@ def test_resume(benchmark: Any, record: Any, workdir: Path, pick: Any, system: s
         child = ctx.Process(target=_cfn_child, args=(bus_config(workdir, **settings), child_conn))
 
         def waiting() -> bool:
-            return any(s.agent == "c" and s.waiters > 0 for s in _core.slots(bus._bus()))
+            return any(s.agent == "c" and s.waiters > 0 for s in bus.storage.slots())
 
         def free_one() -> None:
             assert len(bus.consume_messages("c", 1)) == 1

@@ -3,14 +3,13 @@ swarms on the local filesystem, compatible with the bash original's folders,
 files and commands.
 
 Module-level functions act on the bus that the environment describes
-(``MESSAGE_BASE_DIR`` and friends, read by ``Config.from_env()`` whenever the
-environment changes); ``MessageBus(base_dir)`` gives the same methods on any
-base folder.
+(``MESSAGE_BASE_DIR`` and friends; see ``defaults.py`` for how a change is
+noticed); ``MessageBus(base_dir)`` gives the same methods on any base folder.
+
+Importing this package loads only the exception classes: everything else
+(the compiled core, configuration, typing) is loaded on first use.
 """
 from __future__ import annotations
-
-import os
-from typing import TYPE_CHECKING, Any, Optional
 
 from cfn_fast.errors import (
     BackpressureTimeout,
@@ -31,7 +30,10 @@ from cfn_fast.errors import (
     UnsafePath,
 )
 
-if TYPE_CHECKING:  # imported lazily at run time: `import cfn_fast` stays cheap for the CLI
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for type checkers only: at run time these load on first use (PEP 562)
+    from typing import Any, Optional
+
     from cfn_fast.bus import Message, MessageBus, Payload
     from cfn_fast.config import Config
     from cfn_fast.monitors import (
@@ -49,9 +51,9 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first use (PEP 562)
 _LAZY = {
-    "Message": "cfn_fast.bus",
+    "Message": "cfn_fast.codec",
     "MessageBus": "cfn_fast.bus",
-    "Payload": "cfn_fast.bus",
+    "Payload": "cfn_fast.codec",
     "Config": "cfn_fast.config",
     "emit_metric": "cfn_fast.telemetry",
     "emit_alert": "cfn_fast.telemetry",
@@ -68,7 +70,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cfn_fast' has no attribute {name!r}")
@@ -79,28 +81,13 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-_ENV_KEYS: Optional[tuple[str, ...]] = None
-_default: tuple[tuple[Optional[str], ...], Optional["MessageBus"]] = ((), None)
-
-
 def default_bus() -> "MessageBus":
-    """The bus the environment describes; rebuilt when one of its variables changes."""
-    global _default, _ENV_KEYS
-    if _ENV_KEYS is None:
-        from cfn_fast.config import SETTINGS
+    """The bus the environment describes; built again when one of its variables changes."""
+    global default_bus
+    from cfn_fast.defaults import default_bus as cached
 
-        _ENV_KEYS = tuple(s.env for s in SETTINGS)
-    env = os.environ
-    key = tuple(env.get(k) for k in _ENV_KEYS)
-    have_key, bus = _default
-    if bus is not None and have_key == key:
-        return bus
-    from cfn_fast.bus import MessageBus
-    from cfn_fast.config import Config
-
-    bus = MessageBus(config=Config.from_env())
-    _default = (key, bus)  # a race builds two equal buses; either is right
-    return bus
+    default_bus = cached  # later calls go straight to it (and so do the functions below)
+    return cached()
 
 
 def init_message_bus_system() -> None:
@@ -127,23 +114,23 @@ def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payloa
     return default_bus().send_with_backpressure(from_agent, to_agent, msg_type, payload)
 
 
-def receive_messages(agent_id: str) -> list["Message"]:
+def receive_messages(agent_id: str) -> "list[Message]":
     return default_bus().receive_messages(agent_id)
 
 
-def consume_messages(agent_id: str, max_messages: Optional[int] = None) -> list["Message"]:
+def consume_messages(agent_id: str, max_messages: "Optional[int]" = None) -> "list[Message]":
     return default_bus().consume_messages(agent_id, max_messages)
 
 
-def claim_messages(agent_id: str, max_messages: Optional[int] = None) -> list["Message"]:
+def claim_messages(agent_id: str, max_messages: "Optional[int]" = None) -> "list[Message]":
     return default_bus().claim_messages(agent_id, max_messages)
 
 
-def ack_messages(agent_id: str, msg_ids: Any) -> int:
+def ack_messages(agent_id: str, msg_ids: "Any") -> int:
     return default_bus().ack_messages(agent_id, msg_ids)
 
 
-def recover(agent_id: Optional[str] = None) -> int:
+def recover(agent_id: "Optional[str]" = None) -> int:
     return default_bus().recover(agent_id)
 
 

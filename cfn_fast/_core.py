@@ -441,7 +441,20 @@ def metric_format(name: bytes, value: float, unit: bytes, tags_json: bytes) -> b
     n = lib.cfn_metric_format(buf, cap, name, value, unit, tags_json, len(tags_json), err)
     if n < 0:
         raise_for(n, err)
-    return ffi.unpack(buf, n)
+    return bytes(ffi.unpack(buf, n))
+
+
+COUNTER_FIRST_FREE: int = lib.CFN_CTR_FIRST_FREE
+COUNTER_SLOTS: int = lib.CFN_COUNTERS
+
+
+def proc_start(pid: int) -> int:
+    """Start time in clock ticks since boot; 0 when the process is gone or a zombie."""
+    return int(lib.cfn_proc_start(pid)) if 0 < pid < 2**31 else 0
+
+
+def rate_fresh(s: RateSettings, stale_after_ms: int, now_ns: int) -> bool:
+    return bool(lib.cfn_rate_fresh(ffi.new("cfn_rate_settings *", s._asdict()), stale_after_ms, now_ns))
 
 
 COUNTERS: dict[str, int] = {

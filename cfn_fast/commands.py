@@ -1,19 +1,20 @@
-"""Every command of the CLI in one table: its name, arguments and help.
+"""Every command of the CLI in one table: its name, arguments, help and
+the function that runs it (handlers.py). To add a command, add a row here
+and its handler there; nothing else names it.
 
 Both front ends are built from ``COMMANDS``: the click app (cli.py) for help,
-usage errors and the slower commands, and the fast path (_fastpath.py) that
-runs the hot commands before click is imported. Neither declares a command's
-syntax itself, so they cannot drift. This module imports nothing costly.
+usage errors and everything else, and the fast path (_fastpath.py) that runs
+the rows flagged ``hot`` before click is imported. Neither declares a
+command's syntax itself, so they cannot drift. ``invoke`` runs a row for
+both. This module imports nothing costly.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-EXIT_OK = 0     # success
-EXIT_NO = 1     # the original's "no": full, failed after retries, not found
-EXIT_USAGE = 2  # bad usage or bad input (click's convention)
-
-PROG = "cfn-fast"
+from cfn_fast import handlers as h
+from cfn_fast.errors import CfnError
+from cfn_fast.output import EXIT_NO, EXIT_OK, EXIT_USAGE, PROG, fail
 
 Default = Union[str, int, float, bool, None]
 
@@ -43,16 +44,18 @@ class Param:
 
 
 class Command:
-    """One command: where it sits, the original function it stands for, its help and parameters."""
+    """One command: where it sits, the original function it stands for, its
+    help, parameters and handler (called with the parameters by name)."""
 
-    __slots__ = ("path", "function", "help", "params", "hot")
+    __slots__ = ("path", "function", "help", "params", "handler", "hot")
 
-    def __init__(self, path: tuple[str, ...], function: str, help: str,
-                 params: tuple[Param, ...] = (), hot: bool = False) -> None:
+    def __init__(self, path: tuple[str, ...], function: str, help: str, params: tuple[Param, ...] = (), *,
+                 handler: Callable[..., int], hot: bool = False) -> None:
         self.path = path            # ("get-size",) or ("bus", "send")
         self.function = function    # the bash original's function (or the drop-in's)
         self.help = help            # first line: the summary
         self.params = params
+        self.handler = handler      # handlers.<name>(**values) -> exit code
         self.hot = hot              # run by the fast path, before click is imported
 
     @property
@@ -80,44 +83,44 @@ COMMANDS: tuple[Command, ...] = (
     Command(("check-capacity",), "check_inbox_capacity",
             "Exit 0 when the agent's inbox has room (or does not exist yet), 1 when it is full.\n\n"
             "Counts the inbox's files first, so messages removed by other tools are seen.",
-            (_AGENT,), hot=True),
+            (_AGENT,), hot=True, handler=h.check_capacity),
     Command(("get-size",), "get_inbox_size",
             "Print how many messages the agent's inbox holds; 0 when it has no inbox.\n\n"
             "Counts the inbox's files first, so messages removed by other tools are seen.",
-            (_AGENT,), hot=True),
+            (_AGENT,), hot=True, handler=h.get_size),
     Command(("get-utilization",), "get_inbox_utilization",
             "Print the inbox's fill level: size * 100 / MAX_INBOX_SIZE, rounded down.",
-            (_AGENT,), hot=True),
+            (_AGENT,), hot=True, handler=h.get_utilization),
     Command(("send-backpressure",), "send_with_backpressure",
             "Send a message, waiting while the recipient's inbox is full; print its id.\n\n"
             "Retries BACKPRESSURE_MAX_RETRIES times, BACKPRESSURE_WAIT_MS apart (see "
             "BACKPRESSURE_BACKOFF), and exits 1 when the inbox stayed full throughout.",
-            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True),
+            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True, handler=h.send_backpressure),
     Command(("monitor-overflow",), "monitor_inbox_overflow",
             "Watch every inbox, emit size metrics and overflow alerts; runs until signalled.",
-            (Param("interval", "seconds between checks", "seconds", False, 5.0),)),
+            (Param("interval", "seconds between checks", "seconds", False, 5.0),), handler=h.monitor_overflow),
     Command(("apply-rate-limit",), "apply_dynamic_rate_limit",
             "Check the system load once and publish the batch size and retry wait for it.\n\n"
             "Every sender on the base folder picks up the new wait. With --export, print "
             "shell assignments for CFN_BATCH_SIZE and BACKPRESSURE_WAIT_MS (for eval).",
             (Param("export", "print 'export NAME=value' lines for eval", "flag", False, False,
-                   option=True),)),
+                   option=True),), handler=h.apply_rate_limit),
     Command(("monitor-rate-limit",), "monitor_dynamic_rate_limit",
             "Apply the dynamic rate limit periodically; runs until signalled.",
             (Param("interval", "seconds between checks [default: RATE_LIMIT_CHECK_INTERVAL]",
-                   "seconds", False, None),)),
+                   "seconds", False, None),), handler=h.monitor_rate_limit),
     Command(("get-stats",), "get_all_inbox_stats",
-            "Print a JSON array with one {agent, size, utilization, max_size} per inbox."),
+            "Print a JSON array with one {agent, size, utilization, max_size} per inbox.", handler=h.get_stats),
     Command(("get-load",), "get_system_load",
-            "Print the 1-minute load average per CPU, with two decimals."),
+            "Print the 1-minute load average per CPU, with two decimals.", handler=h.get_load),
     Command(("cleanup",), "cleanup_rate_limiting",
-            "Stop the monitors started on this base folder (by their pid files, never by name)."),
+            "Stop the monitors started on this base folder (by their pid files, never by name).", handler=h.cleanup),
     Command(("env",), "env",
-            "Print every environment variable cfn-fast reads, its value in force and its meaning."),
+            "Print every environment variable cfn-fast reads, its value in force and its meaning.", handler=h.env),
     Command(("shell",), "shell",
             "Print the bash drop-in: source <(cfn-fast shell) defines the original's functions.",
             (Param("path", "print the file's path instead of its text", "flag", False, False,
-                   option=True),)),
+                   option=True),), handler=h.shell),
     Command(("demo",), "demo",
             "Run a small swarm on a private temporary base folder and report what happened.\n\n"
             "Several sender processes flood one slow consumer; backpressure holds the inbox "
@@ -129,66 +132,66 @@ COMMANDS: tuple[Command, ...] = (
              Param("batch", "messages the consumer takes per read", "count", False, 10, option=True),
              Param("consume_delay_ms", "the consumer's pause between reads, ms", "ms", False, 5,
                    option=True),
-             Param("quiet", "no progress bar", "flag", False, False, option=True))),
+             Param("quiet", "no progress bar", "flag", False, False, option=True)), handler=h.demo),
     # -- the message bus (message-bus.sh), under `bus` -------------------------
     Command(("bus", "init"), "init_message_bus",
-            "Create the agent's inbox and outbox (idempotent).", (_AGENT,)),
+            "Create the agent's inbox and outbox (idempotent).", (_AGENT,), handler=h.bus_init),
     Command(("bus", "send"), "send_message",
             "Send a message and print its id; exit 1 when the inbox is missing or full.\n\n"
             "A full inbox never evicts a message: use send-backpressure to wait for room.",
-            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True),
+            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True, handler=h.bus_send),
     Command(("bus", "send-batch"), "send_batch",
             "Send one message per line of stdin (a JSON payload each), with backpressure.\n\n"
             "Prints each message id; a line that fails is reported on stderr with its line "
             "number and the others still go. Exits 1 when any line failed.",
-            (_FROM, _TO, _TYPE)),
+            (_FROM, _TO, _TYPE), handler=h.bus_send_batch),
     Command(("bus", "receive"), "receive_messages",
             "Print the inbox's messages as a JSON array, oldest first; removes nothing.",
-            (_AGENT,)),
+            (_AGENT,), handler=h.bus_receive),
     Command(("bus", "consume"), "consume_messages",
             "Take messages out of the inbox and print them as a JSON array, oldest first.\n\n"
             "Each message goes to exactly one consumer, however many run at once.",
-            (_AGENT, Param("max", "take at most this many", "count", False, None, option=True))),
+            (_AGENT, Param("max", "take at most this many", "count", False, None, option=True)), handler=h.bus_consume),
     Command(("bus", "recover"), "recover",
             "Return messages claimed by consumers that died to their inboxes; print how many.\n\n"
             "With no agent, every inbox of the base folder. The overflow monitor does this too, "
             "on its reconcile cadence.",
-            (Param("agent", "only this agent's inbox", "agent", False),)),
+            (Param("agent", "only this agent's inbox", "agent", False),), handler=h.bus_recover),
     Command(("bus", "clear"), "clear_inbox",
-            "Delete every message in the agent's inbox; exit 1 when it has no inbox.", (_AGENT,)),
+            "Delete every message in the agent's inbox; exit 1 when it has no inbox.", (_AGENT,), handler=h.bus_clear),
     Command(("bus", "count"), "message_count",
             "Print how many messages the agent's inbox (or outbox) holds; 0 when missing.",
             (_AGENT, Param("box", "which folder to count", "choice", False, "inbox",
-                           ("inbox", "outbox"))), hot=True),
+                           ("inbox", "outbox"))), hot=True, handler=h.bus_count),
     Command(("bus", "cleanup"), "cleanup_message_bus",
-            "Remove the agent's folder and every message in it.", (_AGENT,)),
+            "Remove the agent's folder and every message in it.", (_AGENT,), handler=h.bus_cleanup),
     Command(("bus", "init-system"), "init_message_bus_system",
-            "Create the base folder (MESSAGE_BASE_DIR) and its shared state."),
+            "Create the base folder (MESSAGE_BASE_DIR) and its shared state.", handler=h.bus_init_system),
     Command(("bus", "cleanup-system"), "cleanup_message_bus_system",
-            "Remove the base folder and everything in it."),
+            "Remove the base folder and everything in it.", handler=h.bus_cleanup_system),
     # -- metrics (metrics.sh) and alerts (alerting.sh) ---------------------------
     Command(("metrics", "emit"), "emit_metric",
             "Append one metric line to METRICS_FILE.",
             (Param("metric", "the metric's name, for example coordination.time"),
              Param("value", "a number", "number"),
              Param("unit", "the unit", "text", False, "count"),
-             Param("tags", "a JSON object of tags", "json", False, "{}"))),
+             Param("tags", "a JSON object of tags", "json", False, "{}")), handler=h.metrics_emit),
     Command(("metrics", "stats"), "get_metrics_stats",
             "Show the metrics file's size and line count; exit 1 when it does not exist.",
             (Param("json", "print the figures as one JSON object", "flag", False, False,
-                   option=True),)),
+                   option=True),), handler=h.metrics_stats),
     Command(("metrics", "clear"), "clear_metrics",
             "Empty the metrics file (asks first unless --force).",
-            (Param("force", "do not ask", "flag", False, False, option=True),)),
+            (Param("force", "do not ask", "flag", False, False, option=True),), handler=h.metrics_clear),
     Command(("alerts", "emit"), "emit_alert",
             "Append one alert line to ALERT_LOG_FILE, unless the same alert is cooling down.",
             (Param("alert", "the alert's type, for example inbox_overflow"),
              Param("message", "what happened, for people"),
              Param("severity", "info, warning or critical", "text", False, "info"),
-             Param("metadata", "a JSON object of details", "json", False, "{}"))),
+             Param("metadata", "a JSON object of details", "json", False, "{}")), handler=h.alerts_emit),
     Command(("alerts", "summary"), "alerts_summary",
             "Print a JSON summary of the alert log (counts by type and severity).",
-            (Param("minutes", "only the last this many minutes", "count", False, None, option=True),)),
+            (Param("minutes", "only the last this many minutes", "count", False, None, option=True),), handler=h.alerts_summary),
 )
 
 BY_PATH: dict[tuple[str, ...], Command] = {c.path: c for c in COMMANDS}
@@ -228,5 +231,23 @@ def plain_values(cmd: Command, args: Sequence[str]) -> Optional[list[str]]:
     return values
 
 
-__all__ = ["BY_PATH", "COMMANDS", "Command", "EXIT_NO", "EXIT_OK", "EXIT_USAGE", "GROUPS", "Param",
-           "plain_values", "split"]
+def invoke(cmd: Command, values: Mapping[str, Any]) -> int:
+    """Runs a command's handler on parsed values (both front ends call this).
+    Agent ids are checked first, so a bad one is bad input (exit 2) even where
+    the command would just find nothing; a CfnError or OSError ends as one line
+    on stderr and its exit code."""
+    try:
+        agents = [(p.name, values[p.name]) for p in cmd.params
+                  if p.kind == "agent" and isinstance(values.get(p.name), str)]
+        if agents:
+            from cfn_fast.storage import check_agent
+
+            for name, value in agents:
+                check_agent(value, name)
+        return cmd.handler(**values)
+    except (CfnError, OSError) as e:  # InboxFull and BackpressureTimeout are the original's "no"
+        return fail(cmd.path, e)
+
+
+__all__ = ["BY_PATH", "COMMANDS", "Command", "EXIT_NO", "EXIT_OK", "EXIT_USAGE", "GROUPS", "PROG", "Param",
+           "invoke", "plain_values", "split"]

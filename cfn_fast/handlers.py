@@ -1,0 +1,383 @@
+"""Every command's body, one function each, named in the command table
+(commands.py), which both front ends run: the fast path before click is
+imported, and click. Each opens its own bus, prints its result on stdout,
+its log lines on stderr, and returns the exit code; a CfnError it raises
+becomes one line on stderr (output.fail). Nothing costly is imported at the
+top: a hot command pays only for what it uses.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Optional
+
+from cfn_fast.errors import CfnError, InboxNotFound, InvalidPayload
+from cfn_fast.output import EXIT_NO, EXIT_OK, fail, log, out
+
+if TYPE_CHECKING:
+    from cfn_fast.bus import MessageBus
+
+
+def new_bus() -> "MessageBus":
+    from cfn_fast.bus import MessageBus
+
+    return MessageBus()
+
+
+# -- the hot commands: agent scripts call them in loops ------------------------
+
+def inbox_size(bus: "MessageBus", agent: str) -> int:
+    """The inbox's size from a scan of its folder (not the shared counter
+    alone): a cold process costs milliseconds anyway, a scan of 1,000 names
+    ~0.1 ms, and this way a message a bash agent removed with rm is not
+    counted. The scan also corrects the shared counter for everyone else."""
+    try:
+        return bus.reconcile(agent, force=False).count
+    except InboxNotFound:
+        return 0
+
+
+def get_size(agent: str) -> int:
+    with new_bus() as bus:
+        out(str(inbox_size(bus, agent)))
+    return EXIT_OK
+
+
+def check_capacity(agent: str) -> int:
+    with new_bus() as bus:
+        size, cap = inbox_size(bus, agent), bus.get_inbox_capacity(agent)
+    if size >= cap:
+        log("RATE-LIMIT", f"Inbox {agent} at capacity: {size}/{cap} messages")
+        return EXIT_NO
+    return EXIT_OK
+
+
+def get_utilization(agent: str) -> int:
+    with new_bus() as bus:
+        out(str(inbox_size(bus, agent) * 100 // bus.get_inbox_capacity(agent)))
+    return EXIT_OK
+
+
+def send_backpressure(sender: str, recipient: str, type: str, payload: str) -> int:
+    with new_bus() as bus:
+        out(bus.send_with_backpressure(sender, recipient, type, payload))
+    return EXIT_OK
+
+
+def bus_send(sender: str, recipient: str, type: str, payload: str) -> int:
+    with new_bus() as bus:
+        msg_id = bus.send_message(sender, recipient, type, payload)
+    out(msg_id)
+    log("MESSAGE-BUS", f"Sent message: {sender} -> {recipient} [{type}] ({msg_id})")
+    return EXIT_OK
+
+
+def bus_count(agent: str, box: str) -> int:
+    with new_bus() as bus:
+        out(str(bus.message_count(agent, box)))
+    return EXIT_OK
+
+
+# -- the others ------------------------------------------------------------------------
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidPayload(f"{what} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InvalidPayload(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _dump(value: Any, pretty: bool = False) -> str:
+    import json
+
+    if pretty:
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _inbox_exists(base: str, agent: str) -> bool:
+    path = os.path.join(base, agent, "inbox")
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def bus_init(agent: str) -> int:
+    with new_bus() as bus:
+        bus.init_message_bus(agent)
+        log("MESSAGE-BUS", f"Initialized message bus for {agent}")
+        log("MESSAGE-BUS", f"  Inbox: {os.path.join(bus.base_dir, agent, 'inbox')}")
+        log("MESSAGE-BUS", f"  Outbox: {os.path.join(bus.base_dir, agent, 'outbox')}")
+    return EXIT_OK
+
+
+def bus_send_batch(sender: str, recipient: str, type: str) -> int:
+    """One process for thousands of sends: each stdin line is one payload."""
+    sent = failed = 0
+    with new_bus() as bus:
+        # bytes straight through: C checks each payload, nothing is decoded twice
+        for number, line in enumerate(sys.stdin.buffer, 1):
+            payload = line.strip()
+            if not payload:
+                continue
+            try:
+                out(bus.send_with_backpressure(sender, recipient, type, payload))
+                sent += 1
+            except CfnError as e:
+                failed += 1
+                fail(("bus", "send-batch"), _at_line(number, e))
+    log("MESSAGE-BUS", f"Batch {sender} -> {recipient} [{type}]: {sent} sent, {failed} failed")
+    return EXIT_NO if failed else EXIT_OK
+
+
+def _at_line(number: int, exc: CfnError) -> CfnError:
+    """The same error, its message prefixed with the stdin line it came from."""
+    err = type(exc).__new__(type(exc))
+    err.args = (f"line {number}: {exc}",)
+    return err
+
+
+def print_messages(files: list[bytes]) -> None:
+    """A JSON array of message files exactly as written (C checked each is one
+    JSON object): no decoding and re-encoding, so a number such as 1e400 or an
+    escape such as \\ud800 comes back as the sender wrote it, and nothing a
+    payload holds can make the output fail half-way."""
+    body = b",\n".join(f.strip() for f in files)
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"[\n" + body + b"\n]\n" if files else b"[]\n")
+    sys.stdout.buffer.flush()
+
+
+def bus_receive(agent: str) -> int:
+    with new_bus() as bus:
+        files = bus.receive_raw(agent)
+    print_messages(files)
+    log("MESSAGE-BUS", f"Retrieved {len(files)} messages for {agent} (sorted by timestamp)")
+    return EXIT_OK
+
+
+def bus_consume(agent: str, max: Optional[int]) -> int:
+    with new_bus() as bus:
+        files = bus.consume_raw(agent, max)
+    print_messages(files)
+    log("MESSAGE-BUS", f"Consumed {len(files)} messages for {agent}")
+    return EXIT_OK
+
+
+def bus_recover(agent: Optional[str]) -> int:
+    with new_bus() as bus:
+        n = bus.recover(agent)
+    out(str(n))
+    if n:
+        log("MESSAGE-BUS", f"Returned {n} claimed messages of dead consumers to {agent or 'their inboxes'}")
+    return EXIT_OK
+
+
+def bus_clear(agent: str) -> int:
+    with new_bus() as bus:
+        if not _inbox_exists(bus.base_dir, agent):
+            raise InboxNotFound(f"Inbox not found for agent: {agent}")
+        n = bus.clear_inbox(agent)
+    if n:
+        log("MESSAGE-BUS", f"Cleared {n} messages from {agent} inbox")
+    return EXIT_OK
+
+
+def bus_cleanup(agent: str) -> int:
+    with new_bus() as bus:
+        if not os.path.isdir(os.path.join(bus.base_dir, agent)):
+            log("MESSAGE-BUS", f"No message bus to cleanup for {agent}")
+            return EXIT_OK
+        inbox, outbox = bus.message_count(agent, "inbox"), bus.message_count(agent, "outbox")
+        bus.cleanup_message_bus(agent)
+    log("MESSAGE-BUS", f"Cleaned up message bus for {agent} (inbox: {inbox}, outbox: {outbox})")
+    return EXIT_OK
+
+
+def bus_init_system() -> int:
+    with new_bus() as bus:
+        bus.init_message_bus_system()
+        log("MESSAGE-BUS", f"Message bus system initialized at {bus.base_dir}")
+    return EXIT_OK
+
+
+def bus_cleanup_system() -> int:
+    with new_bus() as bus:
+        existed = os.path.isdir(bus.base_dir)
+        agents = len(bus.list_agents())
+        bus.cleanup_message_bus_system()
+        if existed:
+            log("MESSAGE-BUS", f"Message bus system cleaned up ({agents} agents)")
+    return EXIT_OK
+
+
+def monitor_overflow(interval: float) -> int:
+    from cfn_fast import monitors
+
+    log("RATE-LIMIT", f"Starting inbox overflow monitoring (interval: {interval:g}s)")
+    monitors.monitor_inbox_overflow(interval=interval, pidfile=True)
+    return EXIT_OK
+
+
+def apply_rate_limit(export: bool) -> int:
+    from cfn_fast import monitors
+
+    r = monitors.apply_dynamic_rate_limit()
+    log("RATE-LIMIT", f"{str(r.get('tier', '')).capitalize()} system load ({r['load_per_cpu']:.2f}): "
+                      f"batch size {r['batch_size']}, backpressure wait {r['wait_ms']}ms")
+    if export:
+        out(f"export CFN_BATCH_SIZE={int(r['batch_size'])}")
+        out(f"export BACKPRESSURE_WAIT_MS={int(r['wait_ms'])}")
+    return EXIT_OK
+
+
+def monitor_rate_limit(interval: Optional[float]) -> int:
+    from cfn_fast import monitors
+
+    shown = f"{interval:g}s" if interval is not None else "RATE_LIMIT_CHECK_INTERVAL"
+    log("RATE-LIMIT", f"Starting dynamic rate limit monitoring (interval: {shown})")
+    monitors.monitor_dynamic_rate_limit(interval=interval, pidfile=True)
+    return EXIT_OK
+
+
+def get_stats() -> int:
+    from cfn_fast import monitors
+
+    out(_dump(monitors.get_all_inbox_stats()))
+    return EXIT_OK
+
+
+def get_load() -> int:
+    from cfn_fast import monitors
+
+    out(f"{monitors.get_system_load():.2f}")
+    return EXIT_OK
+
+
+def cleanup() -> int:
+    from cfn_fast import monitors
+
+    stopped = monitors.cleanup_rate_limiting()
+    log("RATE-LIMIT", f"Rate limiting cleanup completed ({stopped} monitors stopped)")
+    return EXIT_OK
+
+
+def shell_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "shell.sh")
+
+
+def shell(path: bool) -> int:
+    if path:
+        out(shell_path())
+    else:
+        with open(shell_path(), encoding="utf-8") as f:
+            sys.stdout.write(f.read())
+    return EXIT_OK
+
+
+def demo(senders: int, messages: int, capacity: int, batch: int, consume_delay_ms: int,
+         quiet: bool) -> int:
+    from cfn_fast.demo import DemoSettings, print_report, run_demo
+
+    settings = DemoSettings(senders=senders, messages=messages, capacity=capacity, batch=batch,
+                            consume_delay_ms=consume_delay_ms)
+    report = run_demo(settings, progress=not quiet)
+    print_report(report)
+    return EXIT_OK if report.lost == 0 and report.failed == 0 else EXIT_NO
+
+
+def env() -> int:
+    from cfn_fast.config import SETTINGS, default_path
+
+    base = os.environ.get("MESSAGE_BASE_DIR") or str(SETTINGS[0].default)
+    for s in SETTINGS:
+        value = os.environ.get(s.env)
+        default = s.default
+        if isinstance(default, bool):
+            default = int(default)
+        elif default is None and s.kind == "path":  # a file in the base folder
+            default = default_path(s.attr, base)
+        shown = value if value is not None else ("" if default is None else default)
+        out(f"{s.env}={shown}\t# {s.help}{'' if value is not None else ' (default)'}")
+    return EXIT_OK
+
+
+def metrics_emit(metric: str, value: float, unit: str, tags: str) -> int:
+    from cfn_fast import telemetry
+
+    telemetry.emit_metric(metric, value, unit, _json_object(tags, "tags"))
+    return EXIT_OK
+
+
+class MissingFile(CfnError, FileNotFoundError):
+    """A file the command reports on does not exist (exit 1)."""
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{n}B"
+
+
+def metrics_stats(json: bool) -> int:  # noqa: A002 (the option is --json)
+    from cfn_fast import telemetry
+
+    stats = telemetry.metrics_stats()
+    if json:
+        out(_dump(stats))
+        return EXIT_OK
+    if not stats["exists"]:
+        raise MissingFile(f"Metrics file does not exist: {stats['file']}")
+    out(f"Metrics file: {stats['file']}")
+    out(f"Size: {_human_size(int(stats['size_bytes']))}")
+    out(f"Entries: {stats['lines']}")
+    totals = {k: v for k, v in stats.get("counters", {}).items() if v}
+    if totals:  # the shared-memory totals, machine-wide, without parsing the file
+        out("Shared totals:")
+        width = max(len(k) for k in totals)
+        for name, value in totals.items():
+            out(f"  {name:<{width}}  {value}")
+    return EXIT_OK
+
+
+def metrics_clear(force: bool) -> int:
+    from cfn_fast import telemetry
+    from cfn_fast.config import Config
+
+    path = Config.from_env().metrics_file
+    if not os.path.exists(path):
+        out(f"Metrics file does not exist: {path}")
+        return EXIT_OK
+    if not force:
+        import click
+
+        try:
+            sure = click.confirm(f"Clear all metrics in {path}?", default=False, err=True)
+        except click.Abort:  # no answer (stdin closed): the same as no
+            sure = False
+        if not sure:
+            out("Metrics clear cancelled")
+            return EXIT_OK
+    telemetry.clear_metrics()
+    out(f"Metrics cleared: {path}")
+    return EXIT_OK
+
+
+def alerts_emit(alert: str, message: str, severity: str, metadata: str) -> int:
+    from cfn_fast import telemetry
+
+    telemetry.emit_alert(alert, message, severity, _json_object(metadata, "metadata"))
+    return EXIT_OK
+
+
+def alerts_summary(minutes: Optional[int]) -> int:
+    from cfn_fast import telemetry
+
+    out(_dump(telemetry.alerts_summary(minutes), pretty=True))
+    return EXIT_OK

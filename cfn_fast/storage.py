@@ -1,0 +1,376 @@
+"""The storage seam: what MessageBus, its monitors and its telemetry need from
+the place messages live, behind one small interface.
+
+``Storage`` is the interface; ``FileStorage`` is its first implementation,
+one base folder of agent folders backed by the C core. It is the only holder
+of the core's handle and the only module that imports ``_core``: everything
+above it asks it. A backend for another engine (Redis) is a new module
+implementing ``Storage``, not a rewrite of the bus.
+
+Agent ids arrive as ``str`` and are encoded here; the C core checks their
+characters, once per call.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Any, Optional, Protocol
+
+from cfn_fast import _core
+from cfn_fast.config import Config
+from cfn_fast.errors import CfnError, CfnOSError, InboxNotFound, InvalidArgument
+
+SendResult = _core.SendResult
+ReconcileResult = _core.ReconcileResult
+Record = _core.Record
+SlotInfo = _core.SlotInfo
+RateSettings = _core.RateSettings
+
+READ_PEEK = _core.READ_PEEK
+READ_NEXT = _core.READ_NEXT
+READ_CLAIM = _core.READ_CLAIM
+FROM_INBOX = _core.FROM_INBOX
+FROM_CLAIMS = _core.FROM_CLAIMS
+JSON_EXACT = _core.JSON_EXACT
+AGENT_MAX = _core.AGENT_MAX
+
+# The shared counters, by name: the C core's (indexes below its CFN_CTR_FIRST_FREE),
+# then the upper layers' own. Their order is the state file's layout.
+_OWN_COUNTERS = (
+    "coordination_message_sent",      # sum of coordination.message_sent values
+    "coordination_message_received",  # sum of coordination.message_received values
+    "coordination_latency_samples",   # coordination.latency lines
+    "coordination_latency_ms_total",  # sum of their values, ms
+    "alerts_inbox_overflow",          # inbox_overflow alerts written
+    "alerts_inbox_high_utilization",  # inbox_high_utilization alerts written
+    "monitor_passes",                 # overflow-monitor counter passes
+    "monitor_reconciles",             # inboxes reconciled by a monitor
+    "inbox_drift",                    # reconciles that found the counter off
+    "rate_limit_adjustments",         # apply_dynamic_rate_limit publications
+    "metric_write_errors",            # metric lines that could not be written
+    "alert_write_errors",             # alert lines that could not be written
+    "monitors_stopped",               # monitors stopped by cleanup_rate_limiting
+)
+COUNTERS: dict[str, int] = {**_core.COUNTERS,
+                            **{n: _core.COUNTER_FIRST_FREE + i for i, n in enumerate(_OWN_COUNTERS)}}
+assert max(COUNTERS.values()) < _core.COUNTER_SLOTS, "shared counter table overflows the state file's"
+
+
+def agent_bytes(agent: object, role: str = "agent id") -> bytes:
+    """An agent id for the core (type, NUL and ASCII checked here; characters by C)."""
+    return _core.agent_bytes(agent, role)
+
+
+def check_agent(agent: str, role: str = "agent id") -> None:
+    """Raises InvalidAgentId when agent is not a valid agent id."""
+    _core.check_agent(_core.agent_bytes(agent, role))
+
+
+def check_json(data: bytes) -> None:
+    """Raises InvalidPayload unless data is JSON every reader returns intact (the send policy)."""
+    _core.check_json(data)
+
+
+def metric_line(name: bytes, value: float, unit: bytes, tags_json: bytes) -> bytes:
+    """One metric JSONL line, formatted by the C code the send loop uses."""
+    return _core.metric_format(name, value, unit, tags_json)
+
+
+def proc_start(pid: int) -> Optional[int]:
+    """A process's start time in clock ticks since boot, or None when it is
+    gone or a zombie. With the pid it names one process: a reused pid has another."""
+    return _core.proc_start(pid) or None
+
+
+def rate_fresh(s: RateSettings, stale_after_ms: int, now_ns: int) -> bool:
+    """Whether published rate-limit settings still hold (the rule the C send loop applies)."""
+    return _core.rate_fresh(s, stale_after_ms, now_ns)
+
+
+class Storage(Protocol):
+    """What the layers above need from where messages live."""
+
+    config: Config
+    base_dir: str
+    metrics_error: Optional[CfnError]
+
+    # the place itself
+    def exists(self) -> bool: ...
+    def create(self) -> None: ...
+    def close(self) -> None: ...
+    def destroy(self) -> None: ...
+    # agents
+    def init_agent(self, agent: str, capacity: int) -> None: ...
+    def remove_agent(self, agent: str) -> None: ...
+    def list_agents(self) -> list[str]: ...
+    # sending, counting
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult: ...
+    def size(self, agent: str) -> int: ...
+    def capacity(self, agent: str, own: int) -> int: ...
+    def count_files(self, agent: str, box: str) -> int: ...
+    def reconcile(self, agent: str, force: bool) -> ReconcileResult: ...
+    def slots(self, reuse: bool = False) -> list[SlotInfo]: ...
+    def sweep(self) -> int: ...
+    # reading
+    def read(self, agent: str, mode: int, max_messages: int, max_bytes: int) -> tuple[list[Record], int]: ...
+    def take(self, agent: str, where: int, names: list[bytes]) -> tuple[list[bool], Optional[CfnError]]: ...
+    def put_back(self, agent: str, names: list[bytes]) -> int: ...
+    def quarantine(self, agent: str, where: int, names: list[bytes]) -> int: ...
+    def clear(self, agent: str) -> int: ...
+    # state shared by every process
+    def counter_add(self, name: str, delta: int = 1) -> None: ...
+    def counters(self) -> dict[str, int]: ...
+    def rate_publish(self, s: RateSettings) -> None: ...
+    def rate_read(self) -> Optional[RateSettings]: ...
+    def cooldown_try(self, key: bytes, now_ns: int, cooldown_ns: int) -> Optional[bool]: ...
+    # telemetry files
+    def metrics_write(self, data: bytes, nlines: int) -> bool: ...
+    def open_log(self, path: str) -> int: ...
+    def open_log_read(self, path: str) -> Optional[int]: ...
+
+
+class FileStorage:
+    """One base folder: <base>/<agent>/{inbox,outbox}, and the shared state
+    file the C core maps. The handle opens on first use; a read never creates
+    the base folder. Safe to use from many threads; ``close`` waits for the
+    calls in flight (a call starting meanwhile raises BusClosed), and a later
+    call opens it again."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.base_dir = config.base_dir
+        self._handle: Optional[_core.Handle] = None
+        self._lock = threading.Lock()
+        self._slot_buf: Any = None
+        self.metrics_error: Optional[CfnError] = None
+        c = config
+        common = dict(
+            capacity=c.max_inbox_size, wait_ms=c.backpressure_wait_ms, max_total_ms=c.backpressure_max_total_ms,
+            max_payload=c.max_message_bytes, stale_after_ms=self.stale_after_ms, outbox_max=c.outbox_max,
+            backoff=_core.BACKOFF_CODES[c.backpressure_backoff], fsync=1 if c.fsync else 0,
+            file_mode=c.file_mode, dir_mode=c.dir_mode)
+        self._plain = _core.new_send_opts(max_retries=-1, **common)
+        self._backpressure = _core.new_send_opts(max_retries=c.backpressure_max_retries, **common)
+
+    @property
+    def stale_after_ms(self) -> int:
+        """Published rate-limit settings go stale after three check intervals."""
+        return int(self.config.rate_limit_check_interval * 3000)
+
+    # -- the handle -------------------------------------------------------------
+    def _h(self, create: bool = False) -> Optional[_core.Handle]:
+        """The handle, opened on first use; None when the base folder does not
+        exist and ``create`` is off (nothing is made by a read)."""
+        h = self._handle
+        if h is not None:
+            return h
+        with self._lock:
+            if self._handle is None:
+                cfg = self.config
+                try:
+                    h = _core.open_bus(self.base_dir, create, cfg.dir_mode, cfg.group, cfg.lock_timeout_ms)
+                except CfnOSError as e:
+                    if create or e.errno != errno.ENOENT:
+                        raise
+                    return None
+                if cfg.metrics_enabled and self.metrics_error is None:
+                    # the send loop's backpressure lines and telemetry's share one
+                    # writer; a refused METRICS_FILE turns metrics off, and nothing else
+                    try:
+                        _core.set_metrics(h, cfg.metrics_file, cfg.metrics_max_bytes, cfg.file_mode, cfg.group)
+                    except CfnError as e:
+                        self.metrics_error = e
+                self._handle = h
+            return self._handle
+
+    def _need(self, agent: str) -> _core.Handle:
+        h = self._h()
+        if h is None:
+            raise InboxNotFound(f"agent '{agent}' has no inbox (base folder {self.base_dir} does not exist)")
+        return h
+
+    def handle(self, create: bool = False) -> Optional[_core.Handle]:
+        """The C core's handle (None when the base folder does not exist): for
+        tests of the core itself. Nothing in the package above this module uses it."""
+        return self._h(create)
+
+    def exists(self) -> bool:
+        return self._h() is not None
+
+    def create(self) -> None:
+        """The base folder (with the bus's mode) and its state file."""
+        self._h(create=True)
+
+    def close(self) -> None:
+        with self._lock:
+            h, self._handle = self._handle, None
+        if h is not None:
+            _core.close_bus(h)  # waits for calls in flight (they hold h, so it is not freed under them)
+
+    def destroy(self) -> None:
+        """Removes the base folder and everything in it."""
+        self.close()
+        _rmtree(self.base_dir)
+
+    # -- agents ------------------------------------------------------------------
+    def init_agent(self, agent: str, capacity: int) -> None:
+        a = agent_bytes(agent)
+        _core.init_agent(self._h(create=True), a, capacity)
+
+    def remove_agent(self, agent: str) -> None:
+        a = agent_bytes(agent)
+        _core.check_agent(a)  # before any path is built from it: "" or ".." must not reach rmtree
+        h = self._h()
+        if h is None:
+            return
+        _rmtree(os.path.join(self.base_dir, agent))
+        _core.forget_agent(h, a)
+
+    def list_agents(self) -> list[str]:
+        """Agents of the base folder that have an inbox, sorted."""
+        try:
+            names = os.listdir(self.base_dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                _core.check_agent(name.encode("ascii"))
+            except (CfnError, UnicodeEncodeError):
+                continue
+            path = os.path.join(self.base_dir, name)
+            inbox = os.path.join(path, "inbox")
+            if os.path.isdir(inbox) and not os.path.islink(inbox) and not os.path.islink(path):
+                out.append(name)
+        return sorted(out)
+
+    # -- sending and counting ----------------------------------------------------
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
+        s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
+        opts = self._backpressure if backpressure else self._plain
+        return _core.send(self._need(to), s, t, mtype, payload, opts)
+
+    def size(self, agent: str) -> int:
+        a = agent_bytes(agent)
+        h = self._h()
+        return 0 if h is None else _core.inbox_size(h, a)
+
+    def capacity(self, agent: str, own: int) -> int:
+        a = agent_bytes(agent)
+        h = self._h()
+        return own if h is None else _core.inbox_capacity(h, a, own)
+
+    def count_files(self, agent: str, box: str) -> int:
+        a = agent_bytes(agent)
+        if box not in ("inbox", "outbox"):
+            raise InvalidArgument(f"box must be 'inbox' or 'outbox', not {box!r}")
+        h = self._h()
+        return 0 if h is None else _core.scan_count(h, a, box.encode())
+
+    def reconcile(self, agent: str, force: bool) -> ReconcileResult:
+        a = agent_bytes(agent)
+        return _core.reconcile(self._need(agent), a, force)
+
+    def slots(self, reuse: bool = False) -> list[SlotInfo]:
+        """Every inbox the shared state tracks. ``reuse`` keeps one 2.7 MB
+        buffer for a caller that reads them every pass (a monitor)."""
+        h = self._h()
+        if h is None:
+            return []
+        if reuse and self._slot_buf is None:
+            self._slot_buf = _core.new_slot_buffer()
+        return _core.slots(h, self._slot_buf if reuse else None)
+
+    def sweep(self) -> int:
+        h = self._h()
+        return 0 if h is None else _core.slots_sweep(h)
+
+    # -- reading ------------------------------------------------------------------
+    def read(self, agent: str, mode: int, max_messages: int, max_bytes: int) -> tuple[list[Record], int]:
+        a = agent_bytes(agent)
+        return _core.read_messages(self._need(agent), a, mode, max_messages, max_bytes)
+
+    def take(self, agent: str, where: int, names: list[bytes]) -> tuple[list[bool], Optional[CfnError]]:
+        a = agent_bytes(agent)
+        return _core.take(self._need(agent), a, where, names)
+
+    def put_back(self, agent: str, names: list[bytes]) -> int:
+        a = agent_bytes(agent)
+        return _core.put_back(self._need(agent), a, names)
+
+    def quarantine(self, agent: str, where: int, names: list[bytes]) -> int:
+        a = agent_bytes(agent)
+        return _core.quarantine(self._need(agent), a, where, names)
+
+    def clear(self, agent: str) -> int:
+        a = agent_bytes(agent)
+        h = self._h()
+        if h is None:
+            return 0
+        try:
+            return _core.clear_inbox(h, a)
+        except InboxNotFound:
+            return 0
+
+    # -- state shared by every process ----------------------------------------------
+    def counter_add(self, name: str, delta: int = 1) -> None:
+        """Adds to a shared counter (nothing when the base folder does not exist)."""
+        h = self._h()
+        if h is not None:
+            _core.counter_add(h, COUNTERS[name], delta)
+
+    def counters(self) -> dict[str, int]:
+        """Every shared counter by name (zeros when the base folder does not exist)."""
+        h = self._h()
+        if h is None:
+            return {name: 0 for name in COUNTERS}
+        return {name: _core.counter_get(h, idx) for name, idx in COUNTERS.items()}
+
+    def rate_publish(self, s: RateSettings) -> None:
+        _core.rate_publish(self._h(create=True), s)
+
+    def rate_read(self) -> Optional[RateSettings]:
+        h = self._h()
+        return None if h is None else _core.rate_read(h)
+
+    def cooldown_try(self, key: bytes, now_ns: int, cooldown_ns: int) -> Optional[bool]:
+        """True: go ahead (the cooldown restarts); False: inside it; None: no
+        shared state to ask (the base folder does not exist)."""
+        h = self._h()
+        return None if h is None else _core.cooldown_try(h, key, now_ns, cooldown_ns)
+
+    # -- telemetry files ---------------------------------------------------------------
+    def metrics_write(self, data: bytes, nlines: int) -> bool:
+        """Appends whole metric lines (creating the base folder on first use);
+        False when metrics are off. Raises ``metrics_error`` when METRICS_FILE
+        was refused."""
+        if not self.config.metrics_enabled:
+            return False
+        h = self._h(create=True)
+        e = self.metrics_error
+        if e is not None:
+            raise type(e)(*e.args)  # a fresh one: re-raising e would grow its traceback each time
+        return _core.metrics_write(h, data, nlines) > 0 or nlines == 0
+
+    def open_log(self, path: str) -> int:
+        """An appending descriptor on a telemetry file, under the trust rule."""
+        return _core.log_open(path, self.config.file_mode, self.config.group)
+
+    def open_log_read(self, path: str) -> Optional[int]:
+        return _core.log_open_read(path, self.config.group)
+
+
+def _rmtree(path: str) -> None:
+    # rmtree uses the fd-based walk on Linux: it never follows a planted symlink.
+    import shutil  # here, not at the top: shutil pulls in re, bz2 and lzma, ~5 ms for every CLI call
+
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+__all__ = ["COUNTERS", "FileStorage", "Storage"]
