@@ -120,7 +120,7 @@ def test_a_consumer_wakes_a_waiting_sender(make_bus) -> None:
     result: list[_core.SendResult] = []
     sender = threading.Thread(target=lambda: result.append(bus.deliver("alice", "bob", "t", "1")))
     sender.start()
-    while not any(s.agent == "bob" and s.waiters for s in _core.slots(bus._bus())):
+    while not any(s.agent == "bob" and s.waiters for s in bus.storage.slots()):
         time.sleep(0.001)
     assert [m["payload"] for m in bus.consume_messages("bob")] == [0]
     sender.join(timeout=30)

@@ -128,14 +128,14 @@ def test_message_types_of_arbitrary_bytes(tmp_path_factory, mtype: bytes) -> Non
     base = tmp_path_factory.mktemp("types")
     bus = MessageBus(str(base), Config.from_env().replace(metrics_enabled=False))
     bus.init_message_bus("x")
-    h = bus._bus()
+    h = bus.storage.handle()
     try:
         text = mtype.decode("utf-8")
         valid = len(mtype) <= 256 and "\0" not in text
     except UnicodeDecodeError:
         valid = False
     try:
-        _core.send(h, b"y", b"x", mtype, b"{}", bus._plain_opts)
+        _core.send(h, b"y", b"x", mtype, b"{}", bus.storage._plain)
         sent = True
     except InvalidMessageType:
         sent = False

@@ -18,7 +18,7 @@ CTX = mp.get_context("fork")
 
 def counter(bus: MessageBus, agent: str) -> int:
     """The shared counter as it stands, without the healing a size read does."""
-    return next(s.count for s in _core.slots(bus._bus()) if s.agent == agent)
+    return next(s.count for s in bus.storage.slots() if s.agent == agent)
 
 
 def test_rm_behind_its_back_is_healed_when_the_counter_says_full(make_bus, base: Path) -> None:
@@ -107,7 +107,7 @@ def test_counters_are_shared_by_processes(make_bus) -> None:
     child.join()
     assert child.exitcode == 0
     assert bus.get_inbox_size("bob") == 5
-    assert _core.counter_get(bus._bus(), _core.COUNTERS["sent"]) == 5
+    assert _core.counter_get(bus.storage.handle(), _core.COUNTERS["sent"]) == 5
 
 
 def test_an_unchanged_folder_is_trusted_and_any_change_is_seen(bus: MessageBus, base: Path) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 import cfn_fast
+from cfn_fast import lifecycle
+from cfn_fast.storage import proc_start
 from cfn_fast import monitors
 from cfn_fast.errors import UnsafePath
 
@@ -72,7 +74,7 @@ def sleeper(procs) -> subprocess.Popen:
     """An unrelated live process: the victim a forged pid file points at."""
     p = subprocess.Popen(["sleep", "30"])
     procs.append(p)
-    wait_for(lambda: monitors._proc_cmdline(p.pid) == cmdline_hash(b"sleep\x0030\x00"), what="sleep to exec")
+    wait_for(lambda: lifecycle._proc_cmdline(p.pid) == cmdline_hash(b"sleep\x0030\x00"), what="sleep to exec")
     return p
 
 
@@ -82,7 +84,7 @@ def cmdline_hash(raw: bytes) -> str:
 
 def record_of(pid: int) -> str:
     """A perfect record for ``pid``: what a monitor with that pid would have written."""
-    return f"{pid} {monitors._proc_start(pid)} overflow {monitors._proc_cmdline(pid)}\n"
+    return f"{pid} {proc_start(pid)} overflow {lifecycle._proc_cmdline(pid)}\n"
 
 
 def plant(base: Path, name: str, text: str, mode: int = 0o600) -> Path:
@@ -110,7 +112,7 @@ def test_a_real_monitors_pid_file_is_honoured_and_the_monitor_stops(base, procs,
     pidfile = base / ".monitors" / f"overflow-{p.pid}.pid"
     with open(f"/proc/{p.pid}/cmdline", "rb") as f:
         cmdline = f.read()
-    assert pidfile.read_text().split() == [str(p.pid), str(monitors._proc_start(p.pid)), "overflow",
+    assert pidfile.read_text().split() == [str(p.pid), str(proc_start(p.pid)), "overflow",
                                            cmdline_hash(cmdline)]
     assert monitors.list_monitors() == [{"pid": p.pid, "kind": "overflow", "pidfile": str(pidfile)}]
     assert cfn_fast.cleanup_rate_limiting() == 1
@@ -128,7 +130,7 @@ def test_a_pid_file_rewritten_to_name_a_live_unrelated_process_is_not_signalled(
     procs.append(monitor)
     pidfile = base / ".monitors" / f"overflow-{monitor.pid}.pid"
     _pid, _start, kind, cmdline = pidfile.read_text().split()
-    pidfile.write_text(f"{sleeper.pid} {monitors._proc_start(sleeper.pid)} {kind} {cmdline}\n")
+    pidfile.write_text(f"{sleeper.pid} {proc_start(sleeper.pid)} {kind} {cmdline}\n")
     assert mode_of(pidfile) == 0o600 and pidfile.stat().st_uid == os.geteuid()
 
     assert monitors.list_monitors() == []
@@ -196,7 +198,7 @@ def test_other_planted_pid_files_are_refused_without_hanging(base, sleeper, what
     elif what == "folder":
         pidfile.mkdir(0o700)
     else:
-        pidfile.write_text(f"{sleeper.pid} {monitors._proc_start(sleeper.pid)} overflow\n"
+        pidfile.write_text(f"{sleeper.pid} {proc_start(sleeper.pid)} overflow\n"
                            if what == "old format" else "\x00\xff not a pid file")
         pidfile.chmod(0o600)
     r = subprocess.run([sys.executable, "-m", "cfn_fast", "cleanup"], capture_output=True, text=True,

@@ -100,7 +100,7 @@ def test_batch_size_is_configured_until_published(base, monkeypatch):
 def test_published_settings_go_stale_after_three_intervals(bus, monkeypatch):
     monkeypatch.setenv("RATE_LIMIT_CHECK_INTERVAL", "0.1")  # stale after 300 ms
     b = cfn_fast.default_bus()
-    h = b._bus(create=True)
+    h = b.storage.handle(create=True)
     now = time.time_ns()
     _core.rate_publish(h, _core.RateSettings(5, 200, 900, now - 250_000_000, 100))
     assert cfn_fast.get_batch_size() == 5
@@ -118,7 +118,7 @@ def test_senders_use_a_fresh_published_wait_and_the_configured_one_once_stale(ma
     b.init_message_bus("alice")
     b.init_message_bus("bob")
     b.send_message("alice", "bob", "t", 1)
-    h = b._bus()
+    h = b.storage.handle()
 
     def timed_failure() -> float:
         t0 = time.monotonic()
@@ -142,7 +142,7 @@ def test_an_adjustment_is_seen_by_another_process_within_100_ms(bus):
         import time
         import cfn_fast
         from cfn_fast import _core
-        h = cfn_fast.default_bus()._bus()
+        h = cfn_fast.default_bus().storage.handle()
         have = _core.rate_read(h).updated_ns
         print("ready", flush=True)
         for _ in range(3):
@@ -158,7 +158,7 @@ def test_an_adjustment_is_seen_by_another_process_within_100_ms(bus):
     """)
     try:
         assert child.stdout.readline().strip() == "ready"
-        h = bus._bus()
+        h = bus.storage.handle()
         latencies = []
         for batch in (101, 102, 103):
             time.sleep(0.03)
@@ -185,7 +185,7 @@ def test_a_blocked_sender_in_another_process_picks_up_a_published_wait(base, mon
     b.init_message_bus("alice")
     b.init_message_bus("bob")
     b.send_message("alice", "bob", "t", 1)
-    h = b._bus()
+    h = b.storage.handle()
     child = spawn("""
         import cfn_fast
         print(cfn_fast.send_with_backpressure("alice", "bob", "t", 2), flush=True)
@@ -242,7 +242,7 @@ def test_monitor_alert_severities_as_the_seed(make_bus, n, expect):
 
 def counter(bus, agent: str) -> int:
     """The shared counter as it stands (a size read would heal it first)."""
-    return next(s.count for s in _core.slots(bus._bus()) if s.agent == agent)
+    return next(s.count for s in bus.storage.slots() if s.agent == agent)
 
 
 def test_monitor_reconciles_on_a_slower_cadence_and_finds_bash_inboxes(make_bus, base):
@@ -268,7 +268,7 @@ def test_monitor_reconciles_on_a_slower_cadence_and_finds_bash_inboxes(make_bus,
     last = {m["tags"]["agent"]: m["value"] for m in metric_lines("inbox.size")[-5:]}
     assert last == {"a": 5, "b": 0, "c": 0, "d": 5, "bash-agent": 2}
     assert telemetry.counters(b)["inbox_drift"] == 2
-    assert mon.reconcile_all(b._bus(), everyone=True) == 5
+    assert mon.reconcile_all(everyone=True) == 5
 
 
 def test_every_pass_reconciles_a_slice_and_every_inbox_once_per_round(make_bus):
@@ -277,7 +277,7 @@ def test_every_pass_reconciles_a_slice_and_every_inbox_once_per_round(make_bus):
         b.init_message_bus(f"agent-{i:02d}")
     mon = monitors.OverflowMonitor(b, interval=0, reconcile_every=4)
     mon.run_pass()
-    h = b._bus()
+    h = b.storage.handle()
     before = {s.agent: s.reconcile_ns for s in _core.slots(h)}
     slices = [mon.run_pass().reconciled for _ in range(4)]
     assert slices == [7, 7, 7, 4]
@@ -305,7 +305,7 @@ def test_monitor_skips_inboxes_another_process_just_reconciled(make_bus):
     mon = monitors.OverflowMonitor(b, interval=5, reconcile_every=12)
     b.reconcile("a")
     assert mon.run_pass().reconciled == 1  # only "b"
-    assert mon.reconcile_all(b._bus(), everyone=True) == 2
+    assert mon.reconcile_all(everyone=True) == 2
 
 
 def test_monitor_without_a_base_folder_waits_quietly(base):

@@ -51,4 +51,4 @@ def test_out_of_range_options_are_refused_at_the_c_boundary(full, option: str, v
                                file_mode=0o600)
     setattr(opts, option, value)
     with pytest.raises(InvalidArgument):
-        _core.send(bus._bus(), b"alice", b"bob", b"t", b"1", opts)
+        _core.send(bus.storage.handle(), b"alice", b"bob", b"t", b"1", opts)

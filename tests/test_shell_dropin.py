@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cfn_fast.cli import shell_path
+from cfn_fast.handlers import shell_path
 from cfn_fast.config import SETTINGS
 
 SCENARIOS = Path(__file__).parent / "shell" / "dropin_scenarios.sh"

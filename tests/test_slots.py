@@ -28,7 +28,7 @@ def test_agents_made_and_cleaned_up_in_turn_never_run_out_of_slots(make_bus) -> 
     bus.init_message_bus("bob")
     bus.send_message("alice", "bob", "t", 1)
     assert bus.get_inbox_size("bob") == 1
-    assert len(_core.slots(bus._bus())) == 1  # only bob's is in use
+    assert len(bus.storage.slots()) == 1  # only bob's is in use
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_pure_senders_take_no_slot(make_bus) -> None:
     bus.init_message_bus("bob")
     for i in range(300):
         bus.send_message(f"sender-{i}", "bob", "t", i)
-    assert [s.agent for s in _core.slots(bus._bus())] == ["bob"]
+    assert [s.agent for s in bus.storage.slots()] == ["bob"]
 
 
 def test_a_slot_reused_by_another_agent_is_never_mistaken_for_the_old_one(make_bus, base: Path) -> None:
@@ -81,7 +81,7 @@ def test_sleepers_killed_in_their_sleep_are_not_counted_for_ever(make_bus, base:
         p.start()
 
     def waiters() -> int:
-        return next(s.waiters for s in _core.slots(bus._bus()) if s.agent == "bob")
+        return next(s.waiters for s in bus.storage.slots() if s.agent == "bob")
 
     deadline = time.monotonic() + 20
     while waiters() < 3 and time.monotonic() < deadline:

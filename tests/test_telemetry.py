@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import cfn_fast
+from cfn_fast import alerts
 from cfn_fast import telemetry
 from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument
 
@@ -203,11 +204,11 @@ def test_zero_cooldown_never_suppresses(base, make_bus):
 
 
 def test_an_alert_before_the_base_folder_exists_makes_it_and_shares_its_cooldown(base, monkeypatch):
-    monkeypatch.setattr(telemetry, "_local_cooldowns", {})
+    monkeypatch.setattr(alerts, "_local_cooldowns", {})
     assert not base.exists()
     assert telemetry.emit_alert("t", "m", metadata={"agent": "a"})
     assert base.is_dir() and (base.stat().st_mode & 0o7777) == 0o700  # as init-system makes it
-    monkeypatch.setattr(telemetry, "_local_cooldowns", {})  # forget this process's own record
+    monkeypatch.setattr(alerts, "_local_cooldowns", {})  # forget this process's own record
     assert not telemetry.emit_alert("t", "m", metadata={"agent": "a"})  # the shared table holds it
 
 
@@ -301,8 +302,8 @@ def test_counter_table_stays_inside_the_shared_area():
 
 
 def test_cooldown_still_holds_in_process_when_the_shared_table_is_full(bus, monkeypatch):
-    monkeypatch.setattr(telemetry, "_local_cooldowns", {})
-    h = bus._bus()
+    monkeypatch.setattr(alerts, "_local_cooldowns", {})
+    h = bus.storage.handle()
     old = 1_000_000_000  # long expired, but the C table never frees an entry
     for i in range(1024):
         cfn_fast._core.cooldown_try(h, f"filler-{i}".encode(), old, 1)
@@ -323,7 +324,7 @@ def test_cooldown_table_reuses_expired_entries(bus) -> None:
     quiet, a new key is still held to its cooldown."""
     from cfn_fast import _core
 
-    h = bus._bus()
+    h = bus.storage.handle()
     hour = 3600 * 10**9
     for i in range(1024):
         assert _core.cooldown_try(h, f"old-{i}".encode(), 1, hour)
