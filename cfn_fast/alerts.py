@@ -15,7 +15,9 @@ from cfn_fast.errors import CfnError, CfnOSError, InvalidArgument
 from cfn_fast.storage import COUNTERS, Storage
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error", "critical")
-_COLOURS = {"info": "\033[0;36m", "warning": "\033[1;33m", "error": "\033[0;31m", "critical": "\033[1;31m"}
+# the original's colours: critical red, warning yellow, anything else blue
+_COLOURS = {"critical": "\033[0;31m", "warning": "\033[1;33m"}
+_BLUE = "\033[0;34m"
 _RESET = "\033[0m"
 
 _local_cooldowns: dict[bytes, int] = {}  # when there is no room left in the shared table
@@ -71,6 +73,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def stderr_line(stamp: str, severity: str, alert_type: str, message: str) -> str:
+    """The original's line on stderr: [ALERT <iso>] [<severity>] <type>: <message>,
+    in its severity's colour when stderr is a terminal."""
+    text = f"[ALERT {stamp}] [{severity}] {alert_type}: {message}"
+    return f"{_COLOURS.get(severity, _BLUE)}{text}{_RESET}" if _colour() else text
+
+
 def emit(store: Storage, alert_type: str, message: str, severity: str = "info",
          metadata: Union[Mapping[str, Any], str, None] = None) -> bool:
     """Appends one alert line and prints its stderr line, unless the same alert
@@ -97,9 +106,7 @@ def emit(store: Storage, alert_type: str, message: str, severity: str = "info",
         % (json.dumps(stamp), json.dumps(atype, ensure_ascii=False), json.dumps(msg, ensure_ascii=False),
            json.dumps(severity), meta_bytes.decode())
     ).encode("utf-8", "surrogateescape")
-    text = f"[{stamp}] ALERT {severity.upper()} {atype}: {msg}"
-    if _colour():
-        text = f"{_COLOURS[severity]}{text}{_RESET}"
+    text = stderr_line(stamp, severity, atype, msg)
     try:
         sys.stderr.write(text + "\n")
         sys.stderr.flush()

@@ -168,13 +168,7 @@ def test_alert_line_format_and_stderr(bus, capsys):
     assert rec["alert"] == "disk_low" and rec["message"] == "Only 5% left" and rec["severity"] == "warning"
     assert rec["metadata"] == {"agent": "bob", "free": 5}
     err = capsys.readouterr().err
-    assert "WARNING disk_low: Only 5% left" in err and "\033[" not in err  # not a terminal: no colour codes
-
-
-def test_alert_colour_when_forced(bus, capsys, monkeypatch):
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    telemetry.emit_alert("x", "boom", "critical")
-    assert "\033[1;31m" in capsys.readouterr().err
+    assert "[warning] disk_low: Only 5% left" in err and "\033[" not in err  # not a terminal: no colour codes
 
 
 def test_alert_defaults_and_validation(bus):
@@ -331,3 +325,18 @@ def test_cooldown_table_reuses_expired_entries(bus) -> None:
     now = 10 * hour
     assert _core.cooldown_try(h, b"new", now, hour) is True
     assert _core.cooldown_try(h, b"new", now + 1, hour) is False
+
+
+def test_the_alert_line_on_stderr_is_the_originals(bus, capsys, monkeypatch):
+    """[ALERT <iso>] [<severity>] <type>: <message>, coloured as the original only on a terminal."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert telemetry.emit_alert("queue_depth_high", "depth 1200 > 1000", "warning", {"agent": "x"}, bus=bus)
+    line = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"\[ALERT \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\] \[warning\] queue_depth_high: "
+                        r"depth 1200 > 1000", line), line
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    for severity, colour in (("critical", "\033[0;31m"), ("warning", "\033[1;33m"), ("info", "\033[0;34m")):
+        telemetry.emit_alert(f"t_{severity}", "m", severity, {"agent": "y"}, bus=bus)
+        err = capsys.readouterr().err
+        assert err.startswith(colour + "[ALERT ") and err.endswith("\033[0m\n")
