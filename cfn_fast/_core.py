@@ -203,6 +203,11 @@ def _checked(fn: Any, *args: Any) -> int:
     return int(n)
 
 
+def next_sequence(h: Handle, sender: bytes, to: bytes) -> int:
+    """Advances sender->to's sequence as a send does; the new number."""
+    return _checked(lib.cfn_next_sequence, h, sender, to)
+
+
 def inbox_size(h: Handle, agent: bytes) -> int:
     n = lib.cfn_inbox_size(h, agent, ffi.NULL)  # the hot read: no error buffer unless it fails
     if n < 0:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Union
 from cfn_fast import alerts, storage
 from cfn_fast.codec import Message, Payload, decode_message, encode_payload, encode_type
 from cfn_fast.config import Config
-from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument
+from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument, InvalidPayload
 from cfn_fast.storage import FileStorage, Storage
 
 # A message file holds the payload plus ~300 bytes of envelope; allow for escaping headroom.
@@ -84,8 +84,27 @@ class MessageBus:
 
     def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
         """Delivers one message; raises InboxFull at once when the inbox is full."""
-        return self.storage.deliver(from_agent, to_agent, encode_type(msg_type), encode_payload(payload),
+        return self.storage.deliver(from_agent, to_agent, encode_type(msg_type), self._payload(payload),
                                     False).msg_id
+
+    def _payload(self, payload: Payload) -> bytes:
+        """The payload's JSON text; with CFN_TEXT_PAYLOADS=1 (the drop-in's
+        setting, as the original took plain text) a str that is not JSON is
+        sent as a JSON string, so no file is ever written that is not JSON."""
+        data = encode_payload(payload)
+        if self.config.text_payloads and isinstance(payload, str):
+            try:
+                storage.check_json(data)
+            except InvalidPayload:
+                import json
+
+                return json.dumps(payload, ensure_ascii=False).encode()
+        return data
+
+    def get_next_sequence(self, from_agent: str, to_agent: str) -> int:
+        """Advances from->to's sequence number as a send does and returns it
+        (the original's get_next_sequence)."""
+        return self.storage.next_sequence(from_agent, to_agent)
 
     def send_with_backpressure(self, from_agent: str, to_agent: str, msg_type: str,
                                payload: Payload) -> str:
@@ -98,7 +117,7 @@ class MessageBus:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
         waited_ns and outbox_copied."""
-        mtype, data = encode_type(msg_type), encode_payload(payload)
+        mtype, data = encode_type(msg_type), self._payload(payload)
         try:
             return self.storage.deliver(from_agent, to_agent, mtype, data, backpressure)
         except BackpressureTimeout as e:

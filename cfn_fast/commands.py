@@ -165,6 +165,9 @@ COMMANDS: tuple[Command, ...] = (
                            ("inbox", "outbox"))), hot=True, handler=h.bus_count),
     Command(("bus", "cleanup"), "cleanup_message_bus",
             "Remove the agent's folder and every message in it.", (_AGENT,), handler=h.bus_cleanup),
+    Command(("bus", "next-sequence"), "get_next_sequence",
+            "Advance the sender-to-recipient sequence number, as a send does, and print it.",
+            (_FROM, Param("recipient", "the receiving agent's id", "agent")), handler=h.bus_next_sequence),
     Command(("bus", "init-system"), "init_message_bus_system",
             "Create the base folder (MESSAGE_BASE_DIR) and its shared state.", handler=h.bus_init_system),
     Command(("bus", "cleanup-system"), "cleanup_message_bus_system",
@@ -191,7 +194,22 @@ COMMANDS: tuple[Command, ...] = (
              Param("metadata", "a JSON object of details", "json", False, "{}")), handler=h.alerts_emit),
     Command(("alerts", "summary"), "alerts_summary",
             "Print a JSON summary of the alert log (counts by type and severity).",
-            (Param("minutes", "only the last this many minutes", "count", False, None, option=True),), handler=h.alerts_summary),
+            (Param("minutes", "only the last this many minutes", "count", False, None, option=True),
+             Param("brief", "only total, by_severity and by_type, as the original's get_alert_summary",
+                   "flag", False, False, option=True)),
+            handler=h.alerts_summary),
+    Command(("alerts", "check"), "check_thresholds",
+            "Run the original's threshold checks over the last 60 metric lines; alert where crossed.\n\n"
+            "coordination-time, delivery-rate, memory-growth, fd-growth, error-rate and queue-depth, "
+            "against the ALERT_* settings. A missing metrics file is a warning, not a failure.",
+            (Param("file", "the metrics file [default: METRICS_FILE]", "text", False, None),
+             Param("only", "run this check alone", "choice", False, None,
+                   ("coordination-time", "delivery-rate", "memory-growth", "fd-growth", "error-rate",
+                    "queue-depth"), option=True)),
+            handler=h.alerts_check),
+    Command(("alerts", "clear-old"), "clear_old_alerts",
+            "Keep only the alerts of the last HOURS hours in the alert log.",
+            (Param("hours", "keep this many hours", "count", False, 24, option=True),), handler=h.alerts_clear_old),
 )
 
 BY_PATH: dict[tuple[str, ...], Command] = {c.path: c for c in COMMANDS}

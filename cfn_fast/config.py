@@ -85,6 +85,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_max_bytes", "METRICS_MAX_BYTES", 64 << 20, "int", 0, 1 << 40,
             "METRICS_FILE is rotated to METRICS_FILE.1 past this size, 0 meaning never; "
             "0 to 1099511627776 (1 TiB)"),
+    Setting("text_payloads", "CFN_TEXT_PAYLOADS", False, "bool", None, None,
+            "a payload that is not JSON is sent as a JSON string (1) or refused (0); "
+            "the bash drop-in sets 1, as the original took plain text"),
+    # the thresholds of the original's alerting.sh checks (alerts check)
+    Setting("alert_coordination_time_ms", "ALERT_COORDINATION_TIME_MS", 10000, "int", 0, 86_400_000,
+            "coordination.time above this (ms) alerts coordination_time_exceeded; 0 to 86400000"),
+    Setting("alert_delivery_rate_pct", "ALERT_DELIVERY_RATE_PCT", 90.0, "float", 0, 100,
+            "coordination.delivery_rate below this (%) alerts delivery_rate_low; 0 to 100"),
+    Setting("alert_memory_growth_pct", "ALERT_MEMORY_GROWTH_PCT", 10.0, "float", 0, 1_000_000,
+            "system.memory_mb growth above this (%) alerts memory_growth_high; 0 to 1000000"),
+    Setting("alert_fd_growth", "ALERT_FD_GROWTH", 100, "int", 0, 1_000_000_000,
+            "system.open_fds growth above this alerts fd_growth_high; 0 to 1000000000"),
+    Setting("alert_error_rate_pct", "ALERT_ERROR_RATE_PCT", 5.0, "float", 0, 100,
+            "coordination.error_rate above this (%) alerts error_rate_high; 0 to 100"),
+    Setting("alert_queue_depth", "ALERT_QUEUE_DEPTH", 1000, "int", 0, 1_000_000_000,
+            "coordination.queue_depth above this alerts queue_depth_high; 0 to 1000000000"),
 )
 
 # Settings whose default is a file in the base folder (dotfiles: never taken for an agent).
@@ -247,6 +263,13 @@ class Config:
     lock_timeout_ms: int
     outbox_max: int
     metrics_max_bytes: int
+    text_payloads: bool
+    alert_coordination_time_ms: int
+    alert_delivery_rate_pct: float
+    alert_memory_growth_pct: float
+    alert_fd_growth: int
+    alert_error_rate_pct: float
+    alert_queue_depth: int
     _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:

@@ -376,8 +376,37 @@ def alerts_emit(alert: str, message: str, severity: str, metadata: str) -> int:
     return EXIT_OK
 
 
-def alerts_summary(minutes: Optional[int]) -> int:
+def alerts_summary(minutes: Optional[int], brief: bool) -> int:
     from cfn_fast import telemetry
 
-    out(_dump(telemetry.alerts_summary(minutes), pretty=True))
+    summary = telemetry.alerts_summary(minutes)
+    if brief:
+        summary = {k: summary[k] for k in ("total", "by_severity", "by_type")}
+    out(_dump(summary, pretty=True))
+    return EXIT_OK
+
+
+def alerts_check(file: Optional[str], only: Optional[str]) -> int:
+    from cfn_fast import checks
+
+    with new_bus() as bus:
+        path = file or bus.config.metrics_file
+        results = checks.run(bus.storage, None if only is None else [only], path)
+        if not results and not os.path.lexists(path):
+            log("ALERTING", f"WARNING: metrics file not found: {path}")
+    return EXIT_OK
+
+
+def alerts_clear_old(hours: int) -> int:
+    from cfn_fast import checks
+
+    with new_bus() as bus:
+        kept, removed = checks.clear_old_alerts(bus.storage, hours)
+    log("ALERTING", f"Cleared {removed} alerts older than {hours}h ({kept} kept)")
+    return EXIT_OK
+
+
+def bus_next_sequence(sender: str, recipient: str) -> int:
+    with new_bus() as bus:
+        out(str(bus.get_next_sequence(sender, recipient)))
     return EXIT_OK

@@ -58,6 +58,16 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to, const char *type, s
     return rc;
 }
 
+int64_t cfn_next_sequence(cfn_bus *bus, const char *from, const char *to, cfn_err *err)
+{
+    CHECK_AGENT(from, err);
+    CHECK_AGENT(to, err);
+    ENTER(bus, err);
+    int64_t n = cfn_next_sequence_in(bus, from, to, err);
+    cfn_leave(bus);
+    return n;
+}
+
 int64_t cfn_inbox_size(cfn_bus *bus, const char *agent, cfn_err *err)
 {
     CHECK_AGENT(agent, err);

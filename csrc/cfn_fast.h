@@ -197,6 +197,10 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to,
              const char *payload, size_t payload_len,
              const cfn_send_opts *opts, cfn_send_result *res, cfn_err *err);
 
+/* Advances the sender->recipient sequence as a send does, and returns the new
+ * number (the original's get_next_sequence). */
+int64_t cfn_next_sequence(cfn_bus *bus, const char *from, const char *to, cfn_err *err);
+
 /* --- counting ----------------------------------------------------------- */
 /* The inbox's size from the shared counter, healed by a scan first when the
  * folder changed behind cfn-fast's back or the counter says full. */

@@ -300,6 +300,7 @@ int cfn_slot_info_in(cfn_bus *bus, int64_t index, cfn_slot_info *out);
 int64_t cfn_capacity_for(struct cfn_slot *s, int64_t own);
 int cfn_write_file(cfn_bus *bus, int dirfd, const char *name, const char *buf, size_t len,
                    const cfn_send_opts *o, bool *retry, cfn_err *err, const char *where);
+int64_t cfn_next_sequence_in(cfn_bus *bus, const char *from, const char *to, cfn_err *err);
 int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type, size_t type_len,
                 const char *payload, size_t payload_len, const cfn_send_opts *o, cfn_send_result *res,
                 cfn_err *err);

@@ -301,6 +301,48 @@ static void outbox_copy(cfn_bus *bus, struct cfn_ent *ef, const char *name, cons
         outbox_trim(bus, ef, ob, o->outbox_max);
 }
 
+/* The sender's folder, made when it has none yet (a sender needs no inbox,
+ * but its sequence files need its folder). */
+static int sender_ent(cfn_bus *bus, const char *from, uint32_t dir_mode, struct cfn_ent **ef, cfn_err *err)
+{
+    int rc = cfn_ent_get(bus, from, false, ef, err);
+    if (rc != CFN_E_NOINBOX)
+        return rc;
+    if (mkdirat(bus->basefd, from, (mode_t)dir_mode) != 0 && errno != EEXIST)
+        return cfn_fail_sys(err, "mkdir %s/%s", bus->base_path, from);
+    return cfn_ent_get(bus, from, false, ef, err);
+}
+
+/* Advances from->to's sequence as a sender does (the original's
+ * get_next_sequence): under its lock, read, add one, write; returns the new number. */
+int64_t cfn_next_sequence_in(cfn_bus *bus, const char *from, const char *to, cfn_err *err)
+{
+    struct cfn_ent *ef;
+    int rc = sender_ent(bus, from, bus->dir_mode, &ef, err);
+    if (rc)
+        return rc;
+    struct cfn_pair *p;
+    int64_t seq = 0;
+    if ((rc = cfn_pair_get(bus, ef, to, &p, err)) == 0) {
+        rc = cfn_flock_until(p->lockfd, LOCK_EX, cfn_deadline(bus->lock_timeout_ms), err,
+                             "%s/%s/.sequences/%s.lock", bus->base_path, from, to);
+        if (rc == 0) {
+            size_t oldlen = 0;
+            int64_t last = read_seq(p->seqfd, &oldlen);
+            if (last < 0 || (rc = write_seq(p->seqfd, last + 1, oldlen)) != 0) {
+                errno = (int)-(last < 0 ? last : rc);
+                rc = cfn_fail_sys(err, "advance sequence %s->%s", from, to);
+            } else {
+                seq = last + 1;
+            }
+            (void)flock(p->lockfd, LOCK_UN);
+        }
+        cfn_pair_put(bus, p);
+    }
+    cfn_ent_put(bus, ef);
+    return rc ? rc : seq;
+}
+
 /* One delivery into a place already reserved. Holds the pair's sequence lock
  * from numbering to link, so one sender's messages land in sequence order. */
 static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const struct msg *m,
@@ -477,15 +519,7 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     struct cfn_ent *et, *ef;
     if ((rc = cfn_ent_get(bus, to, true, &et, err)) != 0)
         return rc;
-    rc = cfn_ent_get(bus, from, false, &ef, err);
-    if (rc == CFN_E_NOINBOX) {
-        /* a sender needs no inbox, but its sequence files need its folder */
-        if (mkdirat(bus->basefd, from, (mode_t)o->dir_mode) != 0 && errno != EEXIST)
-            rc = cfn_fail_sys(err, "mkdir %s/%s", bus->base_path, from);
-        else
-            rc = cfn_ent_get(bus, from, false, &ef, err);
-    }
-    if (rc) {
+    if ((rc = sender_ent(bus, from, o->dir_mode, &ef, err)) != 0) {
         cfn_ent_put(bus, et);
         return rc;
     }

@@ -14,13 +14,13 @@ PKG = Path(__file__).resolve().parent.parent / "cfn_fast"
 HEADER = PKG.parent / "csrc" / "cfn_fast.h"
 
 # Lower layers never import higher ones. A new module gets a place here.
-LAYERS: dict[str, int] = {
+LAYERS: dict[str, float] = {
     "errors": 0,
     "config": 1, "output": 1,
     "_native": 2, "_core": 3,
     "storage": 4,
     "codec": 5, "fields": 5,
-    "metrics": 6, "alerts": 6,
+    "metrics": 6, "alerts": 6, "checks": 6.5,
     "bus": 7,
     "defaults": 8, "__init__": 8,
     "lifecycle": 9,
