@@ -390,6 +390,7 @@ static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool nee
     e->slot_region = NULL;
     e->tmpfs = false;
     e->outbox_sends = 0;
+    e->outbox_missing_ns = 0;
     atomic_store(&e->outboxfd, -1);
     e->agentfd = openat(bus->basefd, agent, DIR_FLAGS);
     if (e->agentfd < 0) {
@@ -633,7 +634,8 @@ out:
 }
 
 /* Pins the sequence files of from->to, holding its mutex (callers then take
- * the flock). A cached file that was deleted (its agent cleaned up) is reopened. */
+ * the flock to reserve numbers). A cached file that was deleted (its agent
+ * cleaned up) is reopened before numbers are read from it again. */
 int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, struct cfn_pair **out, cfn_err *err)
 {
     char key[sizeof(((struct cfn_pair *)0)->key)];
@@ -673,7 +675,8 @@ int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, struct cfn_
         fresh = true;
     }
     pthread_mutex_lock(&p->mu);
-    if (!fresh) {
+    if (!fresh && p->next > p->limit) {
+        /* about to read the file: one whose agent was cleaned up is opened again */
         struct stat st;
         if (fstat(p->seqfd, &st) != 0 || st.st_nlink == 0) {
             pair_close(p);
@@ -681,6 +684,9 @@ int cfn_pair_get(cfn_bus *bus, struct cfn_ent *from, const char *to, struct cfn_
         }
     }
     if (fresh) {
+        p->next = 1;
+        p->limit = 0;
+        p->grant = 1;
         int rc = pair_open(bus, p, from, to, err);
         if (rc) {
             pthread_mutex_unlock(&p->mu);

@@ -127,6 +127,7 @@ struct cfn_ent {
     size_t list_n, list_next;
     int claimfd;
     bool outbox_tmpfs;              /* the outbox is on tmpfs: its size counts its entries */
+    int64_t outbox_missing_ns;      /* CLOCK_MONOTONIC when the outbox was last found missing */
     int64_t outbox_sends;           /* sends since the outbox was last measured (not tmpfs) */
 };
 
@@ -140,8 +141,12 @@ struct cfn_pair {
     int pins;
     pthread_mutex_t mu;             /* flock is per open file: threads need this too */
     uint64_t tick;
+    /* sequence numbers this process reserved in the file and has not used:
+     * next..limit (empty when next > limit); the next reservation takes grant */
+    int64_t next, limit, grant;
 };
 
+#define CFN_SEQ_BLOCK_MAX 64            /* most sequence numbers one reservation takes */
 #define CFN_CACHE 64
 
 struct cfn_bus {

@@ -277,30 +277,6 @@ static void outbox_trim(cfn_bus *bus, struct cfn_ent *ef, int ob, int64_t max)
     (void)close(dfd);  /* drops the flock */
 }
 
-static void outbox_copy(cfn_bus *bus, struct cfn_ent *ef, const char *name, const char *buf, size_t len,
-                        const cfn_send_opts *o, cfn_send_result *res)
-{
-    int ob = atomic_load(&ef->outboxfd);
-    if (ob < 0 && (ob = openat(ef->agentfd, "outbox", DIR_FLAGS)) >= 0) {
-        int none = -1;
-        if (!atomic_compare_exchange_strong(&ef->outboxfd, &none, ob)) {
-            (void)close(ob);    /* another thread cached it first */
-            ob = none;
-        } else {
-            ef->outbox_tmpfs = cfn_is_tmpfs(ob);
-        }
-    }
-    if (ob < 0)
-        return;
-    bool retry = false;
-    cfn_err why;
-    /* the descriptor stays cached while other threads may use it; a removed
-     * outbox is forgotten with the entry (cleanup_message_bus) */
-    res->outbox_copied = cfn_write_file(bus, ob, name, buf, len, o, &retry, &why, "outbox") == 0;
-    if (res->outbox_copied)
-        outbox_trim(bus, ef, ob, o->outbox_max);
-}
-
 /* The sender's folder, made when it has none yet (a sender needs no inbox,
  * but its sequence files need its folder). */
 static int sender_ent(cfn_bus *bus, const char *from, uint32_t dir_mode, struct cfn_ent **ef, cfn_err *err)
@@ -343,8 +319,127 @@ int64_t cfn_next_sequence_in(cfn_bus *bus, const char *from, const char *to, cfn
     return rc ? rc : seq;
 }
 
-/* One delivery into a place already reserved. Holds the pair's sequence lock
- * from numbering to link, so one sender's messages land in sequence order. */
+/* The next sequence number of p, reserving numbers in the sequence file under
+ * its lock (the original's protocol: bash senders read and advance the same
+ * file, so no number is ever used twice). A process's first reservation takes
+ * one number and each next one twice as many, up to CFN_SEQ_BLOCK_MAX: a
+ * one-shot CLI send numbers densely, a long-lived sender pays the file's four
+ * system calls once per 64 messages. Unused numbers are gaps, never repeats.
+ * The caller holds p->mu. */
+static int64_t take_sequence(cfn_bus *bus, struct cfn_pair *p, const char *from, const char *to, int64_t deadline,
+                             cfn_err *err)
+{
+    if (p->next <= p->limit)
+        return p->next++;
+    int rc = cfn_flock_until(p->lockfd, LOCK_EX, deadline, err, "%s/%s/.sequences/%s.lock", bus->base_path,
+                             from, to);
+    if (rc)
+        return rc;
+    size_t oldlen = 0;
+    int64_t last = read_seq(p->seqfd, &oldlen);
+    int64_t grant = p->grant < 1 ? 1 : p->grant;
+    if (last < 0 || (rc = write_seq(p->seqfd, last + grant, oldlen)) != 0) {
+        errno = (int)-(last < 0 ? last : rc);
+        rc = cfn_fail_sys(err, "advance sequence %s->%s", from, to);
+    }
+    (void)flock(p->lockfd, LOCK_UN);
+    if (rc)
+        return rc;
+    p->next = last + 1;
+    p->limit = last + grant;
+    p->grant = grant * 2 > CFN_SEQ_BLOCK_MAX ? CFN_SEQ_BLOCK_MAX : grant * 2;
+    return p->next++;
+}
+
+/* The sender's outbox, once seen (cached), or -1. A sender without one (most
+ * pure senders) looks for it again once a second, not at every send. */
+static int outbox_fd(struct cfn_ent *ef)
+{
+    int ob = atomic_load(&ef->outboxfd);
+    if (ob >= 0)
+        return ob;
+    int64_t now = cfn_mono_ns();
+    if (ef->outbox_missing_ns && now - ef->outbox_missing_ns < 1000000000LL)
+        return -1;  /* a racy stamp between threads: it only spaces the looks */
+    if ((ob = openat(ef->agentfd, "outbox", DIR_FLAGS)) < 0) {
+        ef->outbox_missing_ns = now;
+    } else {
+        int none = -1;
+        if (!atomic_compare_exchange_strong(&ef->outboxfd, &none, ob)) {
+            (void)close(ob);    /* another thread cached it first */
+            ob = none;
+        } else {
+            ef->outbox_tmpfs = cfn_is_tmpfs(ob);
+        }
+    }
+    return ob;
+}
+
+/* Writes buf as <inbox>/name and its copy as <outbox>/name (ob >= 0): one
+ * unnamed O_TMPFILE, written once, given both names by linkat. The message is
+ * never changed after, so the outbox's name is a faithful copy at the cost of
+ * one system call (the original cp'd it). Where unnamed files do not work, or
+ * the outbox is on another filesystem, the outbox gets its own file. A failed
+ * copy fails nothing: the message is delivered. */
+static int write_delivery(cfn_bus *bus, struct cfn_ent *et, struct cfn_ent *ef, const char *name, const char *buf,
+                          size_t len, const cfn_send_opts *o, bool *retry, cfn_send_result *res, cfn_err *err)
+{
+    int ob = outbox_fd(ef);
+    if (cfn_link_mode_unnamed(bus) == 0)
+        goto separate;
+    int fd = openat(et->inboxfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, (mode_t)o->file_mode);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return cfn_fail(err, CFN_E_NOINBOX, "inbox was removed");
+        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+            return cfn_fail_sys(err, "create file in inbox");
+        cfn_link_mode_none(bus);
+        goto separate;
+    }
+    int rc = write_fd(fd, buf, len, o, err, "inbox");
+    if (rc == 0 && (rc = cfn_link_unnamed(bus, fd, et->inboxfd, name)) != 0) {
+        if (rc == -EEXIST)
+            *retry = true;
+        else if (rc == -ENOENT)
+            rc = cfn_fail(err, CFN_E_NOINBOX, "inbox was removed");
+        else {
+            errno = -rc;
+            rc = cfn_fail_sys(err, "link new file into inbox");
+        }
+    }
+    if (rc == 0 && ob >= 0) {
+        int l = cfn_link_unnamed(bus, fd, ob, name);
+        res->outbox_copied = l == 0;
+        if (l == -EXDEV) {  /* another filesystem: a file of its own */
+            bool again = false;
+            cfn_err why;
+            res->outbox_copied = cfn_write_file(bus, ob, name, buf, len, o, &again, &why, "outbox") == 0;
+        }
+    }
+    (void)close(fd);    /* unnamed on failure: it vanishes with the descriptor */
+    if (rc == 0 && o->fsync) {
+        rc = fsync_or_fail(et->inboxfd, err, "inbox");
+        if (rc == 0 && res->outbox_copied)
+            (void)fsync(ob);  /* the copy's folder: best effort, as the copy */
+    }
+    if (rc == 0 && res->outbox_copied)
+        outbox_trim(bus, ef, ob, o->outbox_max);
+    return rc;
+separate:
+    rc = cfn_write_file(bus, et->inboxfd, name, buf, len, o, retry, err, "inbox");
+    if (rc == 0 && ob >= 0) {
+        bool again = false;
+        cfn_err why;
+        res->outbox_copied = cfn_write_file(bus, ob, name, buf, len, o, &again, &why, "outbox") == 0;
+        if (res->outbox_copied)
+            outbox_trim(bus, ef, ob, o->outbox_max);
+    }
+    return rc;
+}
+
+/* One delivery into a place already reserved: numbered (the pair's mutex held
+ * from numbering to link, so one process's messages land in sequence order),
+ * written, linked into the inbox and the sender's outbox. */
 static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const struct msg *m,
                    const cfn_send_opts *o, int64_t deadline, cfn_send_result *res, cfn_err *err)
 {
@@ -352,29 +447,15 @@ static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const s
     int rc = cfn_pair_get(bus, ef, et->agent, &p, err);
     if (rc)
         return rc;
-    rc = cfn_flock_until(p->lockfd, LOCK_EX, deadline, err, "%s/%s/.sequences/%s.lock", bus->base_path,
-                         ef->agent, et->agent);
-    if (rc) {
+    int64_t seq = take_sequence(bus, p, ef->agent, et->agent, deadline, err);
+    if (seq < 0) {
         cfn_pair_put(bus, p);
-        return rc;
-    }
-    size_t oldlen = 0, len = 0;
-    int64_t last = read_seq(p->seqfd, &oldlen);
-    char *buf = NULL;
-    if (last < 0) {
-        errno = (int)-last;
-        rc = cfn_fail_sys(err, "read sequence %s->%s", ef->agent, et->agent);
-        goto out;
-    }
-    int64_t seq = last + 1;
-    /* numbered before the link: a crash in between leaves a gap, never a repeat */
-    if ((rc = write_seq(p->seqfd, seq, oldlen)) != 0) {
-        errno = -rc;
-        rc = cfn_fail_sys(err, "write sequence %s->%s", ef->agent, et->agent);
-        goto out;
+        return (int)seq;
     }
     int64_t ts = cfn_now_ns() / 1000000000LL;
     char name[CFN_MSG_ID_MAX + 8] = "";
+    char *buf = NULL;
+    size_t len = 0;
     for (int attempt = 0;; attempt++) {
         snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%016" PRIx64, ts, seq,
                  cfn_random64(bus));
@@ -386,23 +467,20 @@ static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const s
             break;
         }
         bool retry = false;
-        rc = cfn_write_file(bus, et->inboxfd, name, buf, len, o, &retry, err, "inbox");
+        rc = write_delivery(bus, et, ef, name, buf, len, o, &retry, res, err);
         if (!(retry && attempt < 8))
             break;
     }
     if (rc != 0) {
-        (void)write_seq(p->seqfd, last, SIZE_MAX);  /* give the number back */
+        if (p->next == seq + 1)
+            p->next = seq;  /* not used: the next message takes it (still under the pair's mutex) */
         if (rc == -EEXIST)
             rc = cfn_fail(err, -EEXIST, "message id collided 8 times in a row");
-        goto out;
+    } else {
+        res->sequence = seq;
+        res->timestamp = ts;
     }
-    res->sequence = seq;
-    res->timestamp = ts;
-out:
-    (void)flock(p->lockfd, LOCK_UN);
     cfn_pair_put(bus, p);
-    if (rc == 0)
-        outbox_copy(bus, ef, name, buf, len, o, res);  /* delivered already: a failed copy fails nothing */
     free(buf);
     return rc;
 }

@@ -83,3 +83,24 @@ def test_a_bash_clear_of_a_full_inbox_lets_a_plain_send_through(make_bus, base: 
     orig.clear(base, "bob")
     MessageBus(config=bus.config).send_message("alice", "bob", "t", {"n": 9})  # another process's view
     assert bus.message_count("bob") == 1 == bus.get_inbox_size("bob")
+
+
+def test_bash_and_cfn_fast_senders_on_one_pair_never_repeat_a_sequence(make_bus, base: Path) -> None:
+    """cfn-fast reserves sequence numbers in the pair's file under the
+    original's lock, a block at a time; the bash original reads and advances
+    the same file under the same lock: no number is used twice, and each
+    sender's own numbers rise with its sends."""
+    bus = make_bus(max_inbox_size=10_000)
+    bus.init_message_bus("bob")
+    bash = threading.Thread(target=orig.send_many, args=(base, "alice", "bob", 150))
+    bash.start()
+    ours = [bus.send_message("alice", "bob", "t", {"n": i}) for i in range(600)]
+    bash.join()
+    messages = bus.receive_messages("bob")
+    keys = [(m["timestamp"], m["sequence"]) for m in messages]
+    assert len(messages) == 750 and len(set(keys)) == 750
+    assert len({m["sequence"] for m in messages}) == 750
+    mine = [int(mid.split("-")[2]) for mid in ours]
+    assert mine == sorted(mine)
+    theirs = [m["sequence"] for m in messages if m["msg_id"] not in set(ours)]
+    assert len(theirs) == 150 and theirs == sorted(theirs)
