@@ -86,3 +86,55 @@ def test_consume(benchmark: Any, record: Any, workdir: Path, pick: Any, size: in
     got = benchmark.pedantic(take, setup=refill, rounds=pick(300, 1), warmup_rounds=pick(10, 0))
     assert got == BATCH
     record(benchmark, f"consume.{side}@{size}", size=size, side=side)
+
+
+# -- issue 15: draining 1,000 messages in batches of 100 -----------------------------
+
+DRAIN, DRAIN_BATCH = 1000, 100
+DRAIN_SIDES = ("floor_rw", "cfn", "floor_rw_raw", "cfn_raw")
+
+
+def _drain_floor(inbox_fd: int, decode: bool) -> int:
+    """The plain-os floor: one listing, then read and unlink each file, oldest first."""
+    import json
+
+    got = 0
+    for name in sorted(n for n in os.listdir(inbox_fd) if n.endswith(".json")):
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=inbox_fd)
+        try:
+            data = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        if decode:
+            json.loads(data)
+        os.unlink(name, dir_fd=inbox_fd)
+        got += 1
+    return got
+
+
+@pytest.mark.parametrize("side", DRAIN_SIDES)
+def test_drain(benchmark: Any, record: Any, workdir: Path, pick: Any, side: str) -> None:
+    """consume_messages (decoded) against read + json.loads + unlink, and
+    consume_raw against read + unlink, over the same 1,000 files (refilled,
+    untimed, before each round)."""
+    n = pick(DRAIN, 200)
+    benchmark.group = f"drain {DRAIN} messages in batches of {DRAIN_BATCH}"
+    bus = new_bus(workdir, max_inbox_size=10**7)
+    bus.init_message_bus("b")
+    inbox_fd = os.open(workdir / "messages" / "b" / "inbox", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def refill() -> None:
+        fill(bus, "b", n)
+
+    def drain() -> int:
+        if side.startswith("floor"):
+            return _drain_floor(inbox_fd, decode=not side.endswith("raw"))
+        take = bus.consume_raw if side.endswith("raw") else bus.consume_messages
+        got = 0
+        while got < n:
+            got += len(take("b", DRAIN_BATCH))
+        return got
+
+    assert benchmark.pedantic(drain, setup=refill, rounds=pick(20, 1), warmup_rounds=pick(1, 0)) == n
+    os.close(inbox_fd)
+    record(benchmark, f"drain.{side}", side=side)

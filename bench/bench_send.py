@@ -1,12 +1,14 @@
 """Send cost against the plain-``os`` floor, at inbox sizes 10 to 10,000.
 
-The floor does the same work as a delivery with nothing else: build the
-message text, create a temporary file, write it, rename it into the inbox, and
-the same again into the sender's outbox. cfn-fast adds validation of the
-payload, the inbox gate, the atomic reservation, the per-pair sequence file,
-and for send_with_backpressure its metric line. The inbox is held at its size:
-each round's message is removed (untimed) before the next round; the capacity
-is set far above the size so there is always room.
+The floor does the same file work as a delivery with nothing else, as tightly
+as plain Python does it: build the message text, then with folder descriptors
+opened once (as cfn-fast keeps its own), create a temporary file, write it,
+close it and rename it into the inbox, and the same into the sender's outbox
+(8 system calls). cfn-fast adds validation of the payload, the inbox gate, the
+atomic reservation, the per-pair sequence, and for send_with_backpressure its
+metric line. The inbox is held at its size: each round's message is removed
+(untimed) before the next round; the capacity is set far above the size so
+there is always room.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class FloorSender:
         self.boxes = (str(root / to / "inbox"), str(root / sender / "outbox"))
         for b in self.boxes:
             os.makedirs(b, exist_ok=True)
+        self.fds = tuple(os.open(b, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for b in self.boxes)
         self.seq = 0
         self.pid = os.getpid()
 
@@ -39,14 +42,14 @@ class FloorSender:
         data = (f'{{"version":"1.1","msg_id":"{mid}","from":"{self.sender}","to":"{self.to}",'
                 f'"timestamp":{ts},"sequence":{self.seq},"type":"{msg_type}","payload":{payload},'
                 f'"requires_ack":false}}\n').encode()
-        for box in self.boxes:
-            tmp = f"{box}/.{mid}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        tmp, name = f".{mid}.tmp", f"{mid}.json"
+        for d in self.fds:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=d)
             try:
                 os.write(fd, data)
             finally:
                 os.close(fd)
-            os.rename(tmp, f"{box}/{mid}.json")
+            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
         return mid
 
 

@@ -322,6 +322,58 @@ class PlainFiles(System):
         return take
 
 
+class PlainOsPair(System):
+    """The same file work as a cfn-fast delivery and consume, as tightly as plain
+    Python does it (folder descriptors opened once, a consumer keeping its
+    sorted listing between batches), with nothing else: no capacity, no lock,
+    no counter, no sequence. Issue 15's throughput floor."""
+    name = "plain-os pair"
+    backpressure = "none: the producer never waits (there is no capacity to wait for)"
+    consumes = (f"one os.listdir kept between batches, then for the oldest {BATCH}: read, unlink; "
+                f"polling every {POLL_S * 1e3:g} ms when empty")
+
+    def start(self, root: Path, capacity: int) -> None:
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.inbox.mkdir()
+        self.outbox.mkdir()
+
+    def producer(self, index: int) -> Send:
+        fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in (self.inbox, self.outbox)]
+        pid = os.getpid()
+        seq = iter(range(1, 10**9))
+
+        def send(payload: str) -> None:
+            name = f"msg-{int(time.time())}-{next(seq):010d}-{pid}"
+            data = payload.encode()
+            for d in fds:
+                fd = os.open(f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d)
+                os.write(fd, data)
+                os.close(fd)
+                os.rename(f".{name}.tmp", f"{name}.json", src_dir_fd=d, dst_dir_fd=d)
+        return send
+
+    def consumer(self) -> Take:
+        d = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY)
+        pending: list[str] = []
+
+        def take() -> int:
+            if not pending:
+                pending.extend(sorted((n for n in os.listdir(d) if n.endswith(".json")), reverse=True))
+            got = 0
+            while pending and got < BATCH:
+                n = pending.pop()
+                fd = os.open(n, os.O_RDONLY, dir_fd=d)
+                os.read(fd, 1 << 20)
+                os.close(fd)
+                os.unlink(n, dir_fd=d)
+                got += 1
+            if not got:
+                time.sleep(POLL_S)
+            return got
+        return take
+
+
 _LUA_PUSH = """
 if redis.call('LLEN', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('RPUSH', KEYS[1], ARGV[1])
@@ -423,5 +475,6 @@ class RedisList(System):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    s.name: s for s in (CfnFast, PosixQueue, MpQueue, PersistQueue, DiskcacheDeque, RedisList, PlainFiles)
+    s.name: s for s in (CfnFast, PosixQueue, MpQueue, PersistQueue, DiskcacheDeque, RedisList, PlainFiles,
+                        PlainOsPair)
 }

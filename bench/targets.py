@@ -15,7 +15,7 @@ SIZES = (10, 100, 1_000, 10_000)  # growth curves of send and scan
 SENDERS = (1, 2, 4, 8)  # throughput curve
 SLOW_PEERS = ("persist-queue", "diskcache", "redis")
 FAST_PEERS = ("posix_ipc", "mp.Queue")
-SYSTEMS = ("cfn-fast",) + FAST_PEERS + SLOW_PEERS + ("plain files",)
+SYSTEMS = ("cfn-fast",) + FAST_PEERS + SLOW_PEERS + ("plain files", "plain-os pair")
 RESUME_INTERVAL_S = 0.100  # BACKPRESSURE_WAIT_MS=100
 
 
@@ -68,7 +68,11 @@ def _rows() -> list[Row]:
             "all.listdir", 0.5),
         Row("full reconcile, same, no folder changed", "all.reconcile_unchanged", "all.listdir", 0.5),
         Row("resume of a blocked sender vs the 100 ms interval", "resume.cfn-fast", "resume.interval", 0.001),
-        Row("resume of a blocked sender vs POSIX mq_send", "resume.cfn-fast", "resume.posix_ipc", None),
+        Row("resume of a blocked sender vs POSIX mq_send", "resume.cfn-fast", "resume.posix_ipc", 2.0),
+        Row("consume_messages: 1,000 in batches of 100 vs read + json.loads + unlink", "drain.cfn",
+            "drain.floor_rw", 1.3),
+        Row("consume_raw: 1,000 in batches of 100 vs read + unlink", "drain.cfn_raw", "drain.floor_rw_raw", 1.3),
+        Row("throughput 4 senders vs 1 sender (no collapse)", "tput.cfn-fast@4", "tput.cfn-fast@1", 1.0, True),
     ]
     for n in (1, 4):
         for peer in SLOW_PEERS:
@@ -80,6 +84,8 @@ def _rows() -> list[Row]:
                         f"tput.mp.Queue@{n}", None, True))
         rows.append(Row(f"throughput {n} sender(s) vs plain files (the original's design)", f"tput.cfn-fast@{n}",
                         f"tput.plain files@{n}", None, True))
+        rows.append(Row(f"throughput {n} sender(s) vs a plain-os pair doing the same file work",
+                        f"tput.cfn-fast@{n}", f"tput.plain-os pair@{n}", 0.8 if n == 1 else None, True))
     return rows
 
 
