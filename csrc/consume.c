@@ -105,33 +105,70 @@ static int rec_cmp(const void *a, const void *b)
 
 /* Reads a message file without following links; 1 when it is bad (not a
  * regular file, too big, not a JSON object), 0 when good, -errno on other
- * failure (-ENOENT: another consumer has it). */
+ * failure (-ENOENT: another consumer has it). One read for a message up to
+ * 16 KiB: a regular file's read comes back short only at its end, so no fstat
+ * is needed to size it (a FIFO, opened non-blocking, reads empty and is
+ * refused as not JSON; a folder or a socket fails to open or read: bad). */
 static int read_msg(int dfd, struct rec *x, int64_t max_bytes)
 {
     int fd = openat(dfd, x->name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0)
-        return errno == ELOOP ? 1 : -errno;
-    struct stat st;
+        return errno == ELOOP || errno == ENXIO || errno == EISDIR ? 1 : -errno;
+    char small[16384];
+    char *buf = small;
+    size_t cap = sizeof small, got = 0;
     int rc = 0;
-    if (fstat(fd, &st) != 0) { rc = -errno; goto out; }
-    if (!S_ISREG(st.st_mode) || st.st_size > max_bytes) { rc = 1; goto out; }
-    x->data = malloc((size_t)st.st_size + 1);
-    if (!x->data) { rc = -ENOMEM; goto out; }
-    size_t got = 0;
-    while (got < (size_t)st.st_size) {
-        ssize_t n = read(fd, x->data + got, (size_t)st.st_size - got);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) { rc = -errno; goto out; }
-        if (n == 0) break;  /* shrank under us: judge what is there */
+    for (;;) {
+        ssize_t n = read(fd, buf + got, cap - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = errno == EISDIR ? 1 : -errno;
+            break;
+        }
         got += (size_t)n;
+        if (n == 0 || got < cap)
+            break;  /* the end of the file */
+        if ((int64_t)got > max_bytes) {
+            rc = 1;  /* too big */
+            break;
+        }
+        size_t next = cap * 2;
+        char *grown = buf == small ? malloc(next) : realloc(buf, next);
+        if (!grown) {
+            rc = -ENOMEM;
+            break;
+        }
+        if (buf == small)
+            memcpy(grown, small, got);
+        buf = grown;
+        cap = next;
     }
-    x->len = got;
-    x->data[got] = '\0';
+    (void)close(fd);
+    if (rc == 0 && (int64_t)got > max_bytes)
+        rc = 1;
+    if (rc == 0) {
+        x->data = buf != small && got < cap ? buf : malloc(got + 1);
+        if (!x->data) {
+            rc = -ENOMEM;
+        } else {
+            if (x->data != buf)
+                memcpy(x->data, buf, got);
+            x->data[got] = '\0';
+            x->len = got;
+            buf = x->data;  /* owned by x now */
+        }
+    }
+    if (buf != small && buf != x->data)
+        free(buf);
+    if (rc != 0)
+        return rc;
     struct cfn_json_info info;
     if (cfn_json_scan(x->data, got, CFN_JSON_FILE_DEPTH, &info) != 0 ||
         x->data[strspn(x->data, " \t\r\n")] != '{') {
-        rc = 1;
-        goto out;
+        free(x->data);
+        x->data = NULL;
+        return 1;
     }
     x->flags = info.flags;
     if (!x->keyed) {
@@ -139,13 +176,7 @@ static int read_msg(int dfd, struct rec *x, int64_t max_bytes)
         x->seq = info.seq;
         x->keyed = true;
     }
-out:
-    (void)close(fd);
-    if (rc != 0) {
-        free(x->data);
-        x->data = NULL;
-    }
-    return rc;
+    return 0;
 }
 
 /* Moves a bad file from dfd into <agent>/.quarantine, never overwriting. */
@@ -163,6 +194,24 @@ static int quarantine_one(cfn_bus *bus, struct cfn_ent *e, int dfd, const char *
     if (rc == 0)
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_QUARANTINED, 1);
     return rc;
+}
+
+/* Moves a bad message aside and uncounts it (from the claims when claimed),
+ * under the inbox's gate: the caller's when it holds it, else taken here. */
+static bool quarantine_counted(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, int dfd, const char *name,
+                               bool claimed, bool gated)
+{
+    if (!gated && cfn_gate_shared(bus, e, cfn_deadline(bus->lock_timeout_ms), NULL) != 0)
+        return false;  /* left where it is: the next reader tries again */
+    bool moved = quarantine_one(bus, e, dfd, name) == 0;
+    if (moved) {
+        if (claimed)
+            atomic_fetch_sub(&s->claimed, 1);
+        cfn_slot_sub(s, 1);
+    }
+    if (!gated)
+        cfn_gate_release(e);
+    return moved;
 }
 
 /* This handle's claim folder in the agent's .claims, made on first use,
@@ -226,7 +275,7 @@ static int blob_build(struct recs *r, cfn_blob *out, cfn_err *err)
  * sequence). Our ids carry the key in the name; a foreign file is read for
  * it, and one that is not a message is quarantined here. */
 static int listing_refill(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, int64_t max_bytes, int64_t *bad,
-                          cfn_err *err)
+                          bool gated, cfn_err *err)
 {
     struct recs r = {0};
     int rc = cfn_scan_dir(e->inboxfd, names_cb, &r, err, "inbox");
@@ -240,10 +289,8 @@ static int listing_refill(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, i
         key_from_name(x);
         if (!x->keyed) {
             int k = read_msg(e->inboxfd, x, max_bytes);
-            if (k == 1 && quarantine_one(bus, e, e->inboxfd, x->name) == 0) {
-                cfn_slot_sub(s, 1);
+            if (k == 1 && quarantine_counted(bus, e, s, e->inboxfd, x->name, false, gated))
                 (*bad)++;
-            }
             free(x->data);
             x->data = NULL;
         }
@@ -281,7 +328,8 @@ static int listing_refill(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, i
  * first such failure is returned only when nothing could be read. The caller
  * holds the gate shared. */
 static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool claim, int64_t max,
-                       int64_t max_bytes, struct recs *r, int64_t *bad, bool *listing_empty, cfn_err *err)
+                       int64_t max_bytes, struct recs *r, int64_t *bad, bool *listing_empty, bool gated,
+                       cfn_err *err)
 {
     int rc = 0, first = 0;
     pthread_mutex_lock(&e->list_mu);
@@ -293,7 +341,7 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
         if (e->list_next >= e->list_n) {
             if (refilled)
                 break;
-            if ((rc = listing_refill(bus, e, s, max_bytes, bad, err)) != 0)
+            if ((rc = listing_refill(bus, e, s, max_bytes, bad, gated, err)) != 0)
                 break;
             refilled = true;
             if (e->list_n == 0) {
@@ -326,10 +374,7 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
         if (k == 0)
             continue;
         r->n--;
-        if (k == 1 && quarantine_one(bus, e, dfd, x->name) == 0) {
-            if (claim)
-                atomic_fetch_sub(&s->claimed, 1);
-            cfn_slot_sub(s, 1);
+        if (k == 1 && quarantine_counted(bus, e, s, dfd, x->name, claim, gated)) {
             (*bad)++;
         } else if (k != -ENOENT) {
             if (claim) {  /* unreadable now: back where it was, for a later try */
@@ -371,10 +416,13 @@ int cfn_read_messages_in(cfn_bus *bus, const char *agent, int mode, int64_t max,
     bool gated = false;
     if (mode == CFN_READ_PEEK && (rc = cfn_scan_dir(e->inboxfd, names_cb, &r, err, "inbox")) != 0)
         goto out;
+    /* Reading changes nothing, so NEXT reads without the gate (a bad file it
+     * quarantines takes it for that); PEEK and CLAIM (renames) hold it. */
+    bool gate = mode != CFN_READ_NEXT;
     for (int round = 0; round < 2; round++) {
-        if ((rc = cfn_gate_shared(bus, e, cfn_deadline(bus->lock_timeout_ms), err)) != 0)
+        if (gate && (rc = cfn_gate_shared(bus, e, cfn_deadline(bus->lock_timeout_ms), err)) != 0)
             goto out;
-        gated = true;
+        gated = gate;
         if (!(s = cfn_ent_slot(bus, e, err))) {
             rc = err ? err->code : CFN_E_NOSLOT;
             goto out;
@@ -400,13 +448,14 @@ int cfn_read_messages_in(cfn_bus *bus, const char *agent, int mode, int64_t max,
             break;
         }
         bool empty = false;
-        rc = read_listed(bus, e, s, mode == CFN_READ_CLAIM, max, max_bytes, &r, &bad, &empty, err);
+        rc = read_listed(bus, e, s, mode == CFN_READ_CLAIM, max, max_bytes, &r, &bad, &empty, gated, err);
         if (rc || !empty || round > 0 || atomic_load(&s->claimed) <= 0 ||
             cfn_now_ns() - atomic_load(&s->reconcile_ns) < RECOVER_EVERY_NS)
             break;
         /* Nothing to read, yet messages are claimed: if their consumer died,
          * they come back now, not when a monitor next runs. */
-        cfn_gate_release(e);
+        if (gated)
+            cfn_gate_release(e);
         gated = false;
         rc = cfn_reconcile_ent(bus, e, 0, -1, cfn_deadline(RECOVER_WAIT_MS), NULL, NULL);
         if (rc != 0 && rc != CFN_E_LOCKED)
