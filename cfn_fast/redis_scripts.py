@@ -129,7 +129,7 @@ local id = string.format('msg-%d-%010d-%s', sec, seq, tok ~= '' and tok or ARGV[
 redis.call('ZADD', KQ, 0, id)
 redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
   '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": ' .. seq ..
-  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
+  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload":' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
 redis.call('HINCRBY', KI, 'sent', 1)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
@@ -155,7 +155,7 @@ end
 local out = {0}
 local n = 0
 local head = '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": '
-local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": '
+local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload":'
 for j = 6, #ARGV, 2 do
   if n >= room then break end
   local seq = redis.call('HINCRBY', KS, ARGV[1], 1)

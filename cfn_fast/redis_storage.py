@@ -376,7 +376,7 @@ class RedisStorage:
         if not self._has_outbox(sender):
             return False
         body = (b'{\n  "version": "1.1",\n  "msg_id": "%s",\n  "from": "%s",\n  "to": "%s",\n  "timestamp": %d,\n'
-                b'  "sequence": %d,\n  "type": "%s",\n  "payload": %s,\n  "requires_ack": false\n}\n'
+                b'  "sequence": %d,\n  "type": "%s",\n  "payload":%s,\n  "requires_ack": false\n}\n'
                 % (mid, sender.encode(), to.encode(), ts, seq, etype, data))
         k = self._ikeys(sender)
         pruned = self._run("OUTBOX", [k[0][:-1] + b"o", k[0][:-1] + b"ob"], [mid, body, self.config.outbox_max])

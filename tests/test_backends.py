@@ -44,6 +44,17 @@ def nbus(backend: str, make_bus):
     return b
 
 
+def test_both_backends_write_the_same_bytes(backend: str, make_bus) -> None:
+    bus = make_bus()
+    bus.init_message_bus("bob")
+    mid = bus.send_message("alice", "bob", "t\u00e9\"", ' [1, {"a": 2}] ')
+    msg = json.loads(bus.receive_raw("bob")[0])
+    expected = ('{\n  "version": "1.1",\n  "msg_id": "%s",\n  "from": "alice",\n  "to": "bob",\n'
+                '  "timestamp": %d,\n  "sequence": 1,\n  "type": "t\u00e9\\"",\n  "payload":[1, {"a": 2}],\n'
+                '  "requires_ack": false\n}\n' % (mid, msg["timestamp"])).encode()
+    assert bus.receive_raw("bob")[0] == expected  # the C core's bytes (note "payload": has no space)
+
+
 def test_the_envelope_and_msg_id_are_the_original_format(nbus: MessageBus) -> None:
     before = int(time.time())
     mid = nbus.send_message("alice", "bob", "ta\"sk\n", '{"action": "process"}')
@@ -90,7 +101,7 @@ def test_raw_reads_give_the_bytes_as_written(nbus: MessageBus) -> None:
     (m,) = nbus.receive_messages("bob")
     assert str(m["payload"]["big"]) == "1E+400"  # exact, never infinity
     (raw,) = nbus.consume_raw("bob")
-    assert b'"payload": {"big": 1e400, "s": "\\ud83d\\ude00"},' in raw
+    assert b'{"big": 1e400, "s": "\\ud83d\\ude00"},\n  "requires_ack"' in raw
 
 
 def test_full_inbox_refuses_and_never_evicts(backend: str, make_bus) -> None:
