@@ -128,7 +128,7 @@ def test_full_reconciling_scan_of_100000_messages(benchmark, farm):
     h = mon.bus.storage.handle()
 
     def scan() -> int:
-        n = mon.reconcile_all(h, everyone=True)
+        n = mon.reconcile_all(everyone=True)
         assert n == INBOXES
         return n
 
