@@ -12,6 +12,7 @@ Importing this package loads only the exception classes: everything else
 from __future__ import annotations
 
 from cfn_fast.errors import (
+    BackendUnavailable,
     BackpressureTimeout,
     BusClosed,
     CfnError,
@@ -155,6 +156,7 @@ def get_inbox_utilization(agent_id: str) -> int:
 
 
 __all__ = [
+    "BackendUnavailable",
     "BackpressureTimeout",
     "BusClosed",
     "CfnError",

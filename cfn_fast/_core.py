@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import threading
 from typing import Any, NamedTuple, Optional
 
 from cfn_fast import errors as E
@@ -35,6 +36,32 @@ _CODES: dict[int, type[E.CfnError]] = {
 }
 
 _EINTR = -_errno.EINTR
+
+# A call waiting in C (for a lock, for room) asks this every 50 ms. Entering
+# it runs Python's pending signal handlers (the interpreter does at a
+# function's start); one that raises, as Ctrl-C's does, is kept here and the
+# wait ends with -EINTR, so the caller raises it: a signal that came between
+# two system calls is not waited out.
+_interrupted = threading.local()
+
+
+def _probe_raised(exc_type: Any, exc: BaseException, tb: Any) -> int:
+    _interrupted.exc = exc
+    return 1
+
+
+def cfn_py_probe() -> int:
+    return 0
+
+
+ffi.def_extern(onerror=_probe_raised)(cfn_py_probe)
+
+
+def _reraise_interruption() -> None:
+    exc = getattr(_interrupted, "exc", None)
+    if exc is not None:
+        _interrupted.exc = None
+        raise exc
 
 BACKOFF_CODES = {
     "fixed": lib.CFN_BACKOFF_FIXED,
@@ -87,6 +114,7 @@ def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = No
     h = lib.cfn_bus_open(os.fsencode(base_dir), lib.CFN_OPEN_CREATE if create else 0, opts, err)
     if h == ffi.NULL:
         raise_for(err.code, err)
+    lib.cfn_bus_set_probe(h, lib.cfn_py_probe)
     # The finaliser frees the handle once no Python object refers to it, so a
     # thread still holding it after close() gets BusClosed, never freed memory.
     return ffi.gc(h, lib.cfn_bus_free)
@@ -148,6 +176,7 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
     res = ffi.new("cfn_send_result *")
     rc = lib.cfn_send(h, sender, to, mtype, len(mtype), payload, len(payload), opts, res, err)
     if rc == _EINTR:
+        _reraise_interruption()
         rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
     if rc:
         exc = error_for(rc, err)
@@ -184,6 +213,8 @@ def _resume_after_signal(h: Handle, sender: bytes, to: bytes, mtype: bytes, payl
             if budget_ms:
                 left.max_total_ms = max(1, budget_ms - waited // 1_000_000)
         rc = lib.cfn_send(h, sender, to, mtype, len(mtype), payload, len(payload), left, res, err)
+        if rc == _EINTR:
+            _reraise_interruption()
     res.retries += retries
     res.waited_ns += waited
     return rc
@@ -198,6 +229,7 @@ def _checked(fn: Any, *args: Any) -> int:
         n = fn(*args, err)
         if n != _EINTR:
             break
+        _reraise_interruption()
     if n < 0:
         raise_for(n, err)
     return int(n)
@@ -304,6 +336,7 @@ def take(h: Handle, agent: bytes, where: int, names: list[bytes]) -> tuple[list[
         n = lib.cfn_take(h, agent, where, packed, len(packed), taken, err)
         if n != _EINTR:
             break
+        _reraise_interruption()
     if n < 0:
         raise_for(n, err)
     failure = error_for(err.code, err) if err.code < 0 else None

@@ -20,6 +20,17 @@ from cfn_fast.config import Config
 from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument, InvalidPayload
 from cfn_fast.storage import FileStorage, Storage
 
+
+def open_storage(config: Config, url: Optional[str] = None) -> Storage:
+    """The Storage the settings select: Redis when MESSAGE_BUS_URL (or url)
+    is set, else the base folder's files."""
+    target = url or config.bus_url
+    if target:
+        from cfn_fast.redis_storage import RedisStorage
+
+        return RedisStorage(config, target)
+    return FileStorage(config)
+
 # A message file holds the payload plus ~300 bytes of envelope; allow for escaping headroom.
 _ENVELOPE_BYTES = 64 * 1024
 
@@ -28,18 +39,23 @@ class MessageBus:
     """One base folder of agent inboxes.
 
     ``MessageBus()`` uses ``Config.from_env()``; ``MessageBus(base_dir)``
-    overrides MESSAGE_BASE_DIR; ``storage=`` puts the bus on another Storage.
+    overrides MESSAGE_BASE_DIR; ``url=`` (or MESSAGE_BUS_URL) puts it on
+    Redis; ``storage=`` puts the bus on another Storage.
     Methods are safe to call from many threads.
     """
 
     def __init__(self, base_dir: Optional[Union[str, os.PathLike[str]]] = None,
-                 config: Optional[Config] = None, storage: Optional[Storage] = None) -> None:
+                 config: Optional[Config] = None, storage: Optional[Storage] = None,
+                 url: Optional[str] = None) -> None:
         cfg = config if config is not None else (storage.config if storage is not None else Config.from_env())
         if base_dir is not None:
             cfg = cfg.replace(base_dir=os.fspath(base_dir))
+        if url is not None:
+            cfg = cfg.replace(bus_url=url)
+            url = None
         self.config: Config = cfg
         self.base_dir: str = cfg.base_dir
-        self.storage: Storage = storage if storage is not None else FileStorage(cfg)
+        self.storage: Storage = storage if storage is not None else open_storage(cfg, url)
         self._max_file = cfg.max_message_bytes + _ENVELOPE_BYTES
         # claimed files whose name is not "<msg_id>.json" (written by other tools): msg_id -> name
         self._claimed_names: dict[str, bytes] = {}
@@ -62,6 +78,10 @@ class MessageBus:
         self.close()
 
     def __repr__(self) -> str:
+        if self.config.bus_url:
+            from cfn_fast.config import redact_url
+
+            return f"MessageBus(url={redact_url(self.config.bus_url)!r})"
         return f"MessageBus({self.base_dir!r})"
 
     # -- message bus ---------------------------------------------------------
@@ -124,6 +144,32 @@ class MessageBus:
             if backpressure and not e.locked:  # a locked inbox is not an overflow: the error says who holds it
                 alerts.backpressure_failure(self.storage, from_agent, to_agent, e.retries)
             raise
+
+    def send_batch(self, from_agent: str, to_agent: str, msg_type: str, payloads: Iterable[Payload],
+                   backpressure: bool = True) -> list[Union[str, CfnError]]:
+        """Sends each payload in order (with backpressure unless told not to):
+        each one's msg_id, or the error that refused it. A backend that can
+        (Redis) delivers many in one step."""
+        mtype = encode_type(msg_type)
+        data: list[bytes] = []
+        early: dict[int, CfnError] = {}
+        for i, p in enumerate(payloads):
+            try:
+                data.append(encode_payload(p))
+            except CfnError as e:
+                early[i] = e
+                data.append(b"")
+        keep = [i for i in range(len(data)) if i not in early]
+        got = self.storage.deliver_many(from_agent, to_agent, mtype, [data[i] for i in keep], backpressure)
+        out: list[Union[str, CfnError]] = [early.get(i, CfnError("not sent")) for i in range(len(data))]
+        for i, r in zip(keep, got):
+            if isinstance(r, CfnError):
+                if backpressure and isinstance(r, BackpressureTimeout) and not r.locked:
+                    alerts.backpressure_failure(self.storage, from_agent, to_agent, r.retries)
+                out[i] = r
+            else:
+                out[i] = r.msg_id
+        return out
 
     def receive_messages(self, agent_id: str) -> list[Message]:
         """Every message in the inbox, oldest first; removes nothing."""
@@ -297,4 +343,4 @@ def _max_arg(max_messages: Optional[int]) -> int:
     return max_messages
 
 
-__all__ = ["Message", "MessageBus", "Payload"]
+__all__ = ["Message", "MessageBus", "Payload", "open_storage"]

@@ -25,10 +25,20 @@ class Setting(NamedTuple):
     attr: str
     env: str
     default: Union[int, float, str, None]
-    kind: str  # "int", "float", "str", "path", "backoff", "bool", "group"
+    kind: str  # "int", "float", "str", "path", "backoff", "bool", "group", "url", "secret"
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     help: str = ""
+
+    def shown(self, value: object) -> str:
+        """The value as logs and listings may show it: secrets masked, a URL's password too."""
+        if value is None:
+            return ""
+        if self.kind == "secret":
+            return "***"
+        if self.kind == "url":
+            return redact_url(str(value))
+        return str(value)
 
     def range_text(self) -> str:
         """The allowed range as error messages and help show it: "1 to 1000000000"."""
@@ -101,7 +111,72 @@ SETTINGS: tuple[Setting, ...] = (
             "coordination.error_rate above this (%) alerts error_rate_high; 0 to 100"),
     Setting("alert_queue_depth", "ALERT_QUEUE_DEPTH", 1000, "int", 0, 1_000_000_000,
             "coordination.queue_depth above this alerts queue_depth_high; 0 to 1000000000"),
+    Setting("bus_url", "MESSAGE_BUS_URL", None, "url", None, None,
+            "where messages live when not in MESSAGE_BASE_DIR: redis://host:port/db, rediss://, "
+            "unix:///path?db=N, redis+cluster://host:port (Redis Cluster); ?prefix=NAME names the bus. "
+            "Needs cfn-fast[redis]"),
+    Setting("redis_password", "REDIS_PASSWORD", None, "secret", None, None,
+            "password for MESSAGE_BUS_URL's server when the URL carries none; never shown"),
+    Setting("redis_timeout_ms", "REDIS_TIMEOUT_MS", 5000, "int", 1, 3_600_000,
+            "longest wait, ms, for the Redis server to answer before a call fails with BackendUnavailable; "
+            "1 to 3600000 (an hour)"),
+    Setting("claim_timeout_ms", "CFN_CLAIM_TIMEOUT_MS", 30000, "int", 100, 86_400_000,
+            "Redis backend: claims of a consumer that stopped renewing them (dead, or paused) return to the "
+            "inbox after this many ms; 100 to 86400000 (a day)"),
 )
+
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    auth, at, host = rest.rpartition("@")
+    if not at or "/" in auth:
+        return url
+    user, colon, _ = auth.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}" if user or colon else f"{scheme}://***@{host}"
+
+
+def _parse_url(s: Setting, raw: str) -> str:
+    """A bus URL, checked for what can be checked without a server: scheme,
+    host, port, database and query. Errors never repeat the password."""
+    from urllib.parse import parse_qs, urlsplit
+
+    shown = repr(redact_url(raw))
+    if "\0" in raw or any(c in raw for c in _SPACE):
+        raise ConfigError(f"{s.env}={shown} contains a space or a control character")
+    try:
+        u = urlsplit(raw)
+        port = u.port
+        query = parse_qs(u.query, keep_blank_values=True, strict_parsing=bool(u.query))
+    except ValueError as e:
+        why = "port out of range 1-65535" if "port" in str(e).lower() else "not a URL"
+        raise ConfigError(f"{s.env}={shown} is not a valid URL ({why})") from None
+    if u.scheme not in URL_SCHEMES:
+        raise ConfigError(f"{s.env}={shown}: scheme must be one of {', '.join(URL_SCHEMES)}")
+    if u.scheme == "unix":
+        if not u.path:
+            raise ConfigError(f"{s.env}={shown}: a unix:// URL needs the socket's path")
+    else:
+        if not u.hostname:
+            raise ConfigError(f"{s.env}={shown}: no host")
+        if port == 0:
+            raise ConfigError(f"{s.env}={shown} is not a valid URL (port out of range 1-65535)")
+        db = u.path.strip("/")
+        if db and (not _DIGITS.issuperset(db) or len(db) > 5 or "cluster" in u.scheme and db != "0"):
+            raise ConfigError(f"{s.env}={shown}: the database must be a number (0 only with Redis Cluster)")
+    for key, values in query.items():
+        if key not in ("db", "prefix") or len(values) != 1:
+            raise ConfigError(f"{s.env}={shown}: unknown or repeated query parameter {key!r} (db, prefix)")
+    if "db" in query and not (query["db"][0] and _DIGITS.issuperset(query["db"][0]) and len(query["db"][0]) < 6):
+        raise ConfigError(f"{s.env}={shown}: db must be a number")
+    prefix = query.get("prefix", ["cfn"])[0]
+    if not prefix or len(prefix) > 64 or not _PREFIX_CHARS.issuperset(prefix):
+        raise ConfigError(f"{s.env}={shown}: prefix must be 1 to 64 of [A-Za-z0-9._-]")
+    return raw
 
 # Settings whose default is a file in the base folder (dotfiles: never taken for an agent).
 _IN_BASE = {"metrics_file": ".cfn-metrics.jsonl", "alert_log_file": ".cfn-alerts.jsonl"}
@@ -112,6 +187,7 @@ _SPACE = " \t\n\r\f\v"
 _DIGITS = frozenset("0123456789")
 _FLOAT_CHARS = frozenset("0123456789+-.eE")
 _NOT_FINITE = {"nan", "inf", "infinity"}
+_PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def default_path(attr: str, base_dir: str) -> str:
@@ -151,6 +227,14 @@ def _parse(s: Setting, raw: str) -> object:
         raise ConfigError(f"{s.env}={_short(raw)} is not a boolean (use 1 or 0)")
     if s.kind == "group":
         return _parse_group(s, text, raw)
+    if s.kind == "url":
+        if not text:
+            raise ConfigError(f"{s.env} is set but empty")
+        return _parse_url(s, text)
+    if s.kind == "secret":
+        if not raw.strip(_SPACE) or "\0" in raw:
+            raise ConfigError(f"{s.env} is set but empty or contains a NUL byte")
+        return raw
     # path / str
     if not text:
         raise ConfigError(f"{s.env} is set but empty")
@@ -202,7 +286,11 @@ def _parse_group(s: Setting, text: str, raw: str) -> Optional[int]:
 def _check(s: Setting, value: object) -> object:
     """A value given to Config(...) as Python data, held to the rules of the
     environment's text: text is parsed as if read from the environment."""
-    if isinstance(value, str) and s.kind != "path":
+    if isinstance(value, str) and s.kind not in ("path", "secret"):
+        return _parse(s, value)
+    if s.kind == "secret":
+        if not isinstance(value, str):
+            raise ConfigError(f"{s.env} must be a str")
         return _parse(s, value)
     if s.kind in ("int", "group"):
         if isinstance(value, bool) or not isinstance(value, int):  # 5.0 is not a whole number either
@@ -270,6 +358,10 @@ class Config:
     alert_fd_growth: int
     alert_error_rate_pct: float
     alert_queue_depth: int
+    bus_url: Optional[str]
+    redis_password: Optional[str]
+    redis_timeout_ms: int
+    claim_timeout_ms: int
     _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:
@@ -335,7 +427,8 @@ class Config:
         return hash(tuple(self.as_dict().items()))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        inner = ", ".join(f"{s.attr}={s.shown(getattr(self, s.attr))!r}" if s.kind in ("url", "secret")
+                          else f"{s.attr}={getattr(self, s.attr)!r}" for s in SETTINGS)
         return f"Config({inner})"
 
     @property
@@ -348,4 +441,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "default_path"]
+__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]

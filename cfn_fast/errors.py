@@ -74,11 +74,18 @@ class UnsafePath(CfnError, PermissionError):
     """A path is a symlink, of the wrong kind, or owned by another user; cfn-fast refuses it."""
 
 
+class BackendUnavailable(CfnError, ConnectionError):
+    """The bus's server (MESSAGE_BUS_URL) did not answer within REDIS_TIMEOUT_MS:
+    unreachable, restarted or paused. The next call connects again. A send that
+    fails this way may or may not have been delivered (its answer was lost)."""
+
+
 class CfnOSError(CfnError, OSError):
     """A system call failed; errno and the operation are in the message."""
 
 
 __all__ = [
+    "BackendUnavailable",
     "BackpressureTimeout",
     "BusClosed",
     "CfnError",

@@ -100,11 +100,6 @@ def _dump(value: Any, pretty: bool = False) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _inbox_exists(base: str, agent: str) -> bool:
-    path = os.path.join(base, agent, "inbox")
-    return os.path.isdir(path) and not os.path.islink(path)
-
-
 def bus_init(agent: str) -> int:
     with new_bus() as bus:
         bus.init_message_bus(agent)
@@ -114,21 +109,43 @@ def bus_init(agent: str) -> int:
     return EXIT_OK
 
 
+def _stdin_batches() -> Any:
+    """Stdin's lines, numbered, in batches of what has arrived so far: a pipe
+    that writes a line and waits for its msg_id gets it at once, and a file
+    goes in large batches."""
+    read = getattr(sys.stdin.buffer, "read1", sys.stdin.buffer.read)  # what has arrived, not waiting for more
+    tail = b""
+    number = 0
+    while True:
+        chunk = read(1 << 20)
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop() if chunk else b""
+        batch = []
+        for line in lines:
+            number += 1
+            if line.strip():
+                batch.append((number, line.strip()))
+        if batch:
+            yield batch
+        if not chunk:
+            return
+
+
 def bus_send_batch(sender: str, recipient: str, type: str) -> int:
     """One process for thousands of sends: each stdin line is one payload."""
     sent = failed = 0
     with new_bus() as bus:
         # bytes straight through: C checks each payload, nothing is decoded twice
-        for number, line in enumerate(sys.stdin.buffer, 1):
-            payload = line.strip()
-            if not payload:
-                continue
-            try:
-                out(bus.send_with_backpressure(sender, recipient, type, payload))
-                sent += 1
-            except CfnError as e:
-                failed += 1
-                fail(("bus", "send-batch"), _at_line(number, e))
+        for batch in _stdin_batches():
+            results = bus.send_batch(sender, recipient, type, [p for _, p in batch])
+            for (number, _), r in zip(batch, results):
+                if isinstance(r, CfnError):
+                    failed += 1
+                    sys.stdout.flush()
+                    fail(("bus", "send-batch"), _at_line(number, r))
+                else:
+                    out(r)
+                    sent += 1
     log("MESSAGE-BUS", f"Batch {sender} -> {recipient} [{type}]: {sent} sent, {failed} failed")
     return EXIT_NO if failed else EXIT_OK
 
@@ -178,7 +195,7 @@ def bus_recover(agent: Optional[str]) -> int:
 
 def bus_clear(agent: str) -> int:
     with new_bus() as bus:
-        if not _inbox_exists(bus.base_dir, agent):
+        if not bus.storage.has_inbox(agent):
             raise InboxNotFound(f"Inbox not found for agent: {agent}")
         n = bus.clear_inbox(agent)
     if n:
@@ -188,7 +205,7 @@ def bus_clear(agent: str) -> int:
 
 def bus_cleanup(agent: str) -> int:
     with new_bus() as bus:
-        if not os.path.isdir(os.path.join(bus.base_dir, agent)):
+        if not bus.storage.has_agent(agent):
             log("MESSAGE-BUS", f"No message bus to cleanup for {agent}")
             return EXIT_OK
         inbox, outbox = bus.message_count(agent, "inbox"), bus.message_count(agent, "outbox")
@@ -300,7 +317,7 @@ def env() -> int:
             default = int(default)
         elif default is None and s.kind == "path":  # a file in the base folder
             default = default_path(s.attr, base)
-        shown = value if value is not None else ("" if default is None else default)
+        shown = s.shown(value) if value is not None else ("" if default is None else default)
         out(f"{s.env}={shown}\t# {s.help}{'' if value is not None else ' (default)'}")
     return EXIT_OK
 

@@ -5,7 +5,6 @@ statistics (get-stats).
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
@@ -82,11 +81,7 @@ class OverflowMonitor:
         self.errors: set[str] = set()
 
     def _folders(self) -> list[str]:
-        try:
-            with os.scandir(self.bus.base_dir) as it:
-                return [e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            return []
+        return self.bus.storage.list_names()
 
     def _reconcile(self, names: list[str], fresh: set[str], seen: set[str]) -> int:
         """Reconciles each named inbox (skipping those in ``fresh``); adds the

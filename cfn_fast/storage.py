@@ -4,8 +4,8 @@ the place messages live, behind one small interface.
 ``Storage`` is the interface; ``FileStorage`` is its first implementation,
 one base folder of agent folders backed by the C core. It is the only holder
 of the core's handle and the only module that imports ``_core``: everything
-above it asks it. A backend for another engine (Redis) is a new module
-implementing ``Storage``, not a rewrite of the bus.
+above it asks it. A backend for another engine is a new module
+implementing ``Storage``, not a rewrite of the bus: redis_storage.py is one.
 
 Agent ids arrive as ``str`` and are encoded here; the C core checks their
 characters, once per call.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 from cfn_fast import _core
 from cfn_fast.config import Config
@@ -34,6 +34,7 @@ FROM_INBOX = _core.FROM_INBOX
 FROM_CLAIMS = _core.FROM_CLAIMS
 JSON_EXACT = _core.JSON_EXACT
 AGENT_MAX = _core.AGENT_MAX
+TYPE_MAX = _core.TYPE_MAX
 
 # The shared counters, by name: the C core's (indexes below its CFN_CTR_FIRST_FREE),
 # then the upper layers' own. Their order is the state file's layout.
@@ -104,9 +105,14 @@ class Storage(Protocol):
     def init_agent(self, agent: str, capacity: int) -> None: ...
     def remove_agent(self, agent: str) -> None: ...
     def list_agents(self) -> list[str]: ...
+    def list_names(self) -> list[str]: ...  # what may be an inbox, unchecked: the monitor reconciles each
+    def has_inbox(self, agent: str) -> bool: ...
+    def has_agent(self, agent: str) -> bool: ...  # an inbox, or anything else kept for the agent
     # sending, counting
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult: ...
     def next_sequence(self, sender: str, to: str) -> int: ...
+    def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
+                     backpressure: bool) -> list[Union[SendResult, CfnError]]: ...
     def size(self, agent: str) -> int: ...
     def capacity(self, agent: str, own: int) -> int: ...
     def count_files(self, agent: str, box: str) -> int: ...
@@ -248,7 +254,33 @@ class FileStorage:
                 out.append(name)
         return sorted(out)
 
+    def list_names(self) -> list[str]:
+        """Every folder of the base folder that is not a dotfile: each may be an inbox."""
+        try:
+            with os.scandir(self.base_dir) as it:
+                return [e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
+    def has_inbox(self, agent: str) -> bool:
+        path = os.path.join(self.base_dir, agent, "inbox")
+        return os.path.isdir(path) and not os.path.islink(path)
+
+    def has_agent(self, agent: str) -> bool:
+        return os.path.isdir(os.path.join(self.base_dir, agent))
+
     # -- sending and counting ----------------------------------------------------
+    def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
+                     backpressure: bool) -> list[Union[SendResult, CfnError]]:
+        """deliver for each payload, in order: its result or the error that refused it."""
+        out: list[Union[SendResult, CfnError]] = []
+        for p in payloads:
+            try:
+                out.append(self.deliver(sender, to, mtype, p, backpressure))
+            except CfnError as e:
+                out.append(e)
+        return out
+
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
         s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
         opts = self._backpressure if backpressure else self._plain

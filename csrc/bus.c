@@ -264,6 +264,12 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *o, cf
     return bus;
 }
 
+int cfn_bus_set_probe(cfn_bus *bus, cfn_probe_fn probe)
+{
+    bus->probe = probe;  /* set right after open, before any call waits */
+    return 0;
+}
+
 /* Releases everything once the calls in flight have returned. Idempotent. */
 void cfn_bus_close(cfn_bus *bus)
 {
@@ -583,7 +589,7 @@ int cfn_gate_shared(cfn_bus *bus, struct cfn_ent *e, int64_t deadline, cfn_err *
     int rc = 0;
     pthread_mutex_lock(&e->gate_mu);
     if (e->holders == 0)
-        rc = cfn_flock_until(e->lockfd, LOCK_SH, deadline, err, "%s/%s/inbox/.lock", bus->base_path, e->agent);
+        rc = cfn_flock_until(bus, e->lockfd, LOCK_SH, deadline, err, "%s/%s/inbox/.lock", bus->base_path, e->agent);
     if (rc == 0)
         e->holders++;
     pthread_mutex_unlock(&e->gate_mu);

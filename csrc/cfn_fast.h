@@ -173,6 +173,12 @@ typedef struct {
  * have returned; later calls fail with CFN_E_CLOSED. cfn_bus_free (the owner's
  * finaliser, when nothing can call any more) frees the handle itself. */
 cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *opts, cfn_err *err);
+/* While a call waits (for a lock, or for room), it asks probe every 50 ms
+ * whether to give up: nonzero makes it return -EINTR. Python's probe is the
+ * moment its pending signal handlers run, so Ctrl-C ends a wait even when the
+ * signal came between two system calls, not during one. NULL: no probe. */
+typedef int (*cfn_probe_fn)(void);
+int cfn_bus_set_probe(cfn_bus *bus, cfn_probe_fn probe);
 void cfn_bus_close(cfn_bus *bus);
 void cfn_bus_free(cfn_bus *bus);
 

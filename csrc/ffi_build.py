@@ -37,6 +37,9 @@ def compile_args() -> tuple[list[str], list[str]]:
 
 ffibuilder = FFI()
 ffibuilder.cdef(read_cdef(HERE / "cfn_fast.h"))
+# The one declaration not in the header: the probe Python gives every handle
+# (cfn_bus_set_probe), defined in cfn_fast/_core.py with @ffi.def_extern.
+ffibuilder.cdef('extern "Python" int cfn_py_probe(void);')
 _cflags, _ldflags = compile_args()
 ffibuilder.set_source(
     "cfn_fast._native",

@@ -169,6 +169,7 @@ struct cfn_bus {
     uint32_t file_mode;             /* 0600, or 0660 with a group */
     uint32_t dir_mode;
     int64_t lock_timeout_ms;        /* longest wait for a lock another process holds */
+    cfn_probe_fn probe;             /* asked while waiting whether to give up (Python's signals) */
     /* this handle's consumer identity: claims live in <agent>/.claims/<consumer_id>/
      * and are its own while it holds <base>/.consumers/<consumer_id>.lock */
     pthread_mutex_t consumer_mu;
@@ -234,8 +235,9 @@ int cfn_futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns
 void cfn_futex_wake(_Atomic uint32_t *addr, int n);
 int cfn_write_all(int fd, const char *buf, size_t len);
 void cfn_lock_holder(int fd, char *out, size_t cap);
-int cfn_flock_until(int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
-    __attribute__((format(printf, 5, 6)));
+int cfn_flock_until(cfn_bus *bus, int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
+    __attribute__((format(printf, 6, 7)));
+bool cfn_probe_says_stop(cfn_bus *bus, int64_t *last_ns);
 int cfn_link_unnamed(cfn_bus *bus, int fd, int dirfd, const char *name);
 int cfn_link_mode_unnamed(cfn_bus *bus);
 void cfn_link_mode_none(cfn_bus *bus);

@@ -160,7 +160,7 @@ static int metrics_rotate(cfn_bus *bus, size_t len, struct stat *st, cfn_err *er
     /* Another process rotating it holds the lock for a rename, unless the
      * scheduler stops it there: wait for it (briefly), then follow it to the
      * new file, rather than pile lines into the one it is moving aside. */
-    int rc = cfn_flock_until(fd, LOCK_EX, cfn_deadline(ROTATE_WAIT_MS), err, "%s", bus->metrics_path);
+    int rc = cfn_flock_until(bus, fd, LOCK_EX, cfn_deadline(ROTATE_WAIT_MS), err, "%s", bus->metrics_path);
     if (rc == CFN_E_LOCKED || rc == -EINTR)
         return 0;  /* still rotating: this write lands in <path>.1, whole */
     if (rc != 0)

@@ -211,7 +211,7 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
     int lfd = e->private ? e->lockfd : cfn_open_shared_file(bus, e->inboxfd, ".lock");
     if (lfd < 0)
         return cfn_fail_sys(err, "open %s/%s/inbox/.lock", bus->base_path, e->agent);
-    rc = cfn_flock_until(lfd, LOCK_EX, deadline ? deadline : cfn_deadline(bus->lock_timeout_ms), err,
+    rc = cfn_flock_until(bus, lfd, LOCK_EX, deadline ? deadline : cfn_deadline(bus->lock_timeout_ms), err,
                          "%s/%s/inbox/.lock", bus->base_path, e->agent);
     if (rc) {
         if (rc == CFN_E_LOCKED)

@@ -200,8 +200,9 @@ static char *build_message(const char *from, const char *to, int64_t ts, int64_t
                      id, from, to, ts, seq);
     size_t o = (size_t)n;
     o += cfn_json_escape(buf + o, m->type, m->type_len);
-    memcpy(buf + o, "\",\n  \"payload\": ", 15);
-    o += 15;
+    static const char mid[] = "\",\n  \"payload\": ";
+    memcpy(buf + o, mid, sizeof mid - 1);  /* the original's space after the colon included */
+    o += sizeof mid - 1;
     memcpy(buf + o, m->payload, m->payload_len);
     o += m->payload_len;
     static const char tail[] = ",\n  \"requires_ack\": false\n}\n";
@@ -300,7 +301,7 @@ int64_t cfn_next_sequence_in(cfn_bus *bus, const char *from, const char *to, cfn
     struct cfn_pair *p;
     int64_t seq = 0;
     if ((rc = cfn_pair_get(bus, ef, to, &p, err)) == 0) {
-        rc = cfn_flock_until(p->lockfd, LOCK_EX, cfn_deadline(bus->lock_timeout_ms), err,
+        rc = cfn_flock_until(bus, p->lockfd, LOCK_EX, cfn_deadline(bus->lock_timeout_ms), err,
                              "%s/%s/.sequences/%s.lock", bus->base_path, from, to);
         if (rc == 0) {
             size_t oldlen = 0;
@@ -331,7 +332,7 @@ static int64_t take_sequence(cfn_bus *bus, struct cfn_pair *p, const char *from,
 {
     if (p->next <= p->limit)
         return p->next++;
-    int rc = cfn_flock_until(p->lockfd, LOCK_EX, deadline, err, "%s/%s/.sequences/%s.lock", bus->base_path,
+    int rc = cfn_flock_until(bus, p->lockfd, LOCK_EX, deadline, err, "%s/%s/.sequences/%s.lock", bus->base_path,
                              from, to);
     if (rc)
         return rc;
@@ -676,8 +677,22 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             continue;
         }
         uint32_t epoch = cfn_waiter_enter(s);
-        int64_t w0 = cfn_mono_ns();
-        int wr = cfn_futex_wait(&s->wake_seq, seen, w);
+        int64_t w0 = cfn_mono_ns(), probed = w0;
+        int wr;
+        /* in slices of at most 50 ms, asking the probe between them: a signal
+         * that came just before the wait began must not wait out an hour */
+        for (;;) {
+            int64_t slice = w - (cfn_mono_ns() - w0);
+            if (slice > 50000000LL)
+                slice = 50000000LL;
+            wr = cfn_futex_wait(&s->wake_seq, seen, slice);
+            if (wr != -ETIMEDOUT || cfn_mono_ns() - w0 >= w)
+                break;
+            if (cfn_probe_says_stop(bus, &probed)) {
+                wr = -EINTR;
+                break;
+            }
+        }
         cfn_waiter_leave(s, epoch);
         res->waited_ns += cfn_mono_ns() - w0;
         if (wr == -EINTR) {

@@ -309,12 +309,26 @@ void cfn_lock_holder(int fd, char *out, size_t cap)
  * arrives while it waits, so the caller's interpreter can run its handlers.
  * Waits by polling with a growing nap (20 us to 2 ms): the kernel has no
  * timed flock. */
-int cfn_flock_until(int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
+#define PROBE_EVERY_NS (50LL * 1000000LL)
+
+/* Every 50 ms of waiting, the handle's probe (Python's signals): true to stop. */
+bool cfn_probe_says_stop(cfn_bus *bus, int64_t *last_ns)
+{
+    if (!bus || !bus->probe)
+        return false;
+    int64_t now = cfn_mono_ns();
+    if (now - *last_ns < PROBE_EVERY_NS)
+        return false;
+    *last_ns = now;
+    return bus->probe() != 0;
+}
+
+int cfn_flock_until(cfn_bus *bus, int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
 {
     if (flock(fd, op | LOCK_NB) == 0)
         return 0;
     int rc = 0;
-    int64_t start = cfn_mono_ns(), nap = 20000;
+    int64_t start = cfn_mono_ns(), nap = 20000, probed = start;
     for (;;) {
         if (errno != EWOULDBLOCK && errno != EINTR) {
             rc = -(errno ? errno : EIO);
@@ -328,7 +342,7 @@ int cfn_flock_until(int fd, int op, int64_t deadline, cfn_err *err, const char *
         if (nap > deadline - now)
             nap = deadline - now;
         struct timespec ts = {.tv_sec = nap / 1000000000LL, .tv_nsec = nap % 1000000000LL};
-        if (nanosleep(&ts, NULL) != 0 && errno == EINTR) {
+        if ((nanosleep(&ts, NULL) != 0 && errno == EINTR) || cfn_probe_says_stop(bus, &probed)) {
             rc = -EINTR;
             break;
         }

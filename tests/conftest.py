@@ -14,6 +14,7 @@ import pytest
 
 from cfn_fast import Config, MessageBus
 from faults import faultshim  # noqa: F401  (the session fixture; see tests/faults/__init__.py)
+from redis_fixtures import _redis_root, backend, redis_cluster, redis_server, redis_url  # noqa: F401  (real Redis)
 
 _TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
@@ -30,7 +31,8 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(autouse=True)
 def isolated_env(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in list(os.environ):
-        if name.startswith(("BACKPRESSURE_", "RATE_LIMIT_", "CFN_", "MAX_INBOX", "MAX_MESSAGE", "ALERT_")):
+        if name.startswith(("BACKPRESSURE_", "RATE_LIMIT_", "CFN_", "MAX_INBOX", "MAX_MESSAGE", "ALERT_",
+                            "MESSAGE_BUS_URL", "REDIS_")) and name != "CFN_REQUIRE_REDIS":
             monkeypatch.delenv(name)
     base = workdir / "messages"
     monkeypatch.setenv("MESSAGE_BASE_DIR", str(base))

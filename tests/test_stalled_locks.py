@@ -120,6 +120,30 @@ except KeyboardInterrupt:
     assert bob.message_count("bob") == 1
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.02, 0.15])
+def test_ctrl_c_ends_a_wait_whenever_it_comes(bob: MessageBus, base: Path, delay: float) -> None:
+    """Early (before the wait's first nap), between two system calls, or deep
+    in it: a signal that came while C was not asleep is still seen, within
+    the probe's 50 ms, not when the 60 s lock timeout runs out."""
+    code = f"""
+import os, signal, threading, time
+from cfn_fast import MessageBus, Config
+bus = MessageBus(config=Config.from_env().replace(lock_timeout_ms=60000))
+bus.get_inbox_size("bob")                       # opened before the clock starts
+t0 = time.monotonic()
+try:
+    threading.Timer({delay}, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    for _ in range(3):
+        bus.send_message("alice", "bob", "t", 1)
+except KeyboardInterrupt:
+    print(round(time.monotonic() - t0, 2))
+"""
+    with orig.stalled_sender(base, "carol", "bob"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    assert float(out.stdout) < delay + 2
+
+
 def test_a_stalled_sequence_lock_is_bounded_too(bob: MessageBus, base: Path) -> None:
     """The original's sequence lock, held by a stalled bash sender of the same pair."""
     import fcntl
@@ -132,3 +156,36 @@ def test_a_stalled_sequence_lock_is_bounded_too(bob: MessageBus, base: Path) -> 
     finally:
         os.close(fd)
     assert bob.get_inbox_size("bob") == 1 == bob.message_count("bob")  # its place was given back
+
+
+def test_a_waiting_call_asks_its_probe_every_50_ms_and_stops_when_told(bob: MessageBus, base: Path) -> None:
+    """The mechanism under Ctrl-C, with a probe of the test's own: a lock wait
+    and a backpressure wait each end with -EINTR soon after it says stop."""
+    import errno
+
+    from cfn_fast._native import ffi, lib
+
+    calls: list[float] = []
+
+    @ffi.callback("int(void)")
+    def probe() -> int:
+        calls.append(time.monotonic())
+        return 1 if len(calls) % 3 == 0 else 0
+
+    h = bob.storage.handle()
+    lib.cfn_bus_set_probe(h, probe)
+    try:
+        with orig.stalled_sender(base, "carol", "bob"):  # a lock wait (LOCK_TIMEOUT_MS is 300 ms here: long enough)
+            t0 = time.monotonic()
+            assert lib.cfn_clear_inbox(h, b"bob", ffi.NULL) == -errno.EINTR
+            assert 0.1 < time.monotonic() - t0 < 0.3 and len(calls) == 3
+        full = MessageBus(config=bob.config.replace(max_inbox_size=1, backpressure_wait_ms=3_600_000))
+        h2 = full.storage.handle()
+        lib.cfn_bus_set_probe(h2, probe)
+        opts = full.storage._backpressure
+        res = ffi.new("cfn_send_result *")
+        t0 = time.monotonic()
+        assert lib.cfn_send(h2, b"alice", b"bob", b"t", 1, b"1", 1, opts, res, ffi.NULL) == -errno.EINTR
+        assert 0.1 < time.monotonic() - t0 < 0.4 and len(calls) == 6   # not the hour's wait
+    finally:
+        lib.cfn_bus_set_probe(h, lib.cfn_py_probe)

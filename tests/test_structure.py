@@ -17,8 +17,8 @@ HEADER = PKG.parent / "csrc" / "cfn_fast.h"
 LAYERS: dict[str, float] = {
     "errors": 0,
     "config": 1, "output": 1,
-    "_native": 2, "_core": 3,
-    "storage": 4,
+    "_native": 2, "_core": 3, "redis_scripts": 3,
+    "storage": 4, "redis_storage": 4,
     "codec": 5, "fields": 5,
     "metrics": 6, "alerts": 6, "checks": 6.5,
     "bus": 7,
@@ -100,6 +100,29 @@ def test_only_the_storage_touches_the_compiled_core() -> None:
     for m in MODULES:
         if m != "storage":
             assert "._h(" not in (PKG / f"{m}.py").read_text(), f"{m} reaches into the storage's handle"
+
+
+def _imports_package(module: str, package: str) -> bool:
+    tree = ast.parse((PKG / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == package for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+            return True
+    return False
+
+
+def test_only_the_redis_storage_touches_its_engine() -> None:
+    assert [m for m in MODULES if _imports_package(m, "redis")] == ["redis_storage"]
+    # and nothing imports it but the one place that picks a backend
+    assert sorted(m for m, deps in GRAPH.items() if "redis_storage" in deps) == ["bus"]
+
+
+def test_the_file_backend_needs_no_redis_client() -> None:
+    code = ("import sys; sys.modules['redis'] = None; import cfn_fast; b = cfn_fast.MessageBus('/nonexistent/x'); "
+            "print(b.get_inbox_size('a'), 'redis_storage' in ' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["0", "False"]
 
 
 def test_every_c_function_is_declared_once_and_wrapped_once() -> None:

@@ -1,0 +1,429 @@
+"""The Redis backend's server-side steps, in Lua: each one atomic, each one
+touching the keys of one inbox only (one hash tag, so one Cluster slot).
+
+Every inbox script takes the same KEYS (redis_storage.inbox_keys):
+
+  1 i   HASH  the inbox's meta: cap, resv (places reserved for woken senders),
+              its share of the shared counters; exists while the inbox does
+  2 q   ZSET  the inbox: msg_ids, score 0, so ordered by name = (timestamp, sequence)
+  3 b   HASH  msg_id -> the message's bytes (in the inbox or claimed)
+  4 v   HASH  msg_id -> "<expiry ms>|<consumer>": read by a consumer, not yet taken
+  5 c   HASH  msg_id -> consumer holding the claim
+  6 cn  HASH  consumer -> how many claims it holds here
+  7 l   ZSET  consumer -> its lease's expiry (ms, server clock)
+  8 s   HASH  sender -> last sequence number of the pair (sender, this inbox)
+  9 w   LIST  tokens of the senders waiting for room, in arrival order
+ 10 wd  HASH  token -> the waiting sender's deadline (ms): it has given up after it
+ 11 r   HASH  token -> expiry (ms) of the place reserved for that woken sender
+and builds one more name itself: <prefix>k:<token>, the list a waiting sender
+blocks on (BLPOP), in the same slot.
+
+Times come from the server (TIME), so every host reads one clock.
+"""
+from __future__ import annotations
+
+_PRELUDE = r"""
+local KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local P = string.sub(KI, 1, -2)
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1])
+end
+local function held()
+  return redis.call('ZCARD', KQ) + redis.call('HLEN', KC)
+end
+-- Claims whose consumer's lease ran out go back to the inbox.
+local function recover(now)
+  local dead = redis.call('ZRANGEBYSCORE', KL, '-inf', now)
+  if #dead == 0 then return 0 end
+  local gone = {}
+  for _, o in ipairs(dead) do gone[o] = true; redis.call('HDEL', KCN, o) end
+  redis.call('ZREMRANGEBYSCORE', KL, '-inf', now)
+  local n = 0
+  local all = redis.call('HGETALL', KC)
+  for j = 1, #all, 2 do
+    if gone[all[j + 1]] then
+      redis.call('HDEL', KC, all[j])
+      redis.call('ZADD', KQ, 0, all[j])
+      n = n + 1
+    end
+  end
+  if n > 0 then redis.call('HINCRBY', KI, 'recovered', n) end
+  return n
+end
+-- Hands free places to waiting senders, first come first served: each gets a
+-- reservation (so no newcomer takes its place) and a push on its wake list.
+local function dispatch(now, ttl)
+  if redis.call('HLEN', KR) > 0 then
+    local rs = redis.call('HGETALL', KR)
+    for j = 1, #rs, 2 do
+      if tonumber(rs[j + 1]) < now then
+        redis.call('HDEL', KR, rs[j])
+        redis.call('HINCRBY', KI, 'resv', -1)
+      end
+    end
+  end
+  if redis.call('LLEN', KW) == 0 then return end
+  local cap = tonumber(redis.call('HGET', KI, 'cap') or '0')
+  local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
+  local n = held()
+  while n + resv < cap do
+    local tok = redis.call('LPOP', KW)
+    if not tok then break end
+    local dl = redis.call('HGET', KWD, tok)
+    redis.call('HDEL', KWD, tok)
+    if dl and tonumber(dl) >= now then
+      redis.call('HSET', KR, tok, now + ttl)
+      redis.call('HINCRBY', KI, 'resv', 1)
+      resv = resv + 1
+      local k = P .. 'k:' .. tok
+      redis.call('RPUSH', k, '1')
+      redis.call('PEXPIRE', k, ttl)
+    end
+  end
+end
+"""
+
+# ARGV: sender, recipient, escaped type, payload, token, own capacity,
+#       backpressure (0/1), final (0/1), waiter deadline (ms from now),
+#       reservation ttl (ms), metric lines per event (0/1)
+# -> {0, msg_id, seq, ts} delivered | {1, cap} full | {2} no inbox
+DELIVER = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {2} end
+local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
+local ttl, ml = tonumber(ARGV[10]), tonumber(ARGV[11])
+local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
+if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
+local now, sec = now_ms()
+dispatch(now, ttl)
+local ok = false
+if tok ~= '' and redis.call('HDEL', KR, tok) == 1 then
+  redis.call('HINCRBY', KI, 'resv', -1)
+  ok = true
+else
+  local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
+  ok = held() + resv < cap and redis.call('LLEN', KW) == 0
+end
+if not ok then
+  if not bp then
+    redis.call('HINCRBY', KI, 'send_full', 1)
+  elseif final then
+    redis.call('HINCRBY', KI, 'backpressure_failure', 1)
+    redis.call('HINCRBY', KI, 'metrics', ml)
+    if redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
+    redis.call('DEL', P .. 'k:' .. tok)
+    dispatch(now, ttl)
+  else
+    redis.call('HINCRBY', KI, 'backpressure_wait', 1)
+    redis.call('HINCRBY', KI, 'metrics', ml)
+    if redis.call('HSET', KWD, tok, now + tonumber(ARGV[9])) == 1 then
+      redis.call('RPUSH', KW, tok)
+    end
+  end
+  return {1, cap}
+end
+if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
+local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
+local id = string.format('msg-%d-%010d-%s', sec, seq, tok ~= '' and tok or ARGV[12])
+redis.call('ZADD', KQ, 0, id)
+redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
+  '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": ' .. seq ..
+  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
+redis.call('HINCRBY', KI, 'sent', 1)
+if bp then
+  redis.call('HINCRBY', KI, 'backpressure_success', 1)
+  redis.call('HINCRBY', KI, 'metrics', ml)
+end
+return {0, id, seq, sec}
+"""
+
+# Many payloads of one sender, as far as room allows, in one step.
+# ARGV: sender, recipient, escaped type, own capacity, reservation ttl,
+#       then (hex, payload) pairs -> {delivered count, id, seq, ts, id, seq, ts, ...}; -1: no inbox
+DELIVER_MANY = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {-1} end
+local own, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
+if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
+local now, sec = now_ms()
+dispatch(now, ttl)
+local room = 0
+if redis.call('LLEN', KW) == 0 then
+  room = cap - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
+end
+local out = {0}
+local n = 0
+local head = '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": '
+local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": '
+for j = 6, #ARGV, 2 do
+  if n >= room then break end
+  local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
+  local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j])
+  redis.call('ZADD', KQ, 0, id)
+  redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
+    head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n')
+  n = n + 1
+  out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
+end
+out[1] = n
+if n > 0 then redis.call('HINCRBY', KI, 'sent', n) end
+return out
+"""
+
+# ARGV: how many (-1 all), consumer, visibility (ms), claim (0/1)
+# -> {count, id, body, id, body, ...}; {-1}: no inbox
+READ = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {-1} end
+local want, me, ttl, claim = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local now = now_ms()
+recover(now)
+local ids = {}
+local start = 0
+while want < 0 or #ids < want do
+  local chunk = redis.call('ZRANGE', KQ, start, start + 255)
+  if #chunk == 0 then break end
+  start = start + #chunk
+  for _, id in ipairs(chunk) do
+    local r = redis.call('HGET', KV, id)
+    local free = true
+    if r then
+      local bar = string.find(r, '|', 1, true)
+      free = tonumber(string.sub(r, 1, bar - 1)) < now or string.sub(r, bar + 1) == me
+    end
+    if free then
+      ids[#ids + 1] = id
+      if want >= 0 and #ids >= want then break end
+    end
+  end
+end
+local out = {#ids}
+if #ids == 0 then return out end
+for _, id in ipairs(ids) do
+  if claim then
+    redis.call('ZREM', KQ, id)
+    redis.call('HDEL', KV, id)
+    redis.call('HSET', KC, id, me)
+  else
+    redis.call('HSET', KV, id, (now + ttl) .. '|' .. me)
+  end
+end
+if claim then
+  redis.call('HINCRBY', KCN, me, #ids)
+  redis.call('ZADD', KL, now + ttl, me)
+end
+for j = 1, #ids, 512 do
+  local part = {}
+  for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
+  local bodies = redis.call('HMGET', KB, unpack(part))
+  for x = 1, #part do
+    out[#out + 1] = part[x]
+    out[#out + 1] = bodies[x]
+  end
+end
+return out
+"""
+
+# Every message, oldest first, nothing changed. -> {count, id, body, ...}; {-1}: no inbox
+PEEK = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+local out = {#ids}
+for j = 1, #ids, 512 do
+  local part = {}
+  for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
+  local bodies = redis.call('HMGET', KEYS[3], unpack(part))
+  for x = 1, #part do
+    out[#out + 1] = part[x]
+    out[#out + 1] = bodies[x]
+  end
+end
+return out
+"""
+
+# Deletes messages for good: from the inbox (the ZREM decides which consumer
+# has it: exactly one) or from this consumer's claims (an ack).
+# ARGV: consumer, from claims (0/1), reservation ttl, how many to release, released ids..., ids...
+# -> {flag per id}; {-1}: no inbox
+TAKE = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {-1} end
+local me, claims, ttl, nrel = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
+for j = 5, 4 + nrel do
+  local r = redis.call('HGET', KV, ARGV[j])
+  if r and string.sub(r, string.find(r, '|', 1, true) + 1) == me then redis.call('HDEL', KV, ARGV[j]) end
+end
+local out = {}
+local n = 0
+for j = 5 + nrel, #ARGV do
+  local id = ARGV[j]
+  local ok = 0
+  if claims then
+    if redis.call('HGET', KC, id) == me then
+      redis.call('HDEL', KC, id)
+      ok = 1
+    end
+  elseif redis.call('ZREM', KQ, id) == 1 then
+    redis.call('HDEL', KV, id)
+    ok = 1
+  end
+  if ok == 1 then redis.call('HDEL', KB, id); n = n + 1 end
+  out[#out + 1] = ok
+end
+if n > 0 then
+  redis.call('HINCRBY', KI, 'consumed', n)
+  if claims then
+    if redis.call('HINCRBY', KCN, me, -n) <= 0 then
+      redis.call('HDEL', KCN, me)
+      redis.call('ZREM', KL, me)
+    end
+  end
+  dispatch(now_ms(), ttl)
+end
+return out
+"""
+
+# Claims of this consumer back into the inbox (the named ones, or all of them).
+# ARGV: consumer, all (0/1), ids... -> how many
+PUT_BACK = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return 0 end
+local me = ARGV[1]
+local ids = {}
+if ARGV[2] == '1' then
+  local all = redis.call('HGETALL', KC)
+  for j = 1, #all, 2 do if all[j + 1] == me then ids[#ids + 1] = all[j] end end
+else
+  for j = 3, #ARGV do ids[#ids + 1] = ARGV[j] end
+end
+local n = 0
+for _, id in ipairs(ids) do
+  if redis.call('HGET', KC, id) == me then
+    redis.call('HDEL', KC, id)
+    redis.call('ZADD', KQ, 0, id)
+    n = n + 1
+  end
+end
+if ARGV[2] == '1' or redis.call('HINCRBY', KCN, me, -n) <= 0 then
+  redis.call('HDEL', KCN, me)
+  redis.call('ZREM', KL, me)
+end
+return n
+"""
+
+# Keeps this consumer's claims its own: ARGV consumer, lease (ms) -> 1 held, 0 lost
+RENEW = _PRELUDE + r"""
+if redis.call('ZSCORE', KL, ARGV[1]) == false then return 0 end
+redis.call('ZADD', KL, now_ms() + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# Moves bad messages aside: ARGV from claims (0/1), ids... -> how many
+QUARANTINE = _PRELUDE + r"""
+local n = 0
+for j = 2, #ARGV do
+  local id = ARGV[j]
+  local gone = 0
+  if ARGV[1] == '1' then gone = redis.call('HDEL', KC, id) else gone = redis.call('ZREM', KQ, id) end
+  if gone == 1 then
+    local body = redis.call('HGET', KB, id)
+    if body then redis.call('HSET', P .. 'x', id, body) end
+    redis.call('HDEL', KB, id)
+    redis.call('HDEL', KV, id)
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HINCRBY', KI, 'quarantined', n); dispatch(now_ms(), 1000) end
+return n
+"""
+
+# Deletes every message in the inbox (claims stay). ARGV: reservation ttl -> how many
+CLEAR = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return -1 end
+local ids = redis.call('ZRANGE', KQ, 0, -1)
+for j = 1, #ids, 512 do
+  local part = {}
+  for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
+  redis.call('HDEL', KB, unpack(part))
+end
+redis.call('DEL', KQ, KV)
+dispatch(now_ms(), tonumber(ARGV[1]))
+return #ids
+"""
+
+# The inbox's count, and with force (1) dead consumers' claims returned first.
+# ARGV: force, reservation ttl -> {count, in inbox, claimed, recovered}; {-1}: no inbox
+RECONCILE = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {-1} end
+local now = now_ms()
+local rec = 0
+if ARGV[1] == '1' then rec = recover(now) end
+dispatch(now, tonumber(ARGV[2]))
+redis.call('HSET', KI, 'rec', now)
+local q, c = redis.call('ZCARD', KQ), redis.call('HLEN', KC)
+return {q + c, q, c, rec}
+"""
+
+# Creates the inbox, its capacity the initialiser's. ARGV: capacity, created ms
+INIT = r"""
+redis.call('HSET', KEYS[1], 'cap', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'created', ARGV[2])
+return 1
+"""
+
+# The inbox's capacity, lowered to the caller's when that is smaller.
+# ARGV: own -> capacity; 0: no inbox
+CAPACITY = r"""
+local cap = redis.call('HGET', KEYS[1], 'cap')
+if not cap then return 0 end
+local own = tonumber(ARGV[1])
+if own < tonumber(cap) then redis.call('HSET', KEYS[1], 'cap', own); return own end
+return tonumber(cap)
+"""
+
+# {exists, held (inbox + claimed), cap, waiters, reconciled ms} of one inbox
+SIZE = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0, 0, 0} end
+local m = redis.call('HMGET', KEYS[1], 'cap', 'rec')
+return {1, redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[5]), tonumber(m[1] or '0'),
+        redis.call('LLEN', KEYS[9]), tonumber(m[2] or '0')}
+"""
+
+# The sender's outbox copy, kept to its bound. KEYS: o (ZSET), ob (HASH); ARGV: id, body, max (0: all)
+OUTBOX = r"""
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local max = tonumber(ARGV[3])
+local pruned = 0
+if max > 0 then
+  local over = redis.call('ZCARD', KEYS[1]) - max
+  if over > 0 then
+    local old = redis.call('ZPOPMIN', KEYS[1], over)
+    for j = 1, #old, 2 do redis.call('HDEL', KEYS[2], old[j]) end
+    pruned = over
+  end
+end
+return pruned
+"""
+
+# Removes the inbox: returns its counters (for the shared totals) and wakes
+# its waiting senders (they find no inbox). ARGV: counter names...
+REMOVE = _PRELUDE + r"""
+local vals = redis.call('HMGET', KI, unpack(ARGV))
+local toks = redis.call('LRANGE', KW, 0, -1)
+for _, t in ipairs(toks) do
+  local k = P .. 'k:' .. t
+  redis.call('RPUSH', k, '1')
+  redis.call('PEXPIRE', k, 1000)
+end
+redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x')
+return vals
+"""
+
+# The shared alert cooldown: KEYS the entry, the counters; ARGV cooldown ms -> 1 go ahead, 0 inside it
+COOLDOWN = r"""
+if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return 1 end
+redis.call('HINCRBY', KEYS[2], 'alerts_suppressed', 1)
+return 0
+"""
+
+__all__ = ["CAPACITY", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
+           "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SIZE", "TAKE"]

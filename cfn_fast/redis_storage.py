@@ -1,0 +1,765 @@
+"""The Redis backend: the ``Storage`` interface over one Redis server or one
+Redis Cluster, selected by MESSAGE_BUS_URL. The only module that talks to
+redis-py; it is imported only when a URL is given.
+
+Layout (see redis_scripts.py for each key): every key of inbox A is named
+``<prefix>:{A}:<what>``; the braces make A the hash tag, so one inbox lives in
+one Cluster slot and each of its scripts is one atomic step there. State that
+is not an inbox's (the shared totals, the alert cooldown, the published rate
+limit) lives under ``<prefix>:{.g}:`` (no agent id starts with '.').
+
+What the file backend keeps in files maps this way: an inbox folder is a
+sorted set of msg_ids (score 0, so ordered by name, which is (timestamp,
+sequence)) and a hash of their bytes; a claim folder is a hash msg_id ->
+consumer plus a lease per consumer that its process renews (the kernel's lock
+on the consumer's lock file, in the file backend); the pair's sequence file is
+a hash field; the outbox is a sorted set and hash under the sender's tag. A
+record's name is ``<msg_id>.json``, as the file's. Telemetry files and monitor
+pid files stay local, in MESSAGE_BASE_DIR, per host (a FileStorage on it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from typing import Any, Optional, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cfn_fast import redis_scripts as S
+from cfn_fast import storage
+from cfn_fast.config import Config, redact_url
+from cfn_fast.errors import (
+    BackendUnavailable,
+    BackpressureTimeout,
+    CfnError,
+    ConfigError,
+    InboxFull,
+    InboxNotFound,
+    InvalidArgument,
+    InvalidMessageType,
+    PayloadTooLarge,
+)
+from cfn_fast.storage import FileStorage, RateSettings, ReconcileResult, Record, SendResult, SlotInfo
+
+_INBOX = (b"i", b"q", b"b", b"v", b"c", b"cn", b"l", b"s", b"w", b"wd", b"r")
+# The shared counters an inbox's own scripts keep (in its meta hash, so a send
+# is one step in one slot); the others live in the global hash.
+_INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpressure_success",
+                   "backpressure_failure", "recovered", "quarantined", "metrics")
+_TRIM = b" \t\r\n"
+# a number a double cannot hold (1e400, or 309 digits before the point): decode such records exactly
+_HUGE = re.compile(rb"[0-9][eE][+]?0*[1-9][0-9]{2}|[0-9]{309}")
+_ESC = {i: "\\u%04x" % i for i in range(0x20)}
+_ESC.update({0x7F: "\\u007f", ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
+             ord("\t"): "\\t", ord("\b"): "\\b", ord("\f"): "\\f"})
+_BATCH = 256           # payloads per batch step
+_BATCH_BYTES = 4 << 20  # and at most this much payload per step
+
+
+def _escape_type(mtype: bytes) -> bytes:
+    """The type as the C core checks and escapes it (cfn_json_escape)."""
+    if not 0 < len(mtype) <= storage.TYPE_MAX or b"\0" in mtype:
+        raise InvalidMessageType(f"message type must be 1 to {storage.TYPE_MAX} bytes of UTF-8 text without NUL")
+    try:
+        text = mtype.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessageType(f"message type must be 1 to {storage.TYPE_MAX} bytes of UTF-8 text without NUL") \
+            from None
+    return text.translate(_ESC).encode("utf-8")
+
+
+class Target:
+    """Where MESSAGE_BUS_URL points, parsed for redis-py; ``shown`` never holds the password."""
+
+    def __init__(self, url: str, config: Config) -> None:
+        u = urlsplit(url)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        self.shown = redact_url(url)
+        self.cluster = u.scheme.endswith("+cluster")
+        self.prefix: str = q.get("prefix", "cfn")
+        secs = config.redis_timeout_ms / 1000
+        password = unquote(u.password) if u.password else config.redis_password
+        kw: dict[str, Any] = dict(socket_timeout=secs, socket_connect_timeout=secs,
+                                  username=unquote(u.username) if u.username else None, password=password)
+        if u.scheme == "unix":
+            kw["unix_socket_path"] = unquote(u.path)
+            kw["db"] = int(q.get("db", "0"))
+        else:
+            kw["host"] = u.hostname
+            kw["port"] = u.port or 6379
+            if u.scheme.startswith("rediss"):
+                kw["ssl"] = True
+            if not self.cluster:
+                kw["db"] = int(u.path.strip("/") or q.get("db", "0"))
+        self.kwargs = kw
+        self.secret = password or ""
+
+
+class RedisStorage:
+    """The bus on Redis (one server, or a Cluster with ``redis+cluster://``).
+    Safe to use from many threads; a forked child gets its own connections
+    and its own consumer identity at its first call."""
+
+    def __init__(self, config: Config, url: Optional[str] = None) -> None:
+        target = url or config.bus_url
+        if not target:
+            raise ConfigError("the Redis backend needs MESSAGE_BUS_URL")
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError("MESSAGE_BUS_URL needs the Redis client: pip install 'cfn-fast[redis]'") from None
+        self._redis = redis
+        self.config = config
+        self.base_dir = config.base_dir
+        self.target = Target(target, config)
+        self._local = FileStorage(config)  # this host's telemetry files, pid files and base folder
+        p = self.target.prefix
+        self._pre = p.encode()
+        self._g = f"{p}:{{.g}}:".encode()
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._pid = -1
+        self._keys: dict[str, list[bytes]] = {}
+        self._outbox: dict[str, tuple[bool, float]] = {}
+        self._claims: dict[str, int] = {}
+        self._reads: dict[tuple[int, str], list[bytes]] = {}
+        self._beat: Optional[threading.Thread] = None
+        self._beat_stop = threading.Event()
+        self.consumer = ""
+        self._ttl = max(1000, 2 * config.redis_timeout_ms)  # a woken sender's reservation; a read's visibility
+        c = config
+        self._budget_ns = (c.backpressure_max_total_ms * 1_000_000 if c.backpressure_max_total_ms
+                           else c.backpressure_wait_ms * 1_000_000 * max(0, c.backpressure_max_retries))
+        self._timed = c.backpressure_max_total_ms > 0 or c.backpressure_wait_ms > 0
+        errors = redis.exceptions
+        self._unavailable: tuple[type[BaseException], ...] = (
+            errors.ConnectionError, errors.TimeoutError, getattr(errors, "ClusterDownError", errors.ConnectionError),
+            getattr(errors, "RedisClusterException", errors.ConnectionError), OSError)
+        self._redis_error: type[BaseException] = errors.RedisError
+        self._scripts: dict[str, Any] = {}
+
+    # -- the connection ------------------------------------------------------------
+    @property
+    def metrics_error(self) -> Optional[CfnError]:
+        return self._local.metrics_error
+
+    @metrics_error.setter
+    def metrics_error(self, value: Optional[CfnError]) -> None:
+        self._local.metrics_error = value
+
+    def _new_client(self) -> Any:
+        r = self._redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kw = dict(self.target.kwargs)
+        # no silent retries: a command whose answer was lost may have run, and a send must not run twice
+        kw["retry"] = Retry(NoBackoff(), 0)
+        try:
+            if self.target.cluster:
+                from redis.cluster import RedisCluster
+
+                return RedisCluster(**kw)
+            return r.Redis(**kw)
+        except self._unavailable as e:
+            raise self._down(e) from None
+
+    def _c(self) -> Any:
+        """The client of this process (made again in a forked child)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            with self._lock:
+                if self._pid != pid:
+                    self._client = None
+                    self._claims, self._reads, self._outbox = {}, {}, {}
+                    self._beat = None
+                    self._beat_stop = threading.Event()
+                    self.consumer = f"{socket.gethostname()}.{pid}.{os.urandom(4).hex()}"
+                    self._pid = pid
+        c = self._client
+        if c is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._new_client()
+                    self._scripts = {}
+                c = self._client
+        return c
+
+    def _down(self, e: BaseException) -> BackendUnavailable:
+        text = str(e) or type(e).__name__
+        secret = self.target.secret
+        if secret:
+            text = text.replace(secret, "***")
+        if isinstance(e, self._redis.exceptions.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
+            text = f"authentication failed ({text}); check the URL's credentials or REDIS_PASSWORD"
+        return BackendUnavailable(f"Redis at {self.target.shown} unavailable: {text.splitlines()[0] if text else ''}")
+
+    def _fail(self, e: BaseException) -> CfnError:
+        if isinstance(e, self._unavailable):
+            return self._down(e)
+        text = str(e)
+        if text.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOAUTH", "WRONGPASS")):
+            return self._down(e)
+        secret = self.target.secret
+        return CfnError(f"Redis at {self.target.shown}: {text.replace(secret, '***') if secret else text}")
+
+    def _run(self, name: str, keys: list[bytes], args: list[Any]) -> Any:
+        """One script, by name, on the slot of keys[0]."""
+        c = self._c()
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = c.register_script(getattr(S, name))
+        try:
+            return script(keys=keys, args=args)
+        except self._redis_error as e:
+            raise self._fail(e) from None
+
+    def _do(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except self._redis_error as e:
+            raise self._fail(e) from None
+
+    def ping(self) -> bool:
+        return bool(self._do(self._c().ping))
+
+    def _ikeys(self, agent: str) -> list[bytes]:
+        k = self._keys.get(agent)
+        if k is None:
+            p = self._pre + b":{" + agent.encode("ascii") + b"}:"
+            k = [p + s for s in _INBOX]
+            if len(self._keys) > 4096:
+                self._keys.clear()
+            self._keys[agent] = k
+        return k
+
+    def _agent(self, agent: str, role: str = "agent id") -> str:
+        storage.check_agent(agent, role)
+        return agent
+
+    # -- the place itself ---------------------------------------------------------------
+    def exists(self) -> bool:
+        return bool(self._do(self._c().exists, self._g + b"sys"))
+
+    def create(self) -> None:
+        self._local.create()
+        self._do(self._c().set, self._g + b"sys", b"1")
+
+    def close(self) -> None:
+        """Returns this process's claims to their inboxes (as the file
+        backend's do once their consumer is gone) and drops the connections."""
+        self._beat_stop.set()
+        if self._pid == os.getpid() and self._client is not None:
+            for agent, n in list(self._claims.items()):
+                if n > 0:
+                    try:
+                        self._run("PUT_BACK", self._ikeys(agent), [self.consumer, 1])
+                    except CfnError:
+                        pass  # the lease lapses and recovery returns them
+            self._claims.clear()
+        with self._lock:
+            c, self._client = self._client, None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection may fail any way
+                pass
+        self._local.close()
+
+    def destroy(self) -> None:
+        """Removes every key of this bus (its prefix) and the local base folder."""
+        c = self._c()
+        pattern = self._pre + b":{*"
+        batch: list[bytes] = []
+        for key in self._do(lambda: list(c.scan_iter(match=pattern, count=1000))):
+            batch.append(key)
+            if len(batch) >= 500:
+                self._unlink(batch)
+                batch = []
+        if batch:
+            self._unlink(batch)
+        self.close()
+        self._local.destroy()
+
+    def _unlink(self, keys: list[bytes]) -> None:
+        c = self._c()
+        pipe = c.pipeline(transaction=False)
+        for k in keys:
+            pipe.unlink(k)
+        self._do(pipe.execute)
+
+    # -- agents -----------------------------------------------------------------------------
+    def init_agent(self, agent: str, capacity: int) -> None:
+        self._agent(agent)
+        self._run("INIT", self._ikeys(agent), [capacity, int(time.time() * 1000)])
+        self._do(self._c().set, self._g + b"sys", b"1")
+        self._outbox[agent] = (True, time.monotonic())
+
+    def remove_agent(self, agent: str) -> None:
+        self._agent(agent)
+        vals = self._run("REMOVE", self._ikeys(agent), list(_INBOX_COUNTERS))
+        c = self._c()
+        moved = [(n, int(v)) for n, v in zip(_INBOX_COUNTERS, vals) if v]
+        if moved:  # the removed inbox's share of the totals stays in them
+            pipe = c.pipeline(transaction=False)
+            for n, v in moved:
+                pipe.hincrby(self._g + b"ctr", n, v)
+            self._do(pipe.execute)
+        self._outbox.pop(agent, None)
+        self._keys.pop(agent, None)
+
+    def list_agents(self) -> list[str]:
+        """Every inbox of the bus, cluster-wide (SCAN on every master), sorted."""
+        c = self._c()
+        pattern = self._pre + b":{*}:i"
+        skip = len(self._pre) + 2
+        out = set()
+        for key in self._do(lambda: list(c.scan_iter(match=pattern, count=1000))):
+            name = key[skip:-3]
+            try:
+                text = name.decode("ascii")
+                storage.check_agent(text)
+            except (CfnError, UnicodeDecodeError):
+                continue
+            out.add(text)
+        return sorted(out)
+
+    def list_names(self) -> list[str]:
+        return self.list_agents()
+
+    def has_inbox(self, agent: str) -> bool:
+        return bool(self._do(self._c().exists, self._ikeys(self._agent(agent))[0]))
+
+    def has_agent(self, agent: str) -> bool:
+        k = self._ikeys(self._agent(agent))
+        return bool(self._do(self._c().exists, k[0])) or bool(self._do(self._c().exists, k[1]))
+
+    # -- sending ------------------------------------------------------------------------------
+    def _message(self, sender: str, to: str, mtype: bytes, payload: bytes) -> tuple[bytes, bytes]:
+        storage.check_agent(sender, "sender")
+        storage.check_agent(to, "recipient")
+        etype = _escape_type(mtype)
+        if len(payload) > self.config.max_message_bytes:
+            raise PayloadTooLarge(f"payload is {len(payload)} bytes, over the limit of "
+                                  f"{self.config.max_message_bytes} (MAX_MESSAGE_BYTES)")
+        storage.check_json(payload)
+        return etype, payload.strip(_TRIM)
+
+    def _metric_on(self) -> bool:
+        return self.config.metrics_enabled and self._local.metrics_error is None
+
+    def _bp_metric(self, name: str, sender: str, to: str, key: str, n: int) -> None:
+        """The send loop's metric lines, in this host's METRICS_FILE (as the C loop writes them)."""
+        if not self._metric_on():
+            return
+        tags = b'{"from":"%s","to":"%s","%s":%d}' % (sender.encode(), to.encode(), key.encode(), n)
+        try:
+            self._local.metrics_write(storage.metric_line(name.encode(), 1, b"count", tags), 1)
+        except CfnError:
+            pass
+
+    def _has_outbox(self, sender: str) -> bool:
+        """Whether the sender was initialised (has an outbox): asked at most once a second."""
+        got = self._outbox.get(sender)
+        now = time.monotonic()
+        if got is not None and now - got[1] < 1.0:
+            return got[0]
+        yes = bool(self._do(self._c().exists, self._ikeys(sender)[0]))
+        if len(self._outbox) > 4096:
+            self._outbox.clear()
+        self._outbox[sender] = (yes, now)
+        return yes
+
+    def _copy_out(self, sender: str, to: str, etype: bytes, data: bytes, mid: bytes, seq: int, ts: int) -> bool:
+        if not self._has_outbox(sender):
+            return False
+        body = (b'{\n  "version": "1.1",\n  "msg_id": "%s",\n  "from": "%s",\n  "to": "%s",\n  "timestamp": %d,\n'
+                b'  "sequence": %d,\n  "type": "%s",\n  "payload": %s,\n  "requires_ack": false\n}\n'
+                % (mid, sender.encode(), to.encode(), ts, seq, etype, data))
+        k = self._ikeys(sender)
+        pruned = self._run("OUTBOX", [k[0][:-1] + b"o", k[0][:-1] + b"ob"], [mid, body, self.config.outbox_max])
+        if pruned:
+            self.counter_add("outbox_pruned", int(pruned))
+        return True
+
+    def next_sequence(self, sender: str, to: str) -> int:
+        """Advances sender->to's sequence as a send does (the inbox's sequence hash)."""
+        self._agent(sender, "sender")
+        keys = self._ikeys(self._agent(to, "recipient"))
+        return int(self._do(self._c().hincrby, keys[_INBOX.index(b"s")], sender, 1))
+
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
+        etype, data = self._message(sender, to, mtype, payload)
+        keys = self._ikeys(to)
+        cap = self.config.max_inbox_size
+        tok = os.urandom(8).hex()
+        if not backpressure:
+            r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok])
+            if r[0] == 1:
+                raise InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
+            if r[0] == 2:
+                raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+            copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
+            return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied)
+        return self._deliver_waiting(sender, to, etype, data, keys, tok)
+
+    def _deliver_waiting(self, sender: str, to: str, etype: bytes, data: bytes, keys: list[bytes],
+                         tok: str) -> SendResult:
+        """send_with_backpressure: the C loop's rules (retries, backoff, total
+        budget), waiting on the server: a full inbox queues this sender's
+        token, and a consumer that frees a place hands it to the first in the
+        queue and pushes on its wake list, which this sender BLPOPs."""
+        cfg = self.config
+        cap = cfg.max_inbox_size
+        ml = 1 if self._metric_on() else 0
+        start = time.monotonic_ns()
+        retries = wakeups = waited = prev = 0
+        wake = keys[0][:-1] + b"k:" + tok.encode()
+        margin = 2 * cfg.redis_timeout_ms + 1000
+        while True:
+            left = self._budget_ns - waited
+            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0)
+            r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
+                                            max(0, left) // 1_000_000 + margin, self._ttl, ml, tok])
+            if r[0] == 0:
+                self._bp_metric("backpressure.send.success", sender, to, "retries", retries)
+                copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
+                return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied)
+            if r[0] == 2:
+                raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+            if final:
+                self._bp_metric("backpressure.send.failure", sender, to, "retries", retries)
+                e = BackpressureTimeout(f"inbox of '{to}' stayed full after {retries} retries "
+                                        f"({(time.monotonic_ns() - start) // 1_000_000} ms)")
+                e.retries, e.waited_ns = retries, waited
+                raise e
+            w, prev = self._next_wait(retries, prev, left if self._timed else 0)
+            self._bp_metric("backpressure.wait", sender, to, "retry", retries + wakeups + 1)
+            if w <= 0:
+                retries += 1  # BACKPRESSURE_WAIT_MS=0: retry at once, as the original
+                continue
+            woke, spent = self._block(wake, w)
+            waited += spent
+            if woke:
+                wakeups += 1
+            else:
+                retries += 1
+
+    def _next_wait(self, retries: int, prev: int, left: int) -> tuple[int, int]:
+        """The next wait in ns and the new ``prev`` (the C core's next_wait_ns)."""
+        cfg = self.config
+        base_ms = cfg.backpressure_wait_ms
+        rs = self.rate_read()
+        if rs is not None and 0 < rs.wait_ms <= 3_600_000 and \
+                storage.rate_fresh(rs, int(cfg.rate_limit_check_interval * 3000), time.time_ns()):
+            base_ms = rs.wait_ms
+        base = w = base_ms * 1_000_000
+        if cfg.backpressure_backoff == "exponential":
+            w = base << min(retries, 40)
+        elif cfg.backpressure_backoff == "decorrelated" and base > 0:
+            hi = min(prev * 3 if prev > 0 else base, base * 32)
+            w = base + int.from_bytes(os.urandom(8), "little") % (hi - base + 1) if hi > base else base
+            prev = w
+        return (min(w, left) if left else w), prev
+
+    def _block(self, key: bytes, wait_ns: int) -> tuple[bool, int]:
+        """Waits on the server for a wake on ``key`` (BLPOP), up to wait_ns:
+        True when woken. The wait's end is timed here, not by the server
+        (which checks blocked clients' timeouts only hz times a second): past
+        it the connection is closed, which ends the BLPOP on the server. A wake
+        lost that way loses nothing: the reservation it announced stays.
+        Returns whether it was woken, and the ns spent waiting."""
+        c = self._c()
+        try:
+            if self.target.cluster:
+                pool = c.get_redis_connection(c.get_node_from_key(key)).connection_pool
+            else:
+                pool = c.connection_pool
+            conn = pool.get_connection()
+        except self._redis_error as e:
+            raise self._fail(e) from None
+        secs = wait_ns / 1e9
+        try:
+            conn.send_command("BLPOP", key, int(secs) + 2)
+            t0 = time.monotonic_ns()
+            if conn.can_read(timeout=secs):
+                return conn.read_response() is not None, time.monotonic_ns() - t0
+            spent = time.monotonic_ns() - t0
+            conn.disconnect()
+            return False, spent
+        except self._redis_error as e:
+            conn.disconnect()
+            raise self._fail(e) from None
+        finally:
+            pool.release(conn)
+
+    def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
+                     backpressure: bool) -> list[Union[SendResult, CfnError]]:
+        """Each payload's SendResult, or the error that refused it, in order.
+        As many as fit go in one server step per batch; the rest wait as
+        deliver does, one by one, until room comes."""
+        out: list[Union[SendResult, CfnError, None]] = [None] * len(payloads)
+        try:
+            storage.check_agent(sender, "sender")
+            storage.check_agent(to, "recipient")
+            etype = _escape_type(mtype)
+        except CfnError as e:
+            return [e] * len(payloads)
+        todo: list[tuple[int, bytes]] = []
+        for i, p in enumerate(payloads):
+            try:
+                todo.append((i, self._message(sender, to, mtype, p)[1]))
+            except CfnError as e:
+                out[i] = e
+        keys = self._ikeys(to)
+        cap = self.config.max_inbox_size
+        pos = 0
+        while pos < len(todo):
+            chunk: list[tuple[int, bytes, str]] = []
+            size = 0
+            while pos + len(chunk) < len(todo) and len(chunk) < _BATCH and size < _BATCH_BYTES:
+                i, d = todo[pos + len(chunk)]
+                chunk.append((i, d, os.urandom(8).hex()))
+                size += len(d)
+            args: list[Any] = [sender, to, etype, cap, self._ttl]
+            for _, d, h in chunk:
+                args += [h, d]
+            try:
+                r = self._run("DELIVER_MANY", keys, args)
+            except CfnError as e:
+                for i, _, _ in chunk:
+                    out[i] = e
+                pos += len(chunk)
+                continue
+            if r[0] < 0:
+                missing = InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                for i, _ in todo[pos:]:
+                    out[i] = missing
+                break
+            n = int(r[0])
+            for j in range(n):
+                i, d, _ = chunk[j]
+                mid, seq, ts = r[1 + 3 * j], int(r[2 + 3 * j]), int(r[3 + 3 * j])
+                copied = self._copy_out(sender, to, etype, d, mid, seq, ts)
+                out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied)
+            pos += n
+            if n < len(chunk):  # full: the next one waits (or fails) as a single send does
+                i, d = todo[pos]
+                try:
+                    out[i] = self.deliver(sender, to, mtype, d, backpressure)
+                except CfnError as e:
+                    out[i] = e
+                pos += 1
+        return [x if x is not None else CfnError("not sent") for x in out]
+
+    # -- counting ------------------------------------------------------------------------------
+    def size(self, agent: str) -> int:
+        r = self._run("SIZE", self._ikeys(self._agent(agent)), [])
+        return int(r[1])
+
+    def capacity(self, agent: str, own: int) -> int:
+        cap = int(self._run("CAPACITY", self._ikeys(self._agent(agent)), [own]))
+        return cap or own
+
+    def count_files(self, agent: str, box: str) -> int:
+        if box not in ("inbox", "outbox"):
+            raise InvalidArgument(f"box must be 'inbox' or 'outbox', not {box!r}")
+        k = self._ikeys(self._agent(agent))
+        key = k[1] if box == "inbox" else k[0][:-1] + b"o"
+        return int(self._do(self._c().zcard, key))
+
+    def reconcile(self, agent: str, force: bool) -> ReconcileResult:
+        r = self._run("RECONCILE", self._ikeys(self._agent(agent)), [1 if force else 0, self._ttl])
+        if r[0] < 0:
+            raise InboxNotFound(f"agent '{agent}' has no inbox")
+        n = int(r[0])
+        return ReconcileResult(n, int(r[1]), int(r[2]), n, 0, int(r[3]), True)
+
+    def slots(self, reuse: bool = False) -> list[SlotInfo]:
+        """Every inbox of the bus with its count, capacity and waiting senders."""
+        agents = self.list_agents()
+        if not agents:
+            return []
+        pipe = self._c().pipeline(transaction=False)
+        for a in agents:
+            k = self._ikeys(a)
+            pipe.hmget(k[0], "cap", "rec")
+            pipe.zcard(k[1])
+            pipe.hlen(k[4])
+            pipe.llen(k[8])
+        got = self._do(pipe.execute)
+        out = []
+        for j, a in enumerate(agents):
+            meta, q, c, w = got[4 * j: 4 * j + 4]
+            if meta[0] is None:
+                continue  # removed since the listing
+            out.append(SlotInfo(a, int(q) + int(c), int(meta[0]), int(w), int(meta[1] or 0) * 1_000_000))
+        return out
+
+    def sweep(self) -> int:
+        return 0  # nothing to free: a removed inbox's keys went with it
+
+    # -- reading -------------------------------------------------------------------------------------
+    @staticmethod
+    def _records(r: list[Any]) -> list[Record]:
+        out = []
+        for j in range(int(r[0])):
+            mid, data = r[1 + 2 * j], r[2 + 2 * j]
+            if data is None:
+                continue
+            out.append(Record(mid + b".json", storage.JSON_EXACT if _HUGE.search(data) else 0, data))
+        return out
+
+    def read(self, agent: str, mode: int, max_messages: int, max_bytes: int) -> tuple[list[Record], int]:
+        keys = self._ikeys(self._agent(agent))
+        if mode == storage.READ_PEEK:
+            r = self._run("PEEK", keys, [])
+        else:
+            claim = mode == storage.READ_CLAIM
+            self._c()
+            ttl = self.config.claim_timeout_ms if claim else self._ttl
+            r = self._run("READ", keys, [max_messages, self.consumer, ttl, 1 if claim else 0])
+        if r[0] < 0:
+            raise InboxNotFound(f"agent '{agent}' has no inbox (run init for it first)")
+        recs = self._records(r)
+        if mode == storage.READ_CLAIM and recs:
+            with self._lock:
+                self._claims[agent] = self._claims.get(agent, 0) + len(recs)
+            self._heartbeat()
+        elif mode == storage.READ_NEXT:
+            self._reads[(threading.get_ident(), agent)] = [x.name[:-5] for x in recs]
+        return recs, 0
+
+    def take(self, agent: str, where: int, names: list[bytes]) -> tuple[list[bool], Optional[CfnError]]:
+        keys = self._ikeys(self._agent(agent))
+        ids = [n[:-5] if n.endswith(b".json") else n for n in names]
+        claims = where == storage.FROM_CLAIMS
+        read = [] if claims else self._reads.pop((threading.get_ident(), agent), [])
+        rel = [x for x in read if x not in set(ids)] if read else []
+        if not ids and not rel:
+            return [], None
+        self._c()
+        r = self._run("TAKE", keys, [self.consumer, 1 if claims else 0, self._ttl, len(rel), *rel, *ids])
+        if r and r[0] == -1 and len(ids) + len(rel) > 0 and len(r) == 1 and ids:
+            raise InboxNotFound(f"agent '{agent}' has no inbox")
+        taken = [bool(x) for x in r]
+        if claims:
+            with self._lock:
+                left = self._claims.get(agent, 0) - sum(taken)
+                if left > 0:
+                    self._claims[agent] = left
+                else:
+                    self._claims.pop(agent, None)
+        return taken, None
+
+    def put_back(self, agent: str, names: list[bytes]) -> int:
+        ids = [n[:-5] if n.endswith(b".json") else n for n in names]
+        if not ids:
+            return 0
+        self._c()
+        n = int(self._run("PUT_BACK", self._ikeys(self._agent(agent)), [self.consumer, 0, *ids]))
+        with self._lock:
+            left = self._claims.get(agent, 0) - n
+            if left > 0:
+                self._claims[agent] = left
+            else:
+                self._claims.pop(agent, None)
+        return n
+
+    def quarantine(self, agent: str, where: int, names: list[bytes]) -> int:
+        ids = [n[:-5] if n.endswith(b".json") else n for n in names]
+        if not ids:
+            return 0
+        return int(self._run("QUARANTINE", self._ikeys(self._agent(agent)),
+                             [1 if where == storage.FROM_CLAIMS else 0, *ids]))
+
+    def clear(self, agent: str) -> int:
+        n = int(self._run("CLEAR", self._ikeys(self._agent(agent)), [self._ttl]))
+        return max(n, 0)
+
+    # -- claims' leases ----------------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        """Keeps renewing this consumer's leases while it holds claims."""
+        if self._beat is not None and self._beat.is_alive():
+            return
+        with self._lock:
+            if self._beat is not None and self._beat.is_alive():
+                return
+            self._beat_stop = threading.Event()
+            self._beat = threading.Thread(target=self._renew_loop, args=(self._beat_stop,), daemon=True,
+                                          name="cfn-fast-claims")
+            self._beat.start()
+
+    def _renew_loop(self, stop: threading.Event) -> None:
+        lease = self.config.claim_timeout_ms
+        while not stop.wait(lease / 3000):
+            with self._lock:
+                held = [a for a, n in self._claims.items() if n > 0]
+            if not held:
+                return
+            for a in held:
+                try:
+                    if not self._run("RENEW", self._ikeys(a), [self.consumer, lease]):
+                        with self._lock:
+                            self._claims.pop(a, None)  # lapsed and recovered: they are someone else's now
+                except CfnError:
+                    pass  # the server is away; try again next beat
+
+    # -- state shared by every process -----------------------------------------------------------------
+    def counter_add(self, name: str, delta: int = 1) -> None:
+        if name not in storage.COUNTERS:
+            raise InvalidArgument(f"no shared counter {name!r}")
+        self._do(self._c().hincrby, self._g + b"ctr", name, delta)
+
+    def counters(self) -> dict[str, int]:
+        """Every shared counter, cluster-wide: the global hash plus each inbox's share."""
+        got = self._do(self._c().hgetall, self._g + b"ctr")
+        out = {name: 0 for name in storage.COUNTERS}
+        for k, v in got.items():
+            name = k.decode()
+            if name in out:
+                out[name] += int(v)
+        agents = self.list_agents()
+        if agents:
+            pipe = self._c().pipeline(transaction=False)
+            for a in agents:
+                pipe.hmget(self._ikeys(a)[0], *_INBOX_COUNTERS)
+            for vals in self._do(pipe.execute):
+                for name, v in zip(_INBOX_COUNTERS, vals):
+                    if v is not None:
+                        out[name] += int(v)
+        return out
+
+    def rate_publish(self, s: RateSettings) -> None:
+        self._do(self._c().hset, self._g + b"rate", mapping=s._asdict())
+
+    def rate_read(self) -> Optional[RateSettings]:
+        got = self._do(self._c().hgetall, self._g + b"rate")
+        if not got:
+            return RateSettings(0, 0, 0, 0, 0)
+        f = {k.decode(): int(v) for k, v in got.items()}
+        return RateSettings(*(f.get(n, 0) for n in RateSettings._fields))
+
+    def cooldown_try(self, key: bytes, now_ns: int, cooldown_ns: int) -> Optional[bool]:
+        if cooldown_ns <= 0:
+            return True
+        return bool(self._run("COOLDOWN", [self._g + b"cd:" + key.hex().encode(), self._g + b"ctr"],
+                              [max(1, cooldown_ns // 1_000_000)]))
+
+    # -- telemetry files: this host's -------------------------------------------------------------------
+    def metrics_write(self, data: bytes, nlines: int) -> bool:
+        ok = self._local.metrics_write(data, nlines)
+        if ok and nlines:
+            self.counter_add("metrics", nlines)
+        return ok
+
+    def open_log(self, path: str) -> int:
+        return self._local.open_log(path)
+
+    def open_log_read(self, path: str) -> Optional[int]:
+        return self._local.open_log_read(path)
+
+
+__all__ = ["RedisStorage", "Target"]

@@ -1,0 +1,192 @@
+"""The Redis backend when the server is away, restarted or paused, and when
+MESSAGE_BUS_URL is wrong: a clear error within the deadline (BackendUnavailable,
+CLI exit 1 with one line; a bad URL is a ConfigError, exit 2), never a hang,
+never a password in an error, a log or a metric; and the bus carries on by
+itself once the server is back."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cfn_fast import BackendUnavailable, Config, ConfigError, InboxFull, MessageBus
+from redis_fixtures import Server, need_redis
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cfn_fast", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **env})
+
+
+def test_a_paused_server_fails_calls_within_their_deadline_and_the_bus_carries_on(redis_server: Server,
+                                                                                    make_bus) -> None:
+    redis_server.flush()
+    bus = make_bus(bus_url=redis_server.url(), redis_timeout_ms=300, max_inbox_size=100_000)
+    bus.init_message_bus("bob")
+    longest = [0.0]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                bus.send_with_backpressure("alice", "bob", "t", 1)
+            except BackendUnavailable as e:
+                errors.append(e)
+            longest[0] = max(longest[0], time.monotonic() - t0)
+
+    threads = [threading.Thread(target=send) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    redis_server.pause()
+    try:
+        time.sleep(2.0)
+    finally:
+        redis_server.resume()
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors and all("unavailable" in str(e) for e in errors)
+    assert longest[0] < 0.3 + 0.7  # REDIS_TIMEOUT_MS and a margin for a busy machine; never the 2 s pause
+    # the same bus, no restart of any client: it works again
+    before = bus.get_inbox_size("bob")
+    bus.send_message("alice", "bob", "t", 2)
+    assert bus.get_inbox_size("bob") == before + 1
+
+
+def test_nothing_acknowledged_is_lost_across_a_restart_with_aof_always(tmp_path: Path, make_bus) -> None:
+    need_redis()
+    server = Server(tmp_path / "aof", aof=True)
+    try:
+        bus = make_bus(bus_url=server.url(), redis_timeout_ms=2000)
+        bus.init_message_bus("bob")
+        ids = [bus.send_message("alice", "bob", "t", i) for i in range(100)]
+        done = [m["msg_id"] for m in bus.consume_messages("bob", 20)]
+        claimed = bus.claim_messages("bob", 10)
+        assert bus.ack_messages("bob", claimed) == 10
+        server.restart()  # SIGKILL, then the same folder and port
+        deadline = time.monotonic() + 10
+        while True:  # the client reconnects on its own; the first call may find the server still loading
+            try:
+                held = [m["msg_id"] for m in bus.receive_messages("bob")]
+                break
+            except BackendUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert held == ids[30:]
+        assert not set(held) & set(done + [m["msg_id"] for m in claimed])
+        assert bus.get_inbox_size("bob") == 70
+        assert bus.send_message("alice", "bob", "t", 100)  # sequences go on after the restart
+        assert bus.receive_messages("bob")[-1]["sequence"] == 101
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_server_is_a_clear_error_in_time(make_bus, base: Path) -> None:
+    need_redis()
+    from redis_fixtures import _free_port
+
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    bus = make_bus(bus_url=url, redis_timeout_ms=500)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="unavailable"):
+        bus.send_message("a", "b", "t", "1")
+    assert time.monotonic() - t0 < 2
+    r = _cli({"MESSAGE_BUS_URL": url, "REDIS_TIMEOUT_MS": "500"}, "bus", "send", "a", "b", "t", "1")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "unavailable" in r.stderr
+    r = _cli({"MESSAGE_BUS_URL": url, "REDIS_TIMEOUT_MS": "500"}, "get-stats")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert not base.exists()  # nothing written, not even the local base folder
+
+
+BAD_URLS = [
+    ("http://127.0.0.1:6379/0", "scheme"), ("redis://127.0.0.1:99999/0", "port"),
+    ("redis://127.0.0.1:0/0", "port"), ("redis://:6379/0", "host"), ("redis://127.0.0.1:6379/x", "database"),
+    ("redis://127.0.0.1:6379/0?evil=1", "query"), ("redis+cluster://127.0.0.1:6379/3", "database"),
+    ("redis://127.0.0.1:6379/0?prefix=a*b", "prefix"), ("unix://", "path"), ("redis://u:s3cret@h:70000", "port"),
+]
+
+
+@pytest.mark.parametrize(("url", "word"), BAD_URLS)
+def test_a_bad_url_is_one_config_error_naming_the_variable(url: str, word: str, base: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"MESSAGE_BUS_URL": url})
+    assert "MESSAGE_BUS_URL" in str(info.value) and word in str(info.value) and "s3cret" not in str(info.value)
+    r = _cli({"MESSAGE_BUS_URL": url}, "bus", "send", "a", "b", "t", "1")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "MESSAGE_BUS_URL" in r.stderr
+    assert "s3cret" not in r.stderr and not base.exists()
+
+
+def test_bad_credentials_are_refused_and_never_shown(tmp_path: Path, base: Path) -> None:
+    need_redis()
+    server = Server(tmp_path / "auth", password="right-pass")
+    try:
+        for env in ({"MESSAGE_BUS_URL": f"redis://:wrong-s3cret@127.0.0.1:{server.port}/0"},
+                    {"MESSAGE_BUS_URL": f"redis://127.0.0.1:{server.port}/0", "REDIS_PASSWORD": "wrong-s3cret"},
+                    {"MESSAGE_BUS_URL": f"redis://127.0.0.1:{server.port}/0"}):
+            r = _cli(env, "bus", "init", "bob")
+            assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+            assert "wrong-s3cret" not in r.stderr + r.stdout and "right-pass" not in r.stderr
+            assert "auth" in r.stderr.lower() or "password" in r.stderr.lower()
+        assert server.client().dbsize() == 0  # type: ignore[attr-defined]  # nothing written
+        assert not base.exists()
+        # the right password, from the URL or the setting, works; and is shown nowhere
+        for env in ({"MESSAGE_BUS_URL": f"redis://:right-pass@127.0.0.1:{server.port}/0"},
+                    {"MESSAGE_BUS_URL": f"redis://127.0.0.1:{server.port}/0", "REDIS_PASSWORD": "right-pass"}):
+            assert _cli(env, "bus", "init", "bob").returncode == 0
+            out = _cli(env, "env").stdout + repr(Config.from_env(env)) + repr(MessageBus(config=Config.from_env(env)))
+            assert "right-pass" not in out and "***" in out
+        _cli({"MESSAGE_BUS_URL": f"redis://:right-pass@127.0.0.1:{server.port}/0"}, "bus", "send", "a", "bob",
+             "t", "1")
+        r = _cli({"MESSAGE_BUS_URL": f"redis://:right-pass@127.0.0.1:{server.port}/0", "MAX_INBOX_SIZE": "1",
+                  "BACKPRESSURE_WAIT_MS": "1", "BACKPRESSURE_MAX_RETRIES": "1"},
+                 "send-backpressure", "a", "bob", "t", "1")
+        assert r.returncode == 1 and "right-pass" not in r.stderr
+        for f in os.listdir(base) if base.exists() else []:
+            p = base / f
+            if p.is_file():
+                assert b"right-pass" not in p.read_bytes()
+    finally:
+        server.stop()
+
+
+def test_without_the_client_the_url_names_the_extra(base: Path) -> None:
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "from cfn_fast.__main__ import main\n"
+            "sys.exit(main(['bus', 'send', 'a', 'b', 't', '1']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MESSAGE_BUS_URL": "redis://127.0.0.1:1/0"})
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "cfn-fast[redis]" in r.stderr
+    import cfn_fast.redis_storage as rs
+
+    saved = sys.modules.get("redis")
+    sys.modules["redis"] = None  # type: ignore[assignment]  # what an import of a missing package finds
+    try:
+        with pytest.raises(ConfigError, match=r"cfn-fast\[redis\]"):
+            rs.RedisStorage(Config(), "redis://127.0.0.1:1/0")
+    finally:
+        if saved is not None:
+            sys.modules["redis"] = saved
+        else:
+            del sys.modules["redis"]
+
+
+def test_a_full_inbox_on_redis_is_inbox_full_not_a_backend_error(redis_server: Server, make_bus) -> None:
+    redis_server.flush()
+    bus = make_bus(bus_url=redis_server.url(), max_inbox_size=1)
+    bus.init_message_bus("bob")
+    bus.send_message("a", "bob", "t", 1)
+    with pytest.raises(InboxFull):
+        bus.send_message("a", "bob", "t", 2)
