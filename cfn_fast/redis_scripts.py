@@ -83,12 +83,30 @@ local function dispatch(now, ttl)
     end
   end
 end
+-- The sender's outbox copy in the same step, when the caller passed the
+-- sender's keys after the inbox's (one server, or a sender in this slot):
+-- KEYS[12] the sender's meta (there when it was initialised), [13] its outbox
+-- ZSET, [14] the bytes. Kept to max (0: no bound). -> how many old ones went.
+local function copy_out(id, body, max)
+  redis.call('ZADD', KEYS[13], 0, id)
+  redis.call('HSET', KEYS[14], id, body)
+  if max <= 0 then return 0 end
+  local over = redis.call('ZCARD', KEYS[13]) - max
+  if over <= 0 then return 0 end
+  local old = redis.call('ZPOPMIN', KEYS[13], over)
+  for j = 1, #old, 2 do redis.call('HDEL', KEYS[14], old[j]) end
+  return over
+end
+local function has_outbox()
+  return #KEYS >= 14 and redis.call('EXISTS', KEYS[12]) == 1
+end
 """
 
 # ARGV: sender, recipient, escaped type, payload, token, own capacity,
 #       backpressure (0/1), final (0/1), waiter deadline (ms from now),
-#       reservation ttl (ms), metric lines per event (0/1)
-# -> {0, msg_id, seq, ts} delivered | {1, cap} full | {2} no inbox
+#       reservation ttl (ms), metric lines per event (0/1), id suffix, outbox bound
+# -> {0, msg_id, seq, ts, copied (1/0; -1: the sender's keys were not passed),
+#     outbox copies pruned} delivered | {1, cap} full | {2} no inbox
 DELIVER = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {2} end
 local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
@@ -126,21 +144,25 @@ end
 if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
 local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
 local id = string.format('msg-%d-%010d-%s', sec, seq, tok ~= '' and tok or ARGV[12])
-redis.call('ZADD', KQ, 0, id)
-redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
+local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
   '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": ' .. seq ..
-  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
+  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n'
+redis.call('ZADD', KQ, 0, id)
+redis.call('HSET', KB, id, body)
 redis.call('HINCRBY', KI, 'sent', 1)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
 end
-return {0, id, seq, sec}
+if #KEYS < 14 then return {0, id, seq, sec, -1, 0} end
+if not has_outbox() then return {0, id, seq, sec, 0, 0} end
+return {0, id, seq, sec, 1, copy_out(id, body, tonumber(ARGV[13]))}
 """
 
 # Many payloads of one sender, as far as room allows, in one step.
-# ARGV: sender, recipient, escaped type, own capacity, reservation ttl,
-#       then (hex, payload) pairs -> {delivered count, id, seq, ts, id, seq, ts, ...}; -1: no inbox
+# ARGV: sender, recipient, escaped type, own capacity, reservation ttl, outbox bound,
+#       then (hex, payload) pairs -> {delivered count, id, seq, ts, id, seq, ts, ...,
+#       copied (1/0/-1, as DELIVER's), outbox copies pruned}; -1: no inbox
 DELIVER_MANY = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
 local own, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -154,20 +176,25 @@ if redis.call('LLEN', KW) == 0 then
 end
 local out = {0}
 local n = 0
+local copy, pruned = has_outbox(), 0
 local head = '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": '
 local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": '
-for j = 6, #ARGV, 2 do
+for j = 7, #ARGV, 2 do
   if n >= room then break end
   local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
   local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j])
+  local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
+    head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n'
   redis.call('ZADD', KQ, 0, id)
-  redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
-    head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n')
+  redis.call('HSET', KB, id, body)
+  if copy then pruned = pruned + copy_out(id, body, tonumber(ARGV[6])) end
   n = n + 1
   out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
 end
 out[1] = n
 if n > 0 then redis.call('HINCRBY', KI, 'sent', n) end
+out[#out + 1] = (#KEYS < 14) and -1 or (copy and 1 or 0)
+out[#out + 1] = pruned
 return out
 """
 

@@ -123,6 +123,7 @@ class RedisStorage:
         self._pid = -1
         self._keys: dict[str, list[bytes]] = {}
         self._outbox: dict[str, tuple[bool, float]] = {}
+        self._okeys: dict[tuple[str, str], list[bytes]] = {}
         self._claims: dict[str, int] = {}
         self._reads: dict[tuple[int, str], list[bytes]] = {}
         self._beat: Optional[threading.Thread] = None
@@ -372,6 +373,34 @@ class RedisStorage:
         self._outbox[sender] = (yes, now)
         return yes
 
+    def _send_keys(self, sender: str, to: str) -> list[bytes]:
+        """The inbox's keys, and after them the sender's meta and outbox keys
+        when the delivering script may touch them (one server, or a sender
+        in the recipient's slot): then the outbox copy is made in the same
+        step as the delivery, one round trip for both."""
+        keys = self._ikeys(to)
+        if self.target.cluster and sender != to:
+            return keys
+        out = self._okeys.get((sender, to))
+        if out is None:
+            k = self._ikeys(sender)[0]
+            out = keys + [k, k[:-1] + b"o", k[:-1] + b"ob"]
+            if len(self._okeys) > 4096:
+                self._okeys.clear()
+            self._okeys[(sender, to)] = out
+        return out
+
+    def _copied(self, sender: str, to: str, etype: bytes, data: bytes, r: list[Any], at: int) -> bool:
+        """Whether the send's outbox copy was made: by the script itself
+        (r[at] is 1 or 0, r[at + 1] the copies its bound pruned), or, when it
+        could not reach the sender's keys (-1: another Cluster slot), now."""
+        copied = int(r[at])
+        if copied >= 0:
+            if r[at + 1]:
+                self.counter_add("outbox_pruned", int(r[at + 1]))
+            return copied == 1
+        return self._copy_out(sender, to, etype, data, r[1], int(r[2]), int(r[3]))
+
     def _copy_out(self, sender: str, to: str, etype: bytes, data: bytes, mid: bytes, seq: int, ts: int) -> bool:
         if not self._has_outbox(sender):
             return False
@@ -392,16 +421,17 @@ class RedisStorage:
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
-        keys = self._ikeys(to)
+        keys = self._send_keys(sender, to)
         cap = self.config.max_inbox_size
         tok = os.urandom(8).hex()
         if not backpressure:
-            r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok])
+            r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok,
+                                            self.config.outbox_max])
             if r[0] == 1:
                 raise InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
             if r[0] == 2:
                 raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
-            copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
+            copied = self._copied(sender, to, etype, data, r, 4)
             return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied)
         return self._deliver_waiting(sender, to, etype, data, keys, tok)
 
@@ -422,10 +452,11 @@ class RedisStorage:
             left = self._budget_ns - waited
             final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
-                                            max(0, left) // 1_000_000 + margin, self._ttl, ml, tok])
+                                            max(0, left) // 1_000_000 + margin, self._ttl, ml, tok,
+                                            cfg.outbox_max])
             if r[0] == 0:
                 self._bp_metric("backpressure.send.success", sender, to, "retries", retries)
-                copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
+                copied = self._copied(sender, to, etype, data, r, 4)
                 return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied)
             if r[0] == 2:
                 raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
@@ -513,7 +544,7 @@ class RedisStorage:
                 todo.append((i, self._message(sender, to, mtype, p)[1]))
             except CfnError as e:
                 out[i] = e
-        keys = self._ikeys(to)
+        keys = self._send_keys(sender, to)
         cap = self.config.max_inbox_size
         pos = 0
         while pos < len(todo):
@@ -523,7 +554,7 @@ class RedisStorage:
                 i, d = todo[pos + len(chunk)]
                 chunk.append((i, d, os.urandom(8).hex()))
                 size += len(d)
-            args: list[Any] = [sender, to, etype, cap, self._ttl]
+            args: list[Any] = [sender, to, etype, cap, self._ttl, self.config.outbox_max]
             for _, d, h in chunk:
                 args += [h, d]
             try:
@@ -539,10 +570,13 @@ class RedisStorage:
                     out[i] = missing
                 break
             n = int(r[0])
+            inline, pruned = int(r[1 + 3 * n]), int(r[2 + 3 * n])
+            if pruned:
+                self.counter_add("outbox_pruned", pruned)
             for j in range(n):
                 i, d, _ = chunk[j]
                 mid, seq, ts = r[1 + 3 * j], int(r[2 + 3 * j]), int(r[3 + 3 * j])
-                copied = self._copy_out(sender, to, etype, d, mid, seq, ts)
+                copied = inline == 1 if inline >= 0 else self._copy_out(sender, to, etype, d, mid, seq, ts)
                 out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied)
             pos += n
             if n < len(chunk):  # full: the next one waits (or fails) as a single send does

@@ -69,6 +69,22 @@ def test_the_envelope_and_msg_id_are_the_original_format(nbus: MessageBus) -> No
     assert int(mid.split("-")[1]) == msg["timestamp"]
 
 
+def test_the_sender_keeps_a_copy_only_when_it_has_an_outbox(backend: str, make_bus) -> None:
+    bus = make_bus(outbox_max=3)
+    bus.init_message_bus("alice")
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", "1")             # one step
+    bus.send_with_backpressure("alice", "bob", "t", "2")   # the waiting path
+    bus.send_batch("alice", "bob", "t", ["3", "4"])         # the batch path
+    bus.send_message("carol", "bob", "t", "5")             # carol was never initialised
+    bus.send_message("bob", "bob", "t", "6")               # to oneself: inbox and outbox in one slot
+    assert bus.message_count("bob") == 6
+    assert bus.message_count("alice", "outbox") == 3       # OUTBOX_MAX: the oldest copy went
+    assert bus.message_count("carol", "outbox") == 0
+    assert bus.message_count("bob", "outbox") == 1
+    assert bus.storage.counters()["outbox_pruned"] == 1
+
+
 def test_sequences_are_per_pair_and_ids_sort_in_send_order(nbus: MessageBus) -> None:
     ids = [nbus.send_message("alice", "bob", "t", i) for i in range(50)]
     nbus.send_message("bob", "alice", "t", 0)
