@@ -190,6 +190,18 @@ class Cluster:
     def url(self) -> str:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
+    def owner(self, key: bytes) -> Server:
+        """The master that holds key's slot."""
+        r = self.nodes[0].client()
+        slot = int(r.execute_command("CLUSTER", "KEYSLOT", key))  # type: ignore[attr-defined]
+        ranges = r.execute_command("CLUSTER", "SLOTS")  # type: ignore[attr-defined]
+        r.close()  # type: ignore[attr-defined]
+        for lo, hi, master, *_ in ranges:
+            if int(lo) <= slot <= int(hi):
+                port = int(master[1])
+                return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no master holds slot {slot}")
+
     def flush(self) -> None:
         for n in self.nodes:
             n.flush()

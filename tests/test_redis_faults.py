@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cfn_fast import BackendUnavailable, Config, ConfigError, InboxFull, MessageBus
-from redis_fixtures import Server, need_redis
+from redis_fixtures import Cluster, Server, need_redis
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +190,56 @@ def test_a_full_inbox_on_redis_is_inbox_full_not_a_backend_error(redis_server: S
     bus.send_message("a", "bob", "t", 1)
     with pytest.raises(InboxFull):
         bus.send_message("a", "bob", "t", 2)
+
+
+def test_a_paused_cluster_master_fails_its_inboxes_calls_in_time_and_the_bus_carries_on(
+        redis_cluster: Cluster, make_bus) -> None:
+    """On a Cluster, the master holding bob's slot SIGSTOPped for 2 s: sends to
+    bob fail with BackendUnavailable within the deadline, never hang; carol,
+    whose slot another master holds, is served throughout; after SIGCONT the
+    same bus reaches bob again, no client restarted."""
+    redis_cluster.flush()
+    bus = make_bus(bus_url=redis_cluster.url(), redis_timeout_ms=300, max_inbox_size=100_000)
+    for agent in ("bob", "carol", "dave", "erin"):
+        bus.init_message_bus(agent)
+    owner = redis_cluster.owner(b"cfn:{bob}:i")
+    other = next(a for a in ("carol", "dave", "erin") if redis_cluster.owner(f"cfn:{{{a}}}:i".encode()) is not owner)
+    longest = [0.0]
+    errors: list[BaseException] = []
+    served = [0]
+    stop = threading.Event()
+
+    def send(to: str) -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                bus.send_message("alice", to, "t", 1)
+                if to == other:
+                    served[0] += 1
+            except BackendUnavailable as e:
+                errors.append(e)
+            longest[0] = max(longest[0], time.monotonic() - t0)
+
+    threads = [threading.Thread(target=send, args=(to,)) for to in ("bob", "bob", other)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    owner.pause()
+    try:
+        time.sleep(1.0)
+        during = served[0]
+        time.sleep(1.0)
+        during = served[0] - during
+    finally:
+        owner.resume()
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors and all("unavailable" in str(e) for e in errors)
+    assert longest[0] < 0.3 + 0.7  # REDIS_TIMEOUT_MS and a margin for a busy machine; never the 2 s pause
+    assert during > 0  # the other masters' inboxes kept working while bob's was away
+    before = bus.get_inbox_size("bob")
+    bus.send_message("alice", "bob", "t", 2)
+    assert bus.get_inbox_size("bob") == before + 1
