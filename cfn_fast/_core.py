@@ -139,6 +139,11 @@ def check_json(payload: bytes) -> None:
         raise_for(rc, err)
 
 
+def json_flags(data: bytes) -> int:
+    """A stored message's CFN_JSON_* flags as the file reader gives them; -1: not one JSON value."""
+    return int(lib.cfn_json_flags(data, len(data)))
+
+
 def init_agent(h: Handle, agent: bytes, capacity: int) -> None:
     """Creates the agent's folders and records capacity as its inbox's (0: leave it)."""
     err = new_err()

@@ -20,7 +20,6 @@ pid files stay local, in MESSAGE_BASE_DIR, per host (a FileStorage on it).
 from __future__ import annotations
 
 import os
-import re
 import socket
 import threading
 import time
@@ -49,8 +48,6 @@ _INBOX = (b"i", b"q", b"b", b"v", b"c", b"cn", b"l", b"s", b"w", b"wd", b"r")
 _INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpressure_success",
                    "backpressure_failure", "recovered", "quarantined", "metrics")
 _TRIM = b" \t\r\n"
-# a number a double cannot hold (1e400, or 309 digits before the point): decode such records exactly
-_HUGE = re.compile(rb"[0-9][eE][+]?0*[1-9][0-9]{2}|[0-9]{309}")
 _ESC = {i: "\\u%04x" % i for i in range(0x20)}
 _ESC.update({0x7F: "\\u007f", ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
              ord("\t"): "\\t", ord("\b"): "\\b", ord("\f"): "\\f"})
@@ -643,7 +640,7 @@ class RedisStorage:
             mid, data = r[1 + 2 * j], r[2 + 2 * j]
             if data is None:
                 continue
-            out.append(Record(mid + b".json", storage.JSON_EXACT if _HUGE.search(data) else 0, data))
+            out.append(Record(mid + b".json", storage.exact_flags(data), data))
         return out
 
     def read(self, agent: str, mode: int, max_messages: int, max_bytes: int) -> tuple[list[Record], int]:

@@ -73,6 +73,13 @@ def check_json(data: bytes) -> None:
     _core.check_json(data)
 
 
+def exact_flags(data: bytes) -> int:
+    """JSON_EXACT when a stored message holds a number a double cannot (for a
+    reader of another store, as cfn_read_messages flags a file); else 0."""
+    flags = _core.json_flags(data) if data else 0
+    return flags & JSON_EXACT if flags > 0 else 0  # not JSON (-1): the decoder refuses it anyway
+
+
 def metric_line(name: bytes, value: float, unit: bytes, tags_json: bytes) -> bytes:
     """One metric JSONL line, formatted by the C code the send loop uses."""
     return _core.metric_format(name, value, unit, tags_json)

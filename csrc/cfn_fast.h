@@ -190,6 +190,11 @@ uint64_t cfn_proc_start(int32_t pid);
 /* --- validation --------------------------------------------------------- */
 int cfn_check_agent(const char *agent, cfn_err *err);
 int cfn_check_json(const char *buf, size_t len, cfn_err *err);
+/* A stored message's bytes as a reader sees them (a record from a store
+ * other than the files, whose reader scans in cfn_read_messages): its
+ * CFN_JSON_* flags, or -1 when they are not one JSON value of at most
+ * CFN_JSON_FILE_DEPTH levels (the decoder then refuses them). */
+int cfn_json_flags(const char *buf, size_t len);
 
 /* --- folders ------------------------------------------------------------ */
 /* Creates the agent's folders and records capacity (> 0) as its inbox's. */

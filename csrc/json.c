@@ -347,6 +347,14 @@ int cfn_check_json(const char *buf, size_t len, cfn_err *err)
     return 0;
 }
 
+int cfn_json_flags(const char *buf, size_t len)
+{
+    struct cfn_json_info info;
+    if (cfn_json_scan(buf, len, CFN_JSON_FILE_DEPTH, &info) != 0)
+        return -1;
+    return (int)info.flags;
+}
+
 /* Writes s as the inside of a JSON string (no quotes); returns bytes written.
  * out needs room for 6 * n bytes. Input must be valid UTF-8. */
 size_t cfn_json_escape(char *out, const char *s, size_t n)
