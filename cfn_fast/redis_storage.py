@@ -338,12 +338,14 @@ class RedisStorage:
     def _message(self, sender: str, to: str, mtype: bytes, payload: bytes) -> tuple[bytes, bytes]:
         storage.check_agent(sender, "sender")
         storage.check_agent(to, "recipient")
-        etype = _escape_type(mtype)
+        return _escape_type(mtype), self._payload(payload)
+
+    def _payload(self, payload: bytes) -> bytes:
         if len(payload) > self.config.max_message_bytes:
             raise PayloadTooLarge(f"payload is {len(payload)} bytes, over the limit of "
                                   f"{self.config.max_message_bytes} (MAX_MESSAGE_BYTES)")
         storage.check_json(payload)
-        return etype, payload.strip(_TRIM)
+        return payload.strip(_TRIM)
 
     def _metric_on(self) -> bool:
         return self.config.metrics_enabled and self._local.metrics_error is None
@@ -538,7 +540,7 @@ class RedisStorage:
         todo: list[tuple[int, bytes]] = []
         for i, p in enumerate(payloads):
             try:
-                todo.append((i, self._message(sender, to, mtype, p)[1]))
+                todo.append((i, self._payload(p)))
             except CfnError as e:
                 out[i] = e
         keys = self._send_keys(sender, to)
@@ -547,9 +549,11 @@ class RedisStorage:
         while pos < len(todo):
             chunk: list[tuple[int, bytes, str]] = []
             size = 0
+            rnd = os.urandom(8 * min(_BATCH, len(todo) - pos)).hex()  # each msg_id's 16 hex digits
             while pos + len(chunk) < len(todo) and len(chunk) < _BATCH and size < _BATCH_BYTES:
                 i, d = todo[pos + len(chunk)]
-                chunk.append((i, d, os.urandom(8).hex()))
+                k = 16 * len(chunk)
+                chunk.append((i, d, rnd[k:k + 16]))
                 size += len(d)
             args: list[Any] = [sender, to, etype, cap, self._ttl, self.config.outbox_max]
             for _, d, h in chunk:
