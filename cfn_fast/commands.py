@@ -29,7 +29,7 @@ class Param:
                  default: Default = None, choices: tuple[str, ...] = (), option: bool = False) -> None:
         self.name = name            # Python name; a positional shows as NAME
         self.help = help
-        self.kind = kind            # text | agent | json | number | seconds | count | ms | choice | flag
+        self.kind = kind            # text | agent | json | number | seconds | count | ms | port | choice | flag
         self.required = required
         self.default = default
         self.choices = choices
@@ -68,7 +68,7 @@ class Command:
 
 GROUPS: dict[str, str] = {
     "bus": "The message bus: inboxes, sending and receiving (message-bus.sh).",
-    "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh).",
+    "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh), Prometheus exposition and plots.",
     "alerts": "Alerts: JSONL lines in ALERT_LOG_FILE, with a shared cooldown (alerting.sh).",
 }
 
@@ -183,6 +183,20 @@ COMMANDS: tuple[Command, ...] = (
             "Show the metrics file's size and line count; exit 1 when it does not exist.",
             (Param("json", "print the figures as one JSON object", "flag", False, False,
                    option=True),), handler=h.metrics_stats),
+    Command(("metrics", "serve"), "metrics_serve",
+            "Serve the bus's state as Prometheus metrics at http://ADDR:PORT/metrics until signalled.\n\n"
+            "Read from the shared state at each scrape: no polling, no copy of the counters. "
+            "Needs the 'prom' extra (prometheus_client).",
+            (Param("port", "TCP port; 0 picks a free one (the log line names it)", "port", False, 9464,
+                   option=True),
+             Param("addr", "address to listen on", "text", False, "127.0.0.1", option=True)),
+            handler=h.metrics_serve),
+    Command(("metrics", "prom"), "metrics_prom",
+            "Print the Prometheus exposition of the bus's state once (node_exporter textfile format).\n\n"
+            "With --out, write it to that file atomically: a temporary file in the same folder, then a "
+            "rename. Needs the 'prom' extra (prometheus_client).",
+            (Param("out", "write to this file (for example /var/lib/node_exporter/cfn.prom)", "text", False,
+                   None, option=True),), handler=h.metrics_prom),
     Command(("metrics", "clear"), "clear_metrics",
             "Empty the metrics file (asks first unless --force).",
             (Param("force", "do not ask", "flag", False, False, option=True),), handler=h.metrics_clear),

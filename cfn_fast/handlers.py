@@ -410,3 +410,26 @@ def bus_next_sequence(sender: str, recipient: str) -> int:
     with new_bus() as bus:
         out(str(bus.get_next_sequence(sender, recipient)))
     return EXIT_OK
+
+
+# -- the operator's view (optional extras: prom, top, plot) -------------------------
+
+def metrics_serve(port: int, addr: str) -> int:
+    from cfn_fast import exporter
+
+    with new_bus() as bus:
+        exporter.serve(bus, port, addr)
+    return EXIT_OK
+
+
+def metrics_prom(out: Optional[str]) -> int:
+    from cfn_fast import exporter
+
+    with new_bus() as bus:
+        data = exporter.exposition(bus)
+    if out is None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+    else:
+        exporter.write_textfile(out, data)
+    return EXIT_OK
