@@ -133,6 +133,12 @@ COMMANDS: tuple[Command, ...] = (
              Param("consume_delay_ms", "the consumer's pause between reads, ms", "ms", False, 5,
                    option=True),
              Param("quiet", "no progress bar", "flag", False, False, option=True)), handler=h.demo),
+    Command(("top",), "top",
+            "Show a live full-screen view of the inboxes, the rate limit and recent alerts; q quits.\n\n"
+            "One bar per inbox, fullest first (red when full, amber above 80 %), as many as the "
+            "screen holds; backpressure waits and failed sends per second; the newest alerts. "
+            "Printed once when stdout is not a terminal. Needs the 'top' extra (rich).",
+            (Param("interval", "seconds between refreshes", "seconds", False, 1.0, option=True),), handler=h.top),
     # -- the message bus (message-bus.sh), under `bus` -------------------------
     Command(("bus", "init"), "init_message_bus",
             "Create the agent's inbox and outbox (idempotent).", (_AGENT,), handler=h.bus_init),

@@ -433,3 +433,10 @@ def metrics_prom(out: Optional[str]) -> int:
     else:
         exporter.write_textfile(out, data)
     return EXIT_OK
+
+
+def top(interval: float) -> int:
+    from cfn_fast import top as view
+
+    with new_bus() as bus:
+        return view.run(bus, interval)
