@@ -132,7 +132,9 @@ COMMANDS: tuple[Command, ...] = (
              Param("batch", "messages the consumer takes per read", "count", False, 10, option=True),
              Param("consume_delay_ms", "the consumer's pause between reads, ms", "ms", False, 5,
                    option=True),
-             Param("quiet", "no progress bar", "flag", False, False, option=True)), handler=h.demo),
+             Param("quiet", "no progress bar", "flag", False, False, option=True),
+             Param("plot", "also chart the run's inbox fill and backpressure into this PNG (the 'plot' extra)",
+                   "text", False, None, option=True)), handler=h.demo),
     Command(("top",), "top",
             "Show a live full-screen view of the inboxes, the rate limit and recent alerts; q quits.\n\n"
             "One bar per inbox, fullest first (red when full, amber above 80 %), as many as the "
@@ -203,6 +205,14 @@ COMMANDS: tuple[Command, ...] = (
             "rename. Needs the 'prom' extra (prometheus_client).",
             (Param("out", "write to this file (for example /var/lib/node_exporter/cfn.prom)", "text", False,
                    None, option=True),), handler=h.metrics_prom),
+    Command(("metrics", "plot"), "metrics_plot",
+            "Chart inbox utilisation and backpressure over time from METRICS_FILE into a PNG.\n\n"
+            "Utilisation comes from the overflow monitor's inbox.utilization lines (monitor-overflow), "
+            "backpressure from the send loop's backpressure.* lines; METRICS_FILE.1 is read first when "
+            "there is one. Prints the PNG's path. Needs the 'plot' extra (matplotlib).",
+            (Param("out", "the PNG to write", "text", False, "cfn-metrics.png", option=True),
+             Param("agents", "inboxes charted: the fullest at their peak", "count", False, 8, option=True)),
+            handler=h.metrics_plot),
     Command(("metrics", "clear"), "clear_metrics",
             "Empty the metrics file (asks first unless --force).",
             (Param("force", "do not ask", "flag", False, False, option=True),), handler=h.metrics_clear),

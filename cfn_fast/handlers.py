@@ -279,13 +279,19 @@ def shell(path: bool) -> int:
 
 
 def demo(senders: int, messages: int, capacity: int, batch: int, consume_delay_ms: int,
-         quiet: bool) -> int:
+         quiet: bool, plot: Optional[str] = None) -> int:
     from cfn_fast.demo import DemoSettings, print_report, run_demo
 
+    if plot is not None:
+        from cfn_fast.extras import require
+
+        require("matplotlib", "plot")  # before the run, not after it
     settings = DemoSettings(senders=senders, messages=messages, capacity=capacity, batch=batch,
                             consume_delay_ms=consume_delay_ms)
-    report = run_demo(settings, progress=not quiet)
+    report = run_demo(settings, progress=not quiet, plot=plot)
     print_report(report)
+    if plot is not None:
+        log("DEMO", f"Plot of the run written to {plot}")
     return EXIT_OK if report.lost == 0 and report.failed == 0 else EXIT_NO
 
 
@@ -432,6 +438,15 @@ def metrics_prom(out: Optional[str]) -> int:
         sys.stdout.buffer.write(data)
     else:
         exporter.write_textfile(out, data)
+    return EXIT_OK
+
+
+def metrics_plot(out: str, agents: int) -> int:
+    from cfn_fast import plot
+
+    with new_bus() as bus:
+        plot.plot_metrics(bus, out, agents)
+    sys.stdout.write(out + "\n")  # `out` names the option here, not output.out
     return EXIT_OK
 
 
