@@ -116,10 +116,15 @@ def bus_init(agent: str) -> int:
 
 def bus_send_batch(sender: str, recipient: str, type: str) -> int:
     """One process for thousands of sends: each stdin line is one payload."""
+    from cfn_fast import progress
+
     sent = failed = 0
-    with new_bus() as bus:
+    # a bar only for a file on stdin (its length is known) and ids going elsewhere than the terminal
+    shown = progress.on_terminal() and not progress.on_terminal(sys.stdout)
+    with new_bus() as bus, progress.bar(progress.stdin_length(), "sending", False, shown) as advance:
         # bytes straight through: C checks each payload, nothing is decoded twice
         for number, line in enumerate(sys.stdin.buffer, 1):
+            advance(len(line))
             payload = line.strip()
             if not payload:
                 continue
@@ -168,8 +173,10 @@ def bus_consume(agent: str, max: Optional[int]) -> int:
 
 
 def bus_recover(agent: Optional[str]) -> int:
-    with new_bus() as bus:
-        n = bus.recover(agent)
+    from cfn_fast import progress
+
+    with new_bus() as bus, progress.steps("recovering") as step:
+        n = bus.recover(agent, step if agent is None else None)
     out(str(n))
     if n:
         log("MESSAGE-BUS", f"Returned {n} claimed messages of dead consumers to {agent or 'their inboxes'}")
