@@ -113,7 +113,7 @@ def test_names_help_and_types_follow_prometheus_conventions(bus):
             assert all(NAME.match(k) for k in s.labels)
 
 
-def test_the_agent_label_is_bounded_and_the_rest_summed_as_other(make_bus):
+def test_the_agent_label_is_bounded_and_the_rest_summed_as_other(make_bus, monkeypatch):
     bus = make_bus(metrics_top_agents=3, max_inbox_size=20)
     sizes = {f"agent-{i:02d}": i for i in range(12)}
     for agent, n in sizes.items():
@@ -129,14 +129,11 @@ def test_the_agent_label_is_bounded_and_the_rest_summed_as_other(make_bus):
     assert value(samples, "cfn_inboxes") == 12
     assert value(samples, "cfn_messages_queued") == sum(sizes.values())
     # the setting is read from the environment too
-    os.environ["METRICS_TOP_AGENTS"] = "0"
-    try:
-        from cfn_fast import MessageBus
+    monkeypatch.setenv("METRICS_TOP_AGENTS", "0")
+    from cfn_fast import MessageBus
 
-        with MessageBus() as everyone:
-            only, _ = parse(exporter.exposition(everyone).decode())
-    finally:
-        del os.environ["METRICS_TOP_AGENTS"]
+    with MessageBus() as everyone:
+        only, _ = parse(exporter.exposition(everyone).decode())
     assert by_agent(only, "cfn_inbox_messages") == {"other": sum(sizes.values())}
 
 
