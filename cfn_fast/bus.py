@@ -12,7 +12,7 @@ the command line.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from cfn_fast import alerts, storage
 from cfn_fast.codec import Message, Payload, decode_message, encode_payload, encode_type
@@ -256,17 +256,21 @@ class MessageBus:
             raise failure
         return sum(taken)
 
-    def recover(self, agent_id: Optional[str] = None) -> int:
+    def recover(self, agent_id: Optional[str] = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> int:
         """Returns messages claimed by dead consumers to their inboxes (one
-        agent, or every agent of the base folder); returns how many."""
+        agent, or every agent of the base folder); returns how many.
+        ``progress(done, total)`` is called after each inbox."""
         agents = [agent_id] if agent_id is not None else self.list_agents()
         total = 0
-        for a in agents:
+        for done, a in enumerate(agents, 1):
             try:
                 total += self.storage.reconcile(a, True).recovered
             except CfnError as e:
                 if agent_id is not None or not isinstance(e, FileNotFoundError):
                     raise
+            if progress is not None:
+                progress(done, len(agents))
         return total
 
     def list_agents(self) -> list[str]:

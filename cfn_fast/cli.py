@@ -64,6 +64,7 @@ _TYPES: dict[str, Callable[[Param], Any]] = {
     "seconds": lambda p: click.FloatRange(min=0, min_open=True),
     "count": lambda p: click.IntRange(min=1),
     "ms": lambda p: click.IntRange(min=0),
+    "port": lambda p: click.IntRange(0, 65535),
     "choice": lambda p: click.Choice(p.choices),
 }
 

@@ -29,7 +29,7 @@ class Param:
                  default: Default = None, choices: tuple[str, ...] = (), option: bool = False) -> None:
         self.name = name            # Python name; a positional shows as NAME
         self.help = help
-        self.kind = kind            # text | agent | json | number | seconds | count | ms | choice | flag
+        self.kind = kind            # text | agent | json | number | seconds | count | ms | port | choice | flag
         self.required = required
         self.default = default
         self.choices = choices
@@ -68,7 +68,7 @@ class Command:
 
 GROUPS: dict[str, str] = {
     "bus": "The message bus: inboxes, sending and receiving (message-bus.sh).",
-    "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh).",
+    "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh), Prometheus exposition and plots.",
     "alerts": "Alerts: JSONL lines in ALERT_LOG_FILE, with a shared cooldown (alerting.sh).",
 }
 
@@ -132,7 +132,15 @@ COMMANDS: tuple[Command, ...] = (
              Param("batch", "messages the consumer takes per read", "count", False, 10, option=True),
              Param("consume_delay_ms", "the consumer's pause between reads, ms", "ms", False, 5,
                    option=True),
-             Param("quiet", "no progress bar", "flag", False, False, option=True)), handler=h.demo),
+             Param("quiet", "no progress bar", "flag", False, False, option=True),
+             Param("plot", "also chart the run's inbox fill and backpressure into this PNG (the 'plot' extra)",
+                   "text", False, None, option=True)), handler=h.demo),
+    Command(("top",), "top",
+            "Show a live full-screen view of the inboxes, the rate limit and recent alerts; q quits.\n\n"
+            "One bar per inbox, fullest first (red when full, amber above 80 %), as many as the "
+            "screen holds; backpressure waits and failed sends per second; the newest alerts. "
+            "Printed once when stdout is not a terminal. Needs the 'top' extra (rich).",
+            (Param("interval", "seconds between refreshes", "seconds", False, 1.0, option=True),), handler=h.top),
     # -- the message bus (message-bus.sh), under `bus` -------------------------
     Command(("bus", "init"), "init_message_bus",
             "Create the agent's inbox and outbox (idempotent).", (_AGENT,), handler=h.bus_init),
@@ -183,6 +191,28 @@ COMMANDS: tuple[Command, ...] = (
             "Show the metrics file's size and line count; exit 1 when it does not exist.",
             (Param("json", "print the figures as one JSON object", "flag", False, False,
                    option=True),), handler=h.metrics_stats),
+    Command(("metrics", "serve"), "metrics_serve",
+            "Serve the bus's state as Prometheus metrics at http://ADDR:PORT/metrics until signalled.\n\n"
+            "Read from the shared state at each scrape: no polling, no copy of the counters. "
+            "Needs the 'prom' extra (prometheus_client).",
+            (Param("port", "TCP port; 0 picks a free one (the log line names it)", "port", False, 9464,
+                   option=True),
+             Param("addr", "address to listen on", "text", False, "127.0.0.1", option=True)),
+            handler=h.metrics_serve),
+    Command(("metrics", "prom"), "metrics_prom",
+            "Print the Prometheus exposition of the bus's state once (node_exporter textfile format).\n\n"
+            "With --out, write it to that file atomically: a temporary file in the same folder, then a "
+            "rename. Needs the 'prom' extra (prometheus_client).",
+            (Param("out", "write to this file (for example /var/lib/node_exporter/cfn.prom)", "text", False,
+                   None, option=True),), handler=h.metrics_prom),
+    Command(("metrics", "plot"), "metrics_plot",
+            "Chart inbox utilisation and backpressure over time from METRICS_FILE into a PNG.\n\n"
+            "Utilisation comes from the overflow monitor's inbox.utilization lines (monitor-overflow), "
+            "backpressure from the send loop's backpressure.* lines; METRICS_FILE.1 is read first when "
+            "there is one. Prints the PNG's path. Needs the 'plot' extra (matplotlib).",
+            (Param("out", "the PNG to write", "text", False, "cfn-metrics.png", option=True),
+             Param("agents", "inboxes charted: the fullest at their peak", "count", False, 8, option=True)),
+            handler=h.metrics_plot),
     Command(("metrics", "clear"), "clear_metrics",
             "Empty the metrics file (asks first unless --force).",
             (Param("force", "do not ask", "flag", False, False, option=True),), handler=h.metrics_clear),

@@ -83,6 +83,9 @@ SETTINGS: tuple[Setting, ...] = (
             "an alert for one type and agent is sent at most once per this many seconds; "
             "0 to 31536000 (a year)"),
     Setting("metrics_enabled", "CFN_METRICS", True, "bool", None, None, "write metric lines (1) or not (0)"),
+    Setting("metrics_top_agents", "METRICS_TOP_AGENTS", 20, "int", 0, 16384,
+            "inboxes exported to Prometheus with their own agent label (the fullest); the rest are "
+            "summed as agent=\"other\"; 0 to 16384"),
     Setting("fsync", "CFN_FSYNC", False, "bool", None, None, "fsync each delivery, then its folder (for disks)"),
     Setting("group", "CFN_GROUP", None, "group", 0, GID_MAX,
             "open folders and files to this group for multi-user swarms: a group name, "
@@ -346,6 +349,7 @@ class Config:
     alert_log_file: str
     alert_cooldown_seconds: float
     metrics_enabled: bool
+    metrics_top_agents: int
     fsync: bool
     group: Optional[int]
     lock_timeout_ms: int

@@ -149,8 +149,10 @@ def _private_base() -> str:
     return tempfile.mkdtemp(prefix="cfn-demo-", dir=parent)
 
 
-def run_demo(s: DemoSettings = DemoSettings(), progress: bool = True) -> DemoReport:
-    """Runs the swarm on a private base folder (removed afterwards) and reports."""
+def run_demo(s: DemoSettings = DemoSettings(), progress: bool = True, plot: Optional[str] = None) -> DemoReport:
+    """Runs the swarm on a private base folder (removed afterwards) and
+    reports. With ``plot``, an overflow monitor watches the inboxes during the
+    run and their fill and the backpressure are charted into that PNG."""
     s.check()
     root = _private_base()
     base = os.path.join(root, "messages")
@@ -162,9 +164,38 @@ def run_demo(s: DemoSettings = DemoSettings(), progress: bool = True) -> DemoRep
             bus.init_message_bus(CONSUMER)
             for i in range(s.senders):
                 bus.init_message_bus(f"sender-{i}")
-        return _swarm(s, values, progress)
+        watcher = _start_watcher(values) if plot is not None else None
+        try:
+            report = _swarm(s, values, progress)
+        finally:
+            if watcher is not None:
+                watcher.terminate()  # SIGTERM: the monitor ends its pass and stops
+                watcher.join(timeout=5)
+        if plot is not None:
+            from cfn_fast.plot import plot_metrics
+
+            with _new_bus(values) as bus:
+                plot_metrics(bus, plot, agents=s.senders + 1)
+        return report
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _watch(values: dict[str, Any]) -> None:
+    """The overflow monitor of a plotted run: inbox.utilization lines every
+    50 ms. Its alerts go to the run's alert file; not on the demo's terminal."""
+    from cfn_fast.overflow import monitor_inbox_overflow
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    with _new_bus(values) as bus:
+        monitor_inbox_overflow(0.05, bus=bus)
+
+
+def _start_watcher(values: dict[str, Any]) -> Any:
+    p = multiprocessing.get_context("fork").Process(target=_watch, args=(values,), daemon=True)
+    p.start()
+    return p
 
 
 def _swarm(s: DemoSettings, values: dict[str, Any], progress: bool) -> DemoReport:

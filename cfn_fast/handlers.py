@@ -110,9 +110,9 @@ def bus_init(agent: str) -> int:
 
 
 def _stdin_batches() -> Any:
-    """Stdin's lines, numbered, in batches of what has arrived so far: a pipe
-    that writes a line and waits for its msg_id gets it at once, and a file
-    goes in large batches."""
+    """Stdin's lines, numbered, in batches of what has arrived so far (with
+    the bytes read for them): a pipe that writes a line and waits for its
+    msg_id gets it at once, and a file goes in large batches."""
     read = getattr(sys.stdin.buffer, "read1", sys.stdin.buffer.read)  # what has arrived, not waiting for more
     tail = b""
     number = 0
@@ -125,18 +125,23 @@ def _stdin_batches() -> Any:
             number += 1
             if line.strip():
                 batch.append((number, line.strip()))
-        if batch:
-            yield batch
+        if batch or chunk:
+            yield batch, len(chunk)
         if not chunk:
             return
 
 
 def bus_send_batch(sender: str, recipient: str, type: str) -> int:
     """One process for thousands of sends: each stdin line is one payload."""
+    from cfn_fast import progress
+
     sent = failed = 0
-    with new_bus() as bus:
+    # a bar only for a file on stdin (its length is known) and ids going elsewhere than the terminal
+    shown = progress.on_terminal() and not progress.on_terminal(sys.stdout)
+    with new_bus() as bus, progress.bar(progress.stdin_length(), "sending", False, shown) as advance:
         # bytes straight through: C checks each payload, nothing is decoded twice
-        for batch in _stdin_batches():
+        for batch, size in _stdin_batches():
+            advance(size)
             results = bus.send_batch(sender, recipient, type, [p for _, p in batch])
             for (number, _), r in zip(batch, results):
                 if isinstance(r, CfnError):
@@ -185,8 +190,10 @@ def bus_consume(agent: str, max: Optional[int]) -> int:
 
 
 def bus_recover(agent: Optional[str]) -> int:
-    with new_bus() as bus:
-        n = bus.recover(agent)
+    from cfn_fast import progress
+
+    with new_bus() as bus, progress.steps("recovering") as step:
+        n = bus.recover(agent, step if agent is None else None)
     out(str(n))
     if n:
         log("MESSAGE-BUS", f"Returned {n} claimed messages of dead consumers to {agent or 'their inboxes'}")
@@ -296,13 +303,19 @@ def shell(path: bool) -> int:
 
 
 def demo(senders: int, messages: int, capacity: int, batch: int, consume_delay_ms: int,
-         quiet: bool) -> int:
+         quiet: bool, plot: Optional[str] = None) -> int:
     from cfn_fast.demo import DemoSettings, print_report, run_demo
 
+    if plot is not None:
+        from cfn_fast.extras import require
+
+        require("matplotlib", "plot")  # before the run, not after it
     settings = DemoSettings(senders=senders, messages=messages, capacity=capacity, batch=batch,
                             consume_delay_ms=consume_delay_ms)
-    report = run_demo(settings, progress=not quiet)
+    report = run_demo(settings, progress=not quiet, plot=plot)
     print_report(report)
+    if plot is not None:
+        log("DEMO", f"Plot of the run written to {plot}")
     return EXIT_OK if report.lost == 0 and report.failed == 0 else EXIT_NO
 
 
@@ -427,3 +440,42 @@ def bus_next_sequence(sender: str, recipient: str) -> int:
     with new_bus() as bus:
         out(str(bus.get_next_sequence(sender, recipient)))
     return EXIT_OK
+
+
+# -- the operator's view (optional extras: prom, top, plot) -------------------------
+
+def metrics_serve(port: int, addr: str) -> int:
+    from cfn_fast import exporter
+
+    with new_bus() as bus:
+        exporter.serve(bus, port, addr)
+    return EXIT_OK
+
+
+def metrics_prom(out: Optional[str]) -> int:
+    from cfn_fast import exporter
+
+    with new_bus() as bus:
+        data = exporter.exposition(bus)
+    if out is None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+    else:
+        exporter.write_textfile(out, data)
+    return EXIT_OK
+
+
+def metrics_plot(out: str, agents: int) -> int:
+    from cfn_fast import plot
+
+    with new_bus() as bus:
+        plot.plot_metrics(bus, out, agents)
+    sys.stdout.write(out + "\n")  # `out` names the option here, not output.out
+    return EXIT_OK
+
+
+def top(interval: float) -> int:
+    from cfn_fast import top as view
+
+    with new_bus() as bus:
+        return view.run(bus, interval)

@@ -82,7 +82,9 @@ def test_many_threads_never_overfill(make_bus, base: Path) -> None:
 
 
 def test_backpressure_gives_up_after_its_retries(make_bus, base: Path) -> None:
-    bus = make_bus(max_inbox_size=1, backpressure_wait_ms=5, backpressure_max_retries=4)
+    # a total budget well past 4 x 5 ms: on a loaded machine the 20 ms default ran out after 3 retries
+    bus = make_bus(max_inbox_size=1, backpressure_wait_ms=5, backpressure_max_retries=4,
+                   backpressure_max_total_ms=10_000)
     bus.init_message_bus("bob")
     bus.send_message("alice", "bob", "t", 0)
     res = None

@@ -16,7 +16,7 @@ HEADER = PKG.parent / "csrc" / "cfn_fast.h"
 # Lower layers never import higher ones. A new module gets a place here.
 LAYERS: dict[str, float] = {
     "errors": 0,
-    "config": 1, "output": 1,
+    "config": 1, "output": 1, "extras": 1,
     "_native": 2, "_core": 3, "redis_scripts": 3,
     "storage": 4, "redis_storage": 4,
     "codec": 5, "fields": 5,
@@ -25,8 +25,8 @@ LAYERS: dict[str, float] = {
     "defaults": 8, "__init__": 8,
     "lifecycle": 9,
     "ratelimit": 10, "overflow": 10,
-    "telemetry": 11, "monitors": 11,
-    "demo": 12, "handlers": 12,
+    "telemetry": 11, "monitors": 11, "snapshot": 11,
+    "demo": 12, "handlers": 12, "exporter": 12, "top": 12, "plot": 12, "progress": 12,
     "commands": 13,
     "_fastpath": 14, "cli": 14,
     "__main__": 15,
