@@ -27,20 +27,29 @@ def get_all_inbox_stats(*, bus: Optional["MessageBus"] = None) -> list[dict[str,
     once an inbox is tracked)."""
     b = resolve(bus)
     agents = b.list_agents()
-    cap = b.config.max_inbox_size
-    known: dict[str, int] = {}
+    own = b.config.max_inbox_size
+    known: dict[str, tuple[int, int]] = {}
     if len(agents) > 32:  # one C call beats one per agent
-        known = {s.agent: s.count for s in b.storage.slots()}
+        known = {s.agent: (s.count, s.capacity) for s in b.storage.slots()}
     out = []
     for agent in agents:
-        size = known.get(agent, -1)
+        size, cap = known.get(agent, (-1, 0))
         if size < 0:
             try:
                 size = b.get_inbox_size(agent)
+                cap = b.get_inbox_capacity(agent)
             except InboxNotFound:  # removed since the listing
                 continue
+        cap = _capacity(cap, own)
         out.append({"agent": agent, "size": size, "utilization": size * 100 // cap, "max_size": cap})
     return out
+
+
+def _capacity(inbox: int, own: int) -> int:
+    """The inbox's capacity (the smallest any sender used since its init: the
+    one its sends are refused at, whatever this monitor's MAX_INBOX_SIZE);
+    that setting only when the inbox has none recorded."""
+    return inbox if inbox > 0 else own
 
 
 class PassResult(NamedTuple):
@@ -155,7 +164,7 @@ class OverflowMonitor:
             reconciled = self.reconcile_all() if self.passes == 0 else self.reconcile_slice()
         else:
             reconciled = self.reconcile_all() if reconcile else 0
-        cap = b.config.max_inbox_size
+        own = b.config.max_inbox_size
         metrics_on = b.config.metrics_enabled
         if metrics_on:
             try:
@@ -167,26 +176,27 @@ class OverflowMonitor:
         size_line, util_line = self._size.line, self._util.line
         gone = self._gone
         out: list[bytes] = []
-        hot: list[tuple[str, int, int]] = []
+        hot: list[tuple[str, int, int, int]] = []
         n = 0
         for s in self.bus.storage.slots(reuse=True):
             size = s.count
             if size < 0 or (gone and s.agent in gone):
                 continue
             n += 1
+            cap = _capacity(s.capacity, own)
             util = size * 100 // cap
             if metrics_on:
                 out.append(size_line(size, s.agent))
                 out.append(util_line(util, s.agent))
             if util > HIGH_UTILIZATION:
-                hot.append((s.agent, size, util))
+                hot.append((s.agent, size, cap, util))
         if out:
             try:
                 metrics.write_lines(b.storage, b"".join(out), len(out))
             except CfnError as e:
                 report("metrics", e, self.errors)
         sent_alerts = 0
-        for agent, size, util in hot:
+        for agent, size, cap, util in hot:
             meta = {"agent": agent, "size": size, "max_size": cap, "utilization": util}
             try:
                 if util >= 100:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cfn_fast import Config, MessageBus
+from cfn_fast.config import SETTINGS
 from faults import faultshim  # noqa: F401  (the session fixture; see tests/faults/__init__.py)
 from redis_fixtures import _redis_root, backend, redis_cluster, redis_server, redis_url  # noqa: F401  (real Redis)
 
@@ -30,9 +31,10 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def isolated_env(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    settings = {s.env for s in SETTINGS}  # every variable the bus reads, so none leaks in from the shell
     for name in list(os.environ):
-        if name.startswith(("BACKPRESSURE_", "RATE_LIMIT_", "CFN_", "MAX_INBOX", "MAX_MESSAGE", "ALERT_",
-                            "MESSAGE_BUS_URL", "REDIS_")) and name != "CFN_REQUIRE_REDIS":
+        if (name in settings or name.startswith(("BACKPRESSURE_", "RATE_LIMIT_", "CFN_", "MAX_INBOX", "MAX_MESSAGE",
+                                                  "ALERT_", "METRICS_", "REDIS_"))) and name != "CFN_REQUIRE_REDIS":
             monkeypatch.delenv(name)
     base = workdir / "messages"
     monkeypatch.setenv("MESSAGE_BASE_DIR", str(base))

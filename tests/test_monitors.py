@@ -240,6 +240,28 @@ def test_monitor_alert_severities_as_the_seed(make_bus, n, expect):
         assert alert_lines()[0]["metadata"] == {"agent": "dst", "size": n, "max_size": 10, "utilization": n * 10}
 
 
+@pytest.mark.parametrize("extra", [0, 40])  # per-agent reads, and one slots() call past 32 inboxes
+def test_utilization_is_of_the_inboxs_own_capacity_not_the_monitors(make_bus, extra):
+    """An inbox made with capacity 4 is full at 4 messages, whatever
+    MAX_INBOX_SIZE the monitor runs with: its sends are refused there."""
+    small = make_bus(max_inbox_size=4)
+    small.init_message_bus("tiny")
+    for i in range(4):
+        small.send_message("src", "tiny", "t", i)
+    monitor = make_bus(max_inbox_size=1000)
+    for i in range(extra):
+        monitor.init_message_bus(f"x{i:02d}")
+    cfn_fast.monitor_inbox_overflow(0, 1, bus=monitor)
+    utils = {m["tags"]["agent"]: m["value"] for m in metric_lines("inbox.utilization")}
+    assert utils["tiny"] == 100
+    (alert,) = alert_lines()
+    assert alert["alert"] == "inbox_overflow"
+    assert alert["metadata"] == {"agent": "tiny", "size": 4, "max_size": 4, "utilization": 100}
+    by = {s["agent"]: s for s in cfn_fast.get_all_inbox_stats(bus=monitor)}
+    assert by["tiny"] == {"agent": "tiny", "size": 4, "utilization": 100, "max_size": 4}
+    assert all(by[f"x{i:02d}"]["max_size"] == 1000 for i in range(extra))
+
+
 def counter(bus, agent: str) -> int:
     """The shared counter as it stands (a size read would heal it first)."""
     return next(s.count for s in bus.storage.slots() if s.agent == agent)
