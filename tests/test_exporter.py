@@ -87,6 +87,24 @@ def test_the_exposition_holds_what_the_library_reports(bus):
     assert value(samples, "cfn_system_load_per_cpu") == pytest.approx(0.9)
 
 
+def test_the_exposition_reads_the_selected_backend(backend: str, make_bus):
+    """On files, on one Redis server and on a Cluster (MESSAGE_BUS_URL): the
+    scrape reads that backend's state, and sees another process's sends."""
+    bus = make_bus()
+    bus.init_message_bus("alice")
+    bus.init_message_bus("bob")
+    for i in range(3):
+        bus.send_message("alice", "bob", "task", {"i": i})
+    lib = library(bus, ["alice", "bob"])  # first: a size read may count an inbox
+    samples, _ = parse(exporter.exposition(bus).decode())
+    check_against(samples, lib)
+    code = "import cfn_fast; [cfn_fast.send_message('alice', 'bob', 't', i) for i in range(4)]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    samples, _ = parse(exporter.exposition(bus).decode())
+    assert value(samples, "cfn_inbox_messages", agent="bob") == 7
+    assert value(samples, "cfn_messages_sent_total") == 7
+
+
 def test_every_shared_counter_is_exported_once_as_a_counter(bus):
     bus.send_message("alice", "bob", "task", 1)
     samples, families = parse(exporter.exposition(bus).decode())
