@@ -11,6 +11,7 @@ arguments.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -23,6 +24,19 @@ import pytest
 
 ENTRIES = ("native", "python")
 HANDED_OVER = 99  # the stub interpreter's exit code
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _native_build():
+    spec = importlib.util.spec_from_file_location("cfn_fast_native_build", ROOT / "csrc" / "cli" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _native_build()  # csrc/cli/build.py: what the program was built from
+HANDOVER = [os.fsencode(a) for a in BUILD.handover_args()]  # what comes before the arguments handed over
 
 
 def native_program() -> str:

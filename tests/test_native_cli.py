@@ -23,8 +23,8 @@ import pytest
 
 import native_entry as ne
 from cfn_fast import Config, MessageBus, commands, telemetry
-from native_entry import ENTRIES, HANDED_OVER, argv, child_env, handed_over, handover_stub, native_program, \
-    normal, tree
+from native_entry import ENTRIES, HANDED_OVER, HANDOVER, argv, child_env, handed_over, handover_stub, \
+    native_program, normal, tree
 
 NATIVE = "native"
 
@@ -90,7 +90,7 @@ def test_anything_else_reaches_the_python_cli_unchanged(bus, stub, args):
     env, log = stub
     r = ne.run(NATIVE, *args, env=env)
     assert r.returncode == HANDED_OVER, r.stderr
-    assert handed_over(log) == [b"-m", b"cfn_fast", *(os.fsencode(a) for a in args)]
+    assert handed_over(log) == [*HANDOVER, *(os.fsencode(a) for a in args)]
     assert r.stdout == b"" and r.stderr == b""
 
 
@@ -105,7 +105,7 @@ def test_a_case_only_python_words_exactly_is_handed_over(bus, stub, env):
     stub_env, log = stub
     r = ne.run(NATIVE, "get-size", "bob", env={**stub_env, **env})
     assert r.returncode == HANDED_OVER, r.stderr
-    assert handed_over(log) == [b"-m", b"cfn_fast", b"get-size", b"bob"]
+    assert handed_over(log) == [*HANDOVER, b"get-size", b"bob"]
 
 
 def test_handed_over_calls_keep_the_environment(bus, tmp_path: Path):
@@ -116,6 +116,16 @@ def test_handed_over_calls_keep_the_environment(bus, tmp_path: Path):
     r = ne.run(NATIVE, "get-stats", env={"CFN_FAST_PYTHON": str(stub), "CFN_TEST_MARK": "a b\tc"})
     assert r.returncode == HANDED_OVER
     assert "CFN_TEST_MARK=a b\tc" in out.read_text().splitlines()
+
+
+def test_a_handed_over_call_imports_nothing_from_the_current_folder(bus, tmp_path: Path):
+    """As the console script it replaces: a click.py where cfn-fast runs is not imported."""
+    (tmp_path / "click.py").write_text("raise SystemExit('the click.py of the current folder was imported')\n")
+    (tmp_path / "cfn_fast").mkdir()
+    (tmp_path / "cfn_fast" / "__init__.py").write_text("raise SystemExit('a cfn_fast of the current folder')\n")
+    r = subprocess.run([native_program(), "get-stats"], cwd=tmp_path, capture_output=True, text=True,
+                       env=child_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("["), r.stderr
 
 
 # -- finding the interpreter --------------------------------------------------------------
@@ -129,7 +139,7 @@ def test_the_python_beside_the_program_comes_first(tmp_path: Path):
     interpreter, log = handover_stub(tmp_path)
     shutil.copy2(interpreter, bindir / name)
     r = subprocess.run([str(program), "get-stats"], capture_output=True, env=child_env(), timeout=30)
-    assert r.returncode == HANDED_OVER and handed_over(log) == [b"-m", b"cfn_fast", b"get-stats"]
+    assert r.returncode == HANDED_OVER and handed_over(log) == [*HANDOVER, b"get-stats"]
 
 
 def test_without_one_beside_it_the_building_interpreter_serves(tmp_path: Path):

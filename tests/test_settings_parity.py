@@ -10,7 +10,6 @@ line; and every good value, by what the command then prints.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import string
 import subprocess
@@ -26,7 +25,6 @@ from cfn_fast.config import SETTINGS, Setting
 from cfn_fast.errors import ConfigError
 from test_settings import BY_ENV, GOOD, bad_values, companions
 
-ROOT = Path(__file__).resolve().parent.parent
 Value = Union[str, bytes]
 
 # The issue's list, tried on every numeric setting (test_settings.bad_values adds each one's own).
@@ -105,11 +103,7 @@ def ended(p: subprocess.Popen) -> tuple[int, bytes, bytes]:
 # -- the table ------------------------------------------------------------------------------------
 
 def test_the_native_table_is_generated_from_the_settings():
-    spec = importlib.util.spec_from_file_location("native_build", ROOT / "csrc" / "cli" / "build.py")
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    header = build.generate_header()
+    header = ne.BUILD.generate_header()
     for i, s in enumerate(SETTINGS):
         assert f"CLI_SET_{s.attr.upper()} = {i}," in header
         row = next(ln for ln in header.splitlines() if ln.startswith(f'    {{"{s.env}", '))
@@ -133,7 +127,7 @@ def test_every_refused_value_is_handed_to_python_unchanged(lab, tmp_path: Path):
     wrong = []
     for case, (p, log) in procs.items():
         out, err = p.communicate(timeout=60)
-        if p.returncode != ne.HANDED_OVER or ne.handed_over(log) != [b"-m", b"cfn_fast", b"get-size", b"bob"]:
+        if p.returncode != ne.HANDED_OVER or ne.handed_over(log) != [*ne.HANDOVER, b"get-size", b"bob"]:
             wrong.append((case_id(case), p.returncode, out, err))
     assert not wrong
 

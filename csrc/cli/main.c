@@ -10,7 +10,8 @@
  * every case whose exact wording only Python has (a setting it refuses, a
  * non-ASCII agent id, arguments that are not UTF-8, a non-UTF-8 locale), is
  * handed to the Python CLI unchanged: this process becomes
- * `<python> -m cfn_fast <args>` (execv: same pid, same environment).
+ * `<python> -P -m cfn_fast <args>` (execv: same pid, same environment; -P
+ * keeps the current folder off sys.path, as the console script did).
  *
  * The interpreter is, in order: CFN_FAST_PYTHON when set; the python3.X
  * beside this program (its venv's or prefix's bin folder, found through
@@ -57,14 +58,17 @@ static void exe_path(char *out, size_t cap)
 
 static void try_exec(const char *python, char **argv, int argc, char *tried, size_t cap)
 {
-    char **args = calloc((size_t)argc + 3, sizeof *args);
+    size_t fixed = 0;
+    while (CLI_HANDOVER[fixed])
+        fixed++;
+    char **args = calloc((size_t)argc + fixed + 1, sizeof *args);
     if (!args)
         return;
     args[0] = (char *)python;  /* the path, not a name: a venv's interpreter finds its pyvenv.cfg by it */
-    args[1] = "-m";
-    args[2] = "cfn_fast";
+    for (size_t i = 0; i < fixed; i++)
+        args[1 + i] = (char *)CLI_HANDOVER[i];
     for (int i = 1; i < argc; i++)
-        args[i + 2] = argv[i];
+        args[fixed + (size_t)i] = argv[i];
     execv(python, args);
     int e = errno;
     free(args);
@@ -72,7 +76,7 @@ static void try_exec(const char *python, char **argv, int argc, char *tried, siz
     snprintf(tried + used, cap - used, "%s%s (%s)", used ? ", " : "", python, strerror(e));
 }
 
-/* Becomes `<python> -m cfn_fast argv[1:]`; returns only when no interpreter would start. */
+/* Becomes `<python> -P -m cfn_fast argv[1:]`; returns only when no interpreter would start. */
 static int handover(int argc, char **argv)
 {
     char tried[3 * PATH_MAX + 256] = "";
