@@ -39,8 +39,12 @@ BUILD = _native_build()  # csrc/cli/build.py: what the program was built from
 HANDOVER = [os.fsencode(a) for a in BUILD.handover_args()]  # what comes before the arguments handed over
 
 
+# Read once, at import: the conftest's isolated_env clears every CFN_* variable for each test.
+_CHOSEN = os.environ.get("CFN_FAST_NATIVE")
+
+
 def native_program() -> str:
-    path = os.environ.get("CFN_FAST_NATIVE") or os.path.join(os.path.dirname(sys.executable), "cfn-fast")
+    path = _CHOSEN or os.path.join(os.path.dirname(sys.executable), "cfn-fast")
     try:
         with open(path, "rb") as f:
             if f.read(4) == b"\x7fELF":
