@@ -2,15 +2,32 @@
 # rate-limiting.sh, metrics.sh and alerting.sh, with their arguments, output
 # and return codes, backed by the cfn-fast command.
 #
-#   source <(cfn-fast shell)          # or: source "$(cfn-fast shell --path)"
+#   source <(/path/to/venv/bin/cfn-fast shell)    # or: source "$(cfn-fast shell --path)"
 #
 # Safe under `set -euo pipefail`. Like the original, the settings may be plain
 # shell variables (MAX_INBOX_SIZE=10, not exported): each call hands the ones
 # that are set to cfn-fast. Return codes: 0 yes/success, 1 the original's "no"
 # (full, failed after retries, not found), 2 bad usage or bad input.
 #
-# `cfn-fast` must be on PATH. Put the installing interpreter's bin folder first:
-# a version manager's shim in front of it (pyenv's) costs ~70 ms per call.
+# Every function runs the native cfn-fast by its absolute path, so the venv it
+# was installed in need not be on PATH or activated. `cfn-fast shell` writes
+# that path on the next line; sourced as a file (`cfn-fast shell --path`), the
+# file finds the program in the bin folder of the prefix it is installed in,
+# and failing that takes the cfn-fast on PATH when it is sourced.
+_CFN_FAST_BIN=''
+if [[ -z "$_CFN_FAST_BIN" ]]; then
+    _cfn_fast_here="${BASH_SOURCE[0]:-}"
+    [[ "$_cfn_fast_here" == /* ]] || _cfn_fast_here="$PWD/$_cfn_fast_here"
+    # <prefix>/lib/pythonX.Y/site-packages/cfn_fast/shell.sh -> <prefix>/bin/cfn-fast
+    if [[ "$_cfn_fast_here" == */lib*/python*/*-packages/cfn_fast/shell.sh &&
+          -x "${_cfn_fast_here%/lib*/python*/*-packages/cfn_fast/shell.sh}/bin/cfn-fast" ]]; then
+        _CFN_FAST_BIN="${_cfn_fast_here%/lib*/python*/*-packages/cfn_fast/shell.sh}/bin/cfn-fast"
+    else
+        _CFN_FAST_BIN="$(type -P cfn-fast || true)"
+    fi
+    unset _cfn_fast_here
+    : "${_CFN_FAST_BIN:=cfn-fast}"  # not found: a call fails as a missing command does
+fi
 
 # The variables cfn-fast reads (cfn_fast/config.py SETTINGS; a test keeps this list in step).
 _CFN_FAST_SETTINGS=(MESSAGE_BASE_DIR MAX_INBOX_SIZE BACKPRESSURE_WAIT_MS BACKPRESSURE_MAX_RETRIES
@@ -21,17 +38,46 @@ _CFN_FAST_SETTINGS=(MESSAGE_BASE_DIR MAX_INBOX_SIZE BACKPRESSURE_WAIT_MS BACKPRE
     ALERT_MEMORY_GROWTH_PCT ALERT_FD_GROWTH ALERT_ERROR_RATE_PCT ALERT_QUEUE_DEPTH MESSAGE_BUS_URL REDIS_PASSWORD
     REDIS_TIMEOUT_MS CFN_CLAIM_TIMEOUT_MS)
 
-# Runs cfn-fast in a subshell that exports every setting the caller has set.
+# Exports every setting the caller has set (in a subshell about to exec cfn-fast).
+_cfn_fast_export() {
+    local _cfn_name
+    for _cfn_name in "${_CFN_FAST_SETTINGS[@]}"; do
+        if [[ -n "${!_cfn_name+x}" ]]; then
+            export "${_cfn_name?}"
+        fi
+    done
+}
+
+# Runs cfn-fast with every setting the caller has set in its environment. The
+# settings are exported as locals of this function (gone, and the caller's
+# variables as they were, when it returns), not in a subshell: the command is
+# then the function's last, and in `$(...)` bash execs it in the substitution's
+# own process, so a call costs one fork, as `$(/bin/true)` does. A readonly
+# setting cannot be made local; then a subshell exports them all, as before.
 _cfn_fast() {
-    (
-        local _cfn_name
-        for _cfn_name in "${_CFN_FAST_SETTINGS[@]}"; do
-            if [[ -n "${!_cfn_name+x}" ]]; then
-                export "${_cfn_name?}"
+    local _cfn_name
+    for _cfn_name in "${_CFN_FAST_SETTINGS[@]}"; do
+        if [[ -n "${!_cfn_name+x}" ]]; then
+            if [[ "${!_cfn_name@a}" == *r* ]]; then
+                (_cfn_fast_export && exec "$_CFN_FAST_BIN" "$@")
+                return
             fi
-        done
-        exec cfn-fast "$@"
-    )
+            local -x "$_cfn_name=${!_cfn_name}"
+        fi
+    done
+    "$_CFN_FAST_BIN" "$@"
+}
+
+# A monitor, which runs until signalled. Started in the background (`&`) or in
+# any subshell, the subshell becomes it (exec), as the original's loop was that
+# subshell: one process, so `$!` is the monitor and `kill $!` stops it. In the
+# shell itself it runs as a child, so Ctrl-C returns to the prompt.
+_cfn_fast_monitor() {
+    if [[ "$BASHPID" != "$$" ]]; then
+        _cfn_fast_export
+        exec "$_CFN_FAST_BIN" "$@"
+    fi
+    _cfn_fast "$@"
 }
 
 # -- message bus (message-bus.sh) ---------------------------------------------
@@ -49,8 +95,8 @@ check_inbox_capacity() { _cfn_fast check-capacity "$@"; }
 get_inbox_size() { _cfn_fast get-size "$@"; }
 get_inbox_utilization() { _cfn_fast get-utilization "$@"; }
 send_with_backpressure() { _cfn_fast send-backpressure "$@"; }
-monitor_inbox_overflow() { _cfn_fast monitor-overflow "$@"; }
-monitor_dynamic_rate_limit() { _cfn_fast monitor-rate-limit "$@"; }
+monitor_inbox_overflow() { _cfn_fast_monitor monitor-overflow "$@"; }
+monitor_dynamic_rate_limit() { _cfn_fast_monitor monitor-rate-limit "$@"; }
 get_system_load() { _cfn_fast get-load "$@"; }
 get_all_inbox_stats() { _cfn_fast get-stats "$@"; }
 cleanup_rate_limiting() { _cfn_fast cleanup "$@"; }
