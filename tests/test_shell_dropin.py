@@ -27,6 +27,13 @@ ORIGINAL_FUNCTIONS = [
     "check_inbox_capacity", "get_inbox_size", "get_inbox_utilization", "send_with_backpressure",
     "monitor_inbox_overflow", "apply_dynamic_rate_limit", "monitor_dynamic_rate_limit",
     "get_system_load", "get_all_inbox_stats", "cleanup_rate_limiting", "emit_metric", "emit_alert",
+    # the helpers its sourcing defined, and the rest of metrics.sh and alerting.sh
+    "log_info", "log_error", "log_rate_limit", "generate_message_id", "get_next_sequence",
+    "emit_coordination_metric", "emit_coordination_time", "emit_agent_count", "emit_delivery_rate",
+    "emit_message_count", "emit_consensus_score", "emit_confidence_score", "get_metrics_stats",
+    "clear_metrics", "check_thresholds", "check_coordination_time", "check_delivery_rate",
+    "check_memory_growth", "check_fd_growth", "check_error_rate", "check_queue_depth",
+    "get_alert_summary", "clear_old_alerts",
 ]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -72,3 +79,43 @@ def test_the_drop_in_hands_over_every_setting_cfn_fast_reads():
     listed = re.search(r"_CFN_FAST_SETTINGS=\(([^)]*)\)", text)
     assert listed is not None
     assert listed.group(1).split() == [s.env for s in SETTINGS]
+
+
+def test_the_defaults_it_sets_are_cfn_fasts():
+    """Sourcing sets the original's settings when unset; each value means
+    what cfn-fast's own default means, so setting it changes nothing."""
+    from cfn_fast.config import Config
+
+    text = Path(shell_path()).read_text()
+    given = dict(re.findall(r'^: "\$\{([A-Z_]+):=([^}]*)\}"$', text, re.M))
+    by_env = {s.env: s for s in SETTINGS}
+    assert {"MESSAGE_BASE_DIR", "MAX_INBOX_SIZE", "BACKPRESSURE_WAIT_MS", "BACKPRESSURE_MAX_RETRIES",
+            "RATE_LIMIT_CHECK_INTERVAL", "RATE_LIMIT_HIGH_LOAD_THRESHOLD", "RATE_LIMIT_MEDIUM_LOAD_THRESHOLD",
+            "CFN_BASE_DIR"} <= set(given)
+    default = Config.from_env({})
+    for env, value in given.items():
+        if env in by_env:
+            attr = by_env[env].attr
+            assert getattr(Config.from_env({env: value}), attr) == getattr(default, attr), env
+    assert "METRICS_FILE" not in given and "ALERT_LOG_FILE" not in given  # they follow MESSAGE_BASE_DIR
+
+
+def _options(script: str, env: dict[str, str], *bash_args: str) -> str:
+    r = subprocess.run(["bash", *bash_args, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("strict, interactive, expect", [
+    (None, False, "on"),     # a script: as the original, set -euo pipefail
+    (None, True, "off"),     # a terminal: a "no" must not end the session
+    ("1", True, "on"),
+    ("0", False, "off"),
+])
+def test_strict_mode_is_the_originals_in_scripts(shell_env, strict, interactive, expect):
+    env = dict(shell_env)
+    if strict is not None:
+        env["CFN_DROPIN_STRICT"] = strict
+    script = (f'source "{shell_path()}"; '
+              'if [[ $- == *e* && $- == *u* ]] && shopt -qo pipefail; then echo on; else echo off; fi')
+    assert _options(script, env, *(["-i"] if interactive else [])) == expect

@@ -103,7 +103,11 @@ check "clear_inbox empties the inbox" quiet clear_inbox agent4
 check "after clear_inbox the size is 0" test "$(get_inbox_size agent4)" = 0
 check "clear_inbox of a missing inbox fails (1)" fails_with 1 clear_inbox nobody
 check "receive of a missing inbox fails (1)" fails_with 1 receive_messages nobody
-check "a payload that is not JSON is bad input (2)" fails_with 2 send_message sender agent1 test '{"a":'
+check "a payload that is not JSON is sent as a JSON string" quiet send_message sender agent1 test '{"a":'
+check "and read back as that string" contains "$(receive_messages agent1 2>/dev/null)" '"payload": "{\"a\":"'
+check "with CFN_TEXT_PAYLOADS=0 it is bad input (2)" fails_with 2 env CFN_TEXT_PAYLOADS=0 bash -c \
+    'source <(cfn-fast shell); MESSAGE_BASE_DIR="$1"; send_message sender agent1 test "{\"a\":"' _ "$MESSAGE_BASE_DIR"
+clear_inbox agent1 2>/dev/null
 check "a path as an agent id is bad input (2)" fails_with 2 get_inbox_size ../etc
 check "emit_metric appends a line" emit_metric test.metric 42 count '{"k":"v"}'
 check "the metric line is JSON" is_json < <(tail -n 1 "$METRICS_FILE")
@@ -125,6 +129,77 @@ monitor_status=0
 kill -0 "$monitor_pid" 2>/dev/null && { sleep 1; kill -KILL "$monitor_pid" 2>/dev/null || true; }
 wait "$monitor_pid" || monitor_status=$?
 check "the monitor exited cleanly (status $monitor_status)" test "$monitor_status" -eq 0
+
+# 10. plain text, and numbers a double cannot hold, come back as written
+check "a plain-text payload is sent" quiet send_with_backpressure sender agent1 note 'hello "world"'
+check "a number beyond a double is sent" quiet send_message sender agent1 big '{"n": 1e400}'
+got="$(receive_messages agent1 2>/dev/null)"
+check "receive is strict JSON" is_json <<<"$got"
+check "the text came back as a JSON string" contains "$got" '"payload": "hello \"world\""'
+check "1e400 came back as written, never Infinity" contains "$got" '"n": 1e400'
+clear_inbox agent1 2>/dev/null
+
+# 11. what sourcing the original also defined
+check "MESSAGE_VERSION is 1.1" test "$MESSAGE_VERSION" = 1.1
+check "CFN_BASE_DIR has the original's default" test "$CFN_BASE_DIR" = /dev/shm/cfn
+check "ALERT_QUEUE_DEPTH has the original's default" test "$ALERT_QUEUE_DEPTH" = 1000
+check "log_info writes the original's line on stderr" matches "$(log_info "hi there" 2>&1 >/dev/null)" \
+    '^\[[0-9]{2}:[0-9]{2}:[0-9]{2}\] \[MESSAGE-BUS\] hi there$'
+check "log_error says ERROR" matches "$(log_error oops 2>&1)" '^\[[0-9:]{8}\] \[MESSAGE-BUS\] ERROR: oops$'
+check "log_rate_limit" matches "$(log_rate_limit slow 2>&1)" '^\[[0-9:]{8}\] \[RATE-LIMIT\] slow$'
+check "generate_message_id prints an id of the bus's form" matches "$(generate_message_id)" \
+    '^msg-[0-9]{10}-0000000000-[0-9a-f]{16}$'
+check "two ids differ" test "$(generate_message_id)" != "$(generate_message_id)"
+send_message sender agent1 t 1 >/dev/null 2>&1
+seq_now="$(get_next_sequence sender agent1)"
+id="$(send_message sender agent1 t 2 2>/dev/null)"
+check "get_next_sequence advances the pair's sequence, and the next send follows it" \
+    matches "$id" "^msg-[0-9]{10}-$(printf %010d $((seq_now + 1)))-"
+clear_inbox agent1 2>/dev/null
+
+last_metric() { tail -n 1 "$METRICS_FILE"; }
+metric_is() {  # metric_is <name> <value> <unit> <tags JSON>: the last metric line, field by field
+    "$PYTHON" -c 'import json, sys
+m = json.loads(sys.argv[1])
+ok = (m["metric"], m["value"], m["unit"], m["tags"]) == (sys.argv[2], json.loads(sys.argv[3]), sys.argv[4],
+                                                           json.loads(sys.argv[5]))
+sys.exit(0 if ok else 1)' "$(last_metric)" "$@"
+}
+emit_coordination_time 1500 3 'p"h'
+check "emit_coordination_time" metric_is coordination.time 1500 milliseconds '{"phase":"p\"h","agent_count":3}'
+emit_agent_count 4
+check "emit_agent_count" metric_is coordination.agents 4 count '{"status":"active"}'
+emit_delivery_rate 95 20 19
+check "emit_delivery_rate" metric_is coordination.delivery_rate 95 percent '{"total":20,"delivered":19,"target":90}'
+emit_message_count 7 received agent2
+check "emit_message_count" metric_is coordination.messages 7 count '{"direction":"received","agent":"agent2"}'
+emit_consensus_score 92 5
+check "emit_consensus_score" metric_is consensus.score 92 percent '{"validators":5,"phase":"validation","target":90}'
+emit_confidence_score 80 agent3 2
+check "emit_confidence_score" metric_is agent.confidence 80 percent '{"agent":"agent3","iteration":2,"target":75}'
+check "a helper given a non-number is bad input (2)" fails_with 2 emit_agent_count lots
+init_message_bus metrics-collector 2>/dev/null
+emit_coordination_metric custom.metric 12 ms '{"k":1}' agent2
+check "emit_coordination_metric emits the metric" metric_is custom.metric 12 ms '{"k":1}'
+check "and tells metrics-collector" contains "$(receive_messages metrics-collector 2>/dev/null)" \
+    '"payload": {"metric":"custom.metric","value":12,"unit":"ms","tags":{"k":1},"source":"metrics-system"}'
+check "get_metrics_stats names the file" contains "$(get_metrics_stats 2>/dev/null)" "Metrics file: $METRICS_FILE"
+
+# the checks read the last 60 metric lines and alert past the ALERT_* thresholds
+emit_coordination_time 20000
+check "check_coordination_time alerts past ALERT_COORDINATION_TIME_MS" quiet check_coordination_time
+check "with coordination_time_exceeded in the alert log" contains "$(tail -n 1 "$ALERT_LOG_FILE")" \
+    '"alert":"coordination_time_exceeded"'
+emit_delivery_rate 50 10 5
+check "check_thresholds runs them all" quiet check_thresholds
+check "delivery_rate_low among them" contains "$(cat "$ALERT_LOG_FILE")" '"alert":"delivery_rate_low"'
+summary="$(get_alert_summary 60)"
+check "get_alert_summary is JSON with a total" is_json <<<"$summary"
+check "get_alert_summary counts the alerts" contains "$summary" '"coordination_time_exceeded": 1'
+check "clear_old_alerts keeps the recent ones" quiet clear_old_alerts 1
+check "so the summary is unchanged" test "$(get_alert_summary 60)" = "$summary"
+check "clear_metrics --force empties the metrics file" quiet clear_metrics --force
+check "and it is empty" test ! -s "$METRICS_FILE"
 
 cleanup_message_bus_system 2>/dev/null
 check "cleanup_message_bus_system removes the base folder" test ! -e "$MESSAGE_BASE_DIR"
