@@ -245,10 +245,13 @@ static int fail(const struct run *r, int code, const cfn_err *err)
  * raises it. Returns 0, or the exit code of that error. */
 static int out(const char *where, const char *text, size_t len)
 {
-    if (!unbuffered) {
+    /* Python's stdout holds up to a chunk (8192 bytes) until exit; a longer
+     * text (the drop-in's) is written at once, and its failure reported */
+    if (!unbuffered && len <= 8192) {
         (void)fwrite(text, 1, len, stdout);
         return 0;
     }
+    (void)fflush(stdout);
     while (len) {
         ssize_t w = write(STDOUT_FILENO, text, len);
         if (w < 0) {
