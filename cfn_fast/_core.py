@@ -144,6 +144,12 @@ def json_flags(data: bytes) -> int:
     return int(lib.cfn_json_flags(data, len(data)))
 
 
+def json_escape(text: bytes) -> bytes:
+    """text (valid UTF-8) as the inside of a JSON string, escaped as the envelope's type is."""
+    out = ffi.new("char[]", 6 * len(text) + 1)
+    return bytes(ffi.buffer(out, lib.cfn_json_escape(out, text, len(text))))
+
+
 def init_agent(h: Handle, agent: bytes, capacity: int) -> None:
     """Creates the agent's folders and records capacity as its inbox's (0: leave it)."""
     err = new_err()

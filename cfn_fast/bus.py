@@ -118,7 +118,8 @@ class MessageBus:
             except InvalidPayload:
                 import json
 
-                return json.dumps(payload, ensure_ascii=False).encode()
+                # as C escapes the envelope's type: DEL too, which json.dumps leaves raw
+                return json.dumps(payload, ensure_ascii=False).replace("\x7f", "\\u007f").encode()
         return data
 
     def get_next_sequence(self, from_agent: str, to_agent: str) -> int:

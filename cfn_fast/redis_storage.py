@@ -48,9 +48,6 @@ _INBOX = (b"i", b"q", b"b", b"v", b"c", b"cn", b"l", b"s", b"w", b"wd", b"r")
 _INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpressure_success",
                    "backpressure_failure", "recovered", "quarantined", "metrics")
 _TRIM = b" \t\r\n"
-_ESC = {i: "\\u%04x" % i for i in range(0x20)}
-_ESC.update({0x7F: "\\u007f", ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
-             ord("\t"): "\\t", ord("\b"): "\\b", ord("\f"): "\\f"})
 _BATCH = 256           # payloads per batch step
 _BATCH_BYTES = 4 << 20  # and at most this much payload per step
 
@@ -60,11 +57,11 @@ def _escape_type(mtype: bytes) -> bytes:
     if not 0 < len(mtype) <= storage.TYPE_MAX or b"\0" in mtype:
         raise InvalidMessageType(f"message type must be 1 to {storage.TYPE_MAX} bytes of UTF-8 text without NUL")
     try:
-        text = mtype.decode("utf-8")
+        mtype.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidMessageType(f"message type must be 1 to {storage.TYPE_MAX} bytes of UTF-8 text without NUL") \
             from None
-    return text.translate(_ESC).encode("utf-8")
+    return storage.json_escape(mtype)
 
 
 class Target:

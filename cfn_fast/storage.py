@@ -73,6 +73,11 @@ def check_json(data: bytes) -> None:
     _core.check_json(data)
 
 
+def json_escape(text: bytes) -> bytes:
+    """UTF-8 text as the inside of a JSON string, escaped as the C core writes the envelope's type."""
+    return _core.json_escape(text)
+
+
 def exact_flags(data: bytes) -> int:
     """JSON_EXACT when a stored message holds a number a double cannot (for a
     reader of another store, as cfn_read_messages flags a file); else 0."""

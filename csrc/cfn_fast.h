@@ -195,6 +195,10 @@ int cfn_check_json(const char *buf, size_t len, cfn_err *err);
  * CFN_JSON_* flags, or -1 when they are not one JSON value of at most
  * CFN_JSON_FILE_DEPTH levels (the decoder then refuses them). */
 int cfn_json_flags(const char *buf, size_t len);
+/* Writes s (valid UTF-8) as the inside of a JSON string, as the envelope's
+ * type is written: quotes, backslashes and control characters (DEL too)
+ * escaped. Returns the bytes written; out needs room for 6 * n. */
+size_t cfn_json_escape(char *out, const char *s, size_t n);
 
 /* --- folders ------------------------------------------------------------ */
 /* Creates the agent's folders and records capacity (> 0) as its inbox's. */

@@ -244,7 +244,6 @@ void cfn_link_mode_none(cfn_bus *bus);
 
 /* json.c */
 int cfn_json_scan(const char *buf, size_t len, int max_depth, struct cfn_json_info *info);
-size_t cfn_json_escape(char *out, const char *s, size_t n);
 int cfn_utf8_check(const char *s, size_t n);
 
 /* region.c: the state file, slots, waiters, counters */

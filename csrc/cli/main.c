@@ -409,34 +409,19 @@ static int send_once(cfn_bus *bus, const char *const *v, const cfn_send_opts *op
 }
 
 /* MessageBus._payload with CFN_TEXT_PAYLOADS=1: text that is not JSON is sent
- * as a JSON string, escaped as json.dumps(text, ensure_ascii=False) escapes
- * it (the text is UTF-8: other arguments were handed to Python). Returns a
- * malloc'd string, or NULL when out of memory. */
+ * as a JSON string, escaped as the envelope's type is (cfn_json_escape: the
+ * text is UTF-8, other arguments were handed to Python). A malloc'd string,
+ * or NULL when out of memory. */
 static char *json_string(const char *text)
 {
     size_t n = strlen(text);
-    char *out = malloc(6 * n + 3), *o = out;
+    char *out = malloc(6 * n + 3);
     if (!out)
         return NULL;
-    *o++ = '"';
-    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
-        switch (*p) {
-        case '"': *o++ = '\\'; *o++ = '"'; break;
-        case '\\': *o++ = '\\'; *o++ = '\\'; break;
-        case '\n': *o++ = '\\'; *o++ = 'n'; break;
-        case '\r': *o++ = '\\'; *o++ = 'r'; break;
-        case '\t': *o++ = '\\'; *o++ = 't'; break;
-        case '\b': *o++ = '\\'; *o++ = 'b'; break;
-        case '\f': *o++ = '\\'; *o++ = 'f'; break;
-        default:
-            if (*p < 0x20)
-                o += sprintf(o, "\\u%04x", *p);
-            else
-                *o++ = (char)*p;
-        }
-    }
-    *o++ = '"';
-    *o = '\0';
+    out[0] = '"';
+    size_t len = 1 + cfn_json_escape(out + 1, text, n);
+    out[len++] = '"';
+    out[len] = '\0';
     return out;
 }
 
