@@ -350,13 +350,20 @@ static int get_size(struct run *r)
     return out_int(r, size);
 }
 
+/* The inbox's size (a scan) and its capacity, as check-capacity and get-utilization read them */
+static int size_and_cap(struct run *r, int64_t *size, int64_t *cap, cfn_err *err)
+{
+    int rc = inbox_size(r, r->call->values[0], size, err);
+    if (!rc && !interrupted)
+        rc = inbox_cap(r, r->call->values[0], cap, err);
+    return rc;
+}
+
 static int check_capacity(struct run *r)
 {
     cfn_err err = {0};
     int64_t size, cap;
-    int rc = inbox_size(r, r->call->values[0], &size, &err);
-    if (!rc && !interrupted)
-        rc = inbox_cap(r, r->call->values[0], &cap, &err);
+    int rc = size_and_cap(r, &size, &cap, &err);
     if (rc || interrupted)
         return fail(r, rc, &err);
     if (size >= cap) {
@@ -371,9 +378,7 @@ static int get_utilization(struct run *r)
 {
     cfn_err err = {0};
     int64_t size, cap;
-    int rc = inbox_size(r, r->call->values[0], &size, &err);
-    if (!rc && !interrupted)
-        rc = inbox_cap(r, r->call->values[0], &cap, &err);
+    int rc = size_and_cap(r, &size, &cap, &err);
     if (rc || interrupted)
         return fail(r, rc, &err);
     return out_int(r, size * 100 / cap);
