@@ -111,8 +111,9 @@ def send_message(from_agent: str, to_agent: str, msg_type: str, payload: "Payloa
     return default_bus().send_message(from_agent, to_agent, msg_type, payload)
 
 
-def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payload: "Payload") -> str:
-    return default_bus().send_with_backpressure(from_agent, to_agent, msg_type, payload)
+def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payload: "Payload", *,
+                           timeout: "Optional[float]" = None) -> str:
+    return default_bus().send_with_backpressure(from_agent, to_agent, msg_type, payload, timeout=timeout)
 
 
 def receive_messages(agent_id: str) -> "list[Message]":

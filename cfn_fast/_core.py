@@ -164,8 +164,9 @@ class SendResult(NamedTuple):
     outbox_copied: bool
 
 
-def new_send_opts(**fields: int) -> Any:
-    opts = ffi.new("cfn_send_opts *")
+def new_send_opts(base: Any = None, **fields: int) -> Any:
+    """Send options: a copy of base (when given) with fields changed."""
+    opts = ffi.new("cfn_send_opts *", base[0]) if base is not None else ffi.new("cfn_send_opts *")
     for name, value in fields.items():
         setattr(opts, name, value)
     return opts
@@ -180,10 +181,13 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
         rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
     if rc:
         exc = error_for(rc, err)
+        if isinstance(exc, E.InboxFull):
+            exc.set_retry_after(res.retry_after_ns / 1e9)
         if isinstance(exc, E.BackpressureTimeout):
             exc.retries = int(res.retries)
             exc.waited_ns = int(res.waited_ns)
             exc.locked = bool(res.locked)
+            exc.deadline = bool(res.deadline)
         raise exc
     return SendResult(
         ffi.string(res.msg_id).decode("ascii"),

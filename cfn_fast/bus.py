@@ -12,6 +12,7 @@ the command line.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Iterable, Optional, Union
 
 from cfn_fast import alerts, storage
@@ -127,21 +128,25 @@ class MessageBus:
         return self.storage.next_sequence(from_agent, to_agent)
 
     def send_with_backpressure(self, from_agent: str, to_agent: str, msg_type: str,
-                               payload: Payload) -> str:
+                               payload: Payload, *, timeout: Optional[float] = None) -> str:
         """Delivers one message, waiting for room while the inbox is full;
-        raises BackpressureTimeout after the last retry."""
-        return self.deliver(from_agent, to_agent, msg_type, payload).msg_id
+        raises BackpressureTimeout after the last retry. ``timeout`` (seconds)
+        bounds the whole call: a wait that cannot end before it is not
+        started, and the error's ``retry_after`` says when room is expected."""
+        return self.deliver(from_agent, to_agent, msg_type, payload, timeout=timeout).msg_id
 
     def deliver(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
-                backpressure: bool = True) -> storage.SendResult:
+                backpressure: bool = True, *, timeout: Optional[float] = None) -> storage.SendResult:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
         waited_ns and outbox_copied."""
+        deadline = _deadline(timeout)
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
-            return self.storage.deliver(from_agent, to_agent, mtype, data, backpressure)
+            return self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline)
         except BackpressureTimeout as e:
-            if backpressure and not e.locked:  # a locked inbox is not an overflow: the error says who holds it
+            # a locked inbox is not an overflow (the error says who holds it), nor is a caller's short deadline
+            if backpressure and not e.locked and not e.deadline:
                 alerts.backpressure_failure(self.storage, from_agent, to_agent, e.retries)
             raise
 
@@ -333,6 +338,15 @@ class MessageBus:
         """Sets the inbox's counter from a directory scan; with force, also
         returns claims of dead consumers and removes stale temporary files."""
         return self.storage.reconcile(agent_id, force)
+
+
+def _deadline(timeout: Optional[float]) -> int:
+    """The CLOCK_MONOTONIC ns (time.monotonic_ns) by which a call with this timeout must end; 0: none."""
+    if timeout is None:
+        return 0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 604_800:
+        raise InvalidArgument(f"timeout must be a number of seconds from 0 to 604800 (7 days), not {timeout!r}")
+    return time.monotonic_ns() + max(1, int(timeout * 1e9))
 
 
 def _max_arg(max_messages: Optional[int]) -> int:

@@ -39,17 +39,33 @@ class InboxNotFound(CfnError, FileNotFoundError):
 
 
 class InboxFull(CfnError, BlockingIOError):
-    """The inbox holds MAX_INBOX_SIZE messages; a plain send never evicts."""
+    """The inbox holds MAX_INBOX_SIZE messages; a plain send never evicts.
+    ``retry_after`` is when a place is expected, in seconds: from the inbox's
+    drain over the last second, or the base retry wait when nothing drained
+    in it."""
+
+    retry_after: float = 0.0
+
+    def set_retry_after(self, seconds: float) -> None:
+        """Sets retry_after and says it at the end of the message (the one
+        line the command line prints)."""
+        if seconds > 0:
+            self.retry_after = seconds
+            self.args = (f"{self.args[0] if self.args else ''}; retry after {seconds:.3g} s",)
 
 
 class BackpressureTimeout(InboxFull, TimeoutError):
-    """send_with_backpressure gave up: the inbox stayed full through every retry.
+    """send_with_backpressure gave up: the inbox stayed full through every retry,
+    or it could not have room before the call's deadline (``timeout=``).
     ``retries`` and ``waited_ns`` say how long it tried; ``locked`` is True when
-    its budget ran out waiting for the inbox's lock rather than for room."""
+    its budget ran out waiting for the inbox's lock rather than for room (then
+    ``retry_after`` is 0: nothing is known of when the lock goes); ``deadline``
+    is True when the call's ``timeout`` ended it rather than its retries."""
 
     retries: int = 0
     waited_ns: int = 0
     locked: bool = False
+    deadline: bool = False  # the call's own timeout ended it, not its retries or budget
 
 
 class InboxLocked(CfnError, TimeoutError):

@@ -52,6 +52,39 @@ local function recover(now)
   if n > 0 then redis.call('HINCRBY', KI, 'recovered', n) end
   return n
 end
+-- Places freed per second (server clock), the current second and the one
+-- before, in the meta hash ('dr0', 'dr1': "<second>:<places>"): retry_after.
+local function drained(n, now)
+  if n <= 0 then return end
+  local sec = math.floor(now / 1000)
+  local f = 'dr' .. (sec % 2)
+  local v = redis.call('HGET', KI, f)
+  local c = 0
+  if v then
+    local bar = string.find(v, ':', 1, true)
+    if tonumber(string.sub(v, 1, bar - 1)) == sec then c = tonumber(string.sub(v, bar + 1)) end
+  end
+  redis.call('HSET', KI, f, sec .. ':' .. (c + n))
+end
+-- When `need` more places will have been freed at the drain rate of the last
+-- second, in ms from now; -1 when nothing drained in it.
+local function eta_ms(need, now)
+  if need <= 0 then return 0 end
+  local sec = math.floor(now / 1000)
+  local rate = 0
+  for back = 0, 1 do
+    local v = redis.call('HGET', KI, 'dr' .. ((sec - back) % 2))
+    if v then
+      local bar = string.find(v, ':', 1, true)
+      if tonumber(string.sub(v, 1, bar - 1)) == sec - back then
+        local c = tonumber(string.sub(v, bar + 1))
+        if back == 0 then rate = rate + c else rate = rate + c * (1000 - now % 1000) / 1000 end
+      end
+    end
+  end
+  if rate <= 0 then return -1 end
+  return math.floor(need * 1000 / rate)
+end
 -- Hands free places to waiting senders, first come first served: each gets a
 -- reservation (so no newcomer takes its place) and a push on its wake list.
 local function dispatch(now, ttl)
@@ -88,7 +121,7 @@ end
 # ARGV: sender, recipient, escaped type, payload, token, own capacity,
 #       backpressure (0/1), final (0/1), waiter deadline (ms from now),
 #       reservation ttl (ms), metric lines per event (0/1)
-# -> {0, msg_id, seq, ts} delivered | {1, cap} full | {2} no inbox
+# -> {0, msg_id, seq, ts} delivered | {1, cap, eta ms or -1} full | {2} no inbox
 DELIVER = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {2} end
 local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
@@ -121,7 +154,8 @@ if not ok then
       redis.call('RPUSH', KW, tok)
     end
   end
-  return {1, cap}
+  local ahead = held() + tonumber(redis.call('HGET', KI, 'resv') or '0') - cap + 1
+  return {1, cap, eta_ms(ahead + redis.call('LLEN', KW), now)}
 end
 if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
 local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
@@ -277,7 +311,9 @@ if n > 0 then
       redis.call('ZREM', KL, me)
     end
   end
-  dispatch(now_ms(), ttl)
+  local now = now_ms()
+  drained(n, now)
+  dispatch(now, ttl)
 end
 return out
 """

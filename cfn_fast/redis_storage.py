@@ -390,7 +390,8 @@ class RedisStorage:
         keys = self._ikeys(self._agent(to, "recipient"))
         return int(self._do(self._c().hincrby, keys[_INBOX.index(b"s")], sender, 1))
 
-    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
+                deadline_ns: int = 0) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
         keys = self._ikeys(to)
         cap = self.config.max_inbox_size
@@ -398,19 +399,26 @@ class RedisStorage:
         if not backpressure:
             r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok])
             if r[0] == 1:
-                raise InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
+                e = InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
+                e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
+                raise e
             if r[0] == 2:
                 raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
             copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
             return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied)
-        return self._deliver_waiting(sender, to, etype, data, keys, tok)
+        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns)
+
+    def _retry_after_ns(self, eta_ms: int) -> int:
+        """The server's estimate of when room comes, or (nothing drained in the
+        last second) the base retry wait, as the C core says it."""
+        return eta_ms * 1_000_000 if eta_ms >= 0 else self._next_wait(0, 0, 0, fixed=True)[0]
 
     def _deliver_waiting(self, sender: str, to: str, etype: bytes, data: bytes, keys: list[bytes],
-                         tok: str) -> SendResult:
+                         tok: str, deadline_ns: int) -> SendResult:
         """send_with_backpressure: the C loop's rules (retries, backoff, total
-        budget), waiting on the server: a full inbox queues this sender's
-        token, and a consumer that frees a place hands it to the first in the
-        queue and pushes on its wake list, which this sender BLPOPs."""
+        budget, deadline), waiting on the server: a full inbox queues this
+        sender's token, and a consumer that frees a place hands it to the first
+        in the queue and pushes on its wake list, which this sender BLPOPs."""
         cfg = self.config
         cap = cfg.max_inbox_size
         ml = 1 if self._metric_on() else 0
@@ -418,24 +426,41 @@ class RedisStorage:
         retries = wakeups = waited = prev = 0
         wake = keys[0][:-1] + b"k:" + tok.encode()
         margin = 2 * cfg.redis_timeout_ms + 1000
+        doomed = ""  # why this send gives up at its next (final) step, when it must
         while True:
             left = self._budget_ns - waited
-            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0)
+            now = time.monotonic_ns()
+            if deadline_ns and now >= deadline_ns and not doomed:
+                doomed = f"inbox of '{to}' stayed full until the send's deadline ({(now - start) // 1_000_000} ms, " \
+                         f"{retries} retries)"
+            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed)
+            wait_left = left if not deadline_ns else min(left, deadline_ns - now)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
-                                            max(0, left) // 1_000_000 + margin, self._ttl, ml, tok])
+                                            max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok])
             if r[0] == 0:
                 self._bp_metric("backpressure.send.success", sender, to, "retries", retries)
                 copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
                 return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied)
             if r[0] == 2:
                 raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+            eta = int(r[2]) * 1_000_000 if int(r[2]) >= 0 else -1
             if final:
                 self._bp_metric("backpressure.send.failure", sender, to, "retries", retries)
-                e = BackpressureTimeout(f"inbox of '{to}' stayed full after {retries} retries "
+                e = BackpressureTimeout(doomed or f"inbox of '{to}' stayed full after {retries} retries "
                                         f"({(time.monotonic_ns() - start) // 1_000_000} ms)")
-                e.retries, e.waited_ns = retries, waited
+                e.retries, e.waited_ns, e.deadline = retries, waited, bool(doomed)
+                e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
                 raise e
             w, prev = self._next_wait(retries, prev, left if self._timed else 0)
+            if deadline_ns:
+                # a wait that cannot end before the deadline is not started (the C loop's rule)
+                dl_left = deadline_ns - time.monotonic_ns()
+                expect = eta if eta >= 0 else w
+                if expect > dl_left:
+                    doomed = (f"inbox of '{to}' cannot have room before the send's deadline (room expected in "
+                              f"{expect // 1_000_000} ms, {max(0, dl_left) // 1_000_000} ms left)")
+                    continue
+                w = min(w, dl_left)
             self._bp_metric("backpressure.wait", sender, to, "retry", retries + wakeups + 1)
             if w <= 0:
                 retries += 1  # BACKPRESSURE_WAIT_MS=0: retry at once, as the original
@@ -447,7 +472,7 @@ class RedisStorage:
             else:
                 retries += 1
 
-    def _next_wait(self, retries: int, prev: int, left: int) -> tuple[int, int]:
+    def _next_wait(self, retries: int, prev: int, left: int, fixed: bool = False) -> tuple[int, int]:
         """The next wait in ns and the new ``prev`` (the C core's next_wait_ns)."""
         cfg = self.config
         base_ms = cfg.backpressure_wait_ms
@@ -456,7 +481,9 @@ class RedisStorage:
                 storage.rate_fresh(rs, int(cfg.rate_limit_check_interval * 3000), time.time_ns()):
             base_ms = rs.wait_ms
         base = w = base_ms * 1_000_000
-        if cfg.backpressure_backoff == "exponential":
+        if fixed:
+            pass
+        elif cfg.backpressure_backoff == "exponential":
             w = base << min(retries, 40)
         elif cfg.backpressure_backoff == "decorrelated" and base > 0:
             hi = min(prev * 3 if prev > 0 else base, base * 32)

@@ -109,7 +109,8 @@ class Storage(Protocol):
     def has_inbox(self, agent: str) -> bool: ...
     def has_agent(self, agent: str) -> bool: ...  # an inbox, or anything else kept for the agent
     # sending, counting
-    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult: ...
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
+                deadline_ns: int = 0) -> SendResult: ...
     def next_sequence(self, sender: str, to: str) -> int: ...
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
                      backpressure: bool) -> list[Union[SendResult, CfnError]]: ...
@@ -281,9 +282,13 @@ class FileStorage:
                 out.append(e)
         return out
 
-    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
+                deadline_ns: int = 0) -> SendResult:
+        """One send; deadline_ns (CLOCK_MONOTONIC, as time.monotonic_ns) bounds the whole call."""
         s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
         opts = self._backpressure if backpressure else self._plain
+        if deadline_ns:
+            opts = _core.new_send_opts(opts, deadline_ns=deadline_ns)
         return _core.send(self._need(to), s, t, mtype, payload, opts)
 
     def next_sequence(self, sender: str, to: str) -> int:

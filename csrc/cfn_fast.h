@@ -38,7 +38,7 @@ enum {
     CFN_SLOTS = 16384,       /* inbox slots in one state file */
     CFN_COUNTERS = 64,       /* shared event counters */
     CFN_COOLDOWNS = 1024,    /* shared alert cooldown entries */
-    CFN_LAYOUT_VERSION = 2,
+    CFN_LAYOUT_VERSION = 3,
     CFN_JSON_INT_DIGITS = 4300,  /* longest integer a payload may hold (Python's int limit) */
     CFN_JSON_PAYLOAD_DEPTH = 256,/* deepest nesting of a payload */
     CFN_JSON_FILE_DEPTH = 257    /* a message file: the payload inside its envelope */
@@ -115,6 +115,7 @@ typedef struct {
     uint32_t file_mode;             /* mode of message files (0600) */
     uint32_t dir_mode;              /* mode of created folders (0700) */
     int64_t outbox_max;             /* OUTBOX_MAX: copies kept in the outbox; 0 unbounded */
+    int64_t deadline_ns;            /* CLOCK_MONOTONIC time the whole call must end by; 0: none */
 } cfn_send_opts;
 
 typedef struct {
@@ -126,6 +127,11 @@ typedef struct {
     int64_t waited_ns;              /* time spent waiting in total */
     int32_t outbox_copied;          /* 1 when the sender's outbox got a copy */
     int32_t locked;                 /* 1 when the send failed waiting for a lock, not for room */
+    int32_t deadline;               /* 1 when the call's own deadline ended it, not its retries */
+    int32_t pad_;
+    int64_t retry_after_ns;         /* refused for want of room: when a place is expected, from the
+                                     * inbox's drain over the last second (the base retry wait
+                                     * when nothing drained in it); else 0 */
 } cfn_send_result;
 
 typedef struct {

@@ -542,6 +542,7 @@ int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names
     cfn_slot_sub(s, done);
     cfn_gate_release(e);
     if (done) {
+        cfn_drain_add(s, done, cfn_mono_ns());
         cfn_slot_wake(s, (int)(done > INT32_MAX ? INT32_MAX : done));
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_CONSUMED, done);
     }

@@ -26,7 +26,7 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2, "32-bit atomics must be lock-free in s
 #define CFN_HEADER_SIZE 4096
 #define CFN_COOLDOWN_OFF 4096
 #define CFN_SLOTS_OFF 32768
-#define CFN_SLOT_SIZE 256
+#define CFN_SLOT_SIZE 512
 #define CFN_TMPFS_DIRENT 20              /* tmpfs adds this to a folder's size per entry */
 #define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 
@@ -55,6 +55,11 @@ struct cfn_slot {
     _Atomic int64_t scan_dirsize;   /* the folder's st_size then (tmpfs: 20 bytes an entry) */
     _Atomic int64_t reserved[2];
     char agent[136];
+    /* ---- flow control (flow.c): the second half of the slot, layout 3 ---- */
+    /* places freed (taken or acked) per second of CLOCK_MONOTONIC, the current
+     * second and the one before: second << 40 | places. retry_after comes from it. */
+    _Atomic uint64_t drain[2];
+    _Atomic int64_t flow_reserved[30];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
 
@@ -266,6 +271,11 @@ void cfn_region_rate_publish(struct cfn_region *r, const cfn_rate_settings *s);
 void cfn_region_rate_read(struct cfn_region *r, cfn_rate_settings *out);
 int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_len, int64_t now_ns,
                             int64_t cooldown_ns);
+
+/* flow.c: flow control in the slot */
+void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
+int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
+int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);
 
 /* bus.c: the handle, calls in flight, the consumer identity, the folder caches */
 void cfn_bus_fork_check(cfn_bus *bus);

@@ -41,8 +41,8 @@ static int opts_check(const cfn_send_opts *o, cfn_err *err)
                         (long long)CFN_PAYLOAD_MAX, o->max_payload);
     if (o->backoff < CFN_BACKOFF_FIXED || o->backoff > CFN_BACKOFF_DECORRELATED)
         return cfn_fail(err, CFN_E_BADARG, "unknown backoff %d", (int)o->backoff);
-    if (o->outbox_max < 0 || o->stale_after_ms < 0)
-        return cfn_fail(err, CFN_E_BADARG, "outbox limit and staleness must not be negative");
+    if (o->outbox_max < 0 || o->stale_after_ms < 0 || o->deadline_ns < 0)
+        return cfn_fail(err, CFN_E_BADARG, "outbox limit, staleness and deadline must not be negative");
     return 0;
 }
 
@@ -572,6 +572,16 @@ static int64_t next_wait_ns(cfn_bus *bus, const cfn_send_opts *o, int64_t retrie
     return w < left ? w : left;
 }
 
+/* The base retry wait in ns, as the next wait would start from (no backoff):
+ * the retry_after of a full inbox that drained nothing in the last second. */
+static int64_t retry_wait_ns(cfn_bus *bus, const cfn_send_opts *o)
+{
+    int64_t prev = 0;
+    cfn_send_opts base = *o;
+    base.backoff = CFN_BACKOFF_FIXED;
+    return next_wait_ns(bus, &base, 0, &prev, INT64_MAX);
+}
+
 int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type, size_t type_len,
                 const char *payload, size_t payload_len, const cfn_send_opts *o, cfn_send_result *res,
                 cfn_err *err)
@@ -623,6 +633,8 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         int64_t lock_deadline = cfn_deadline(bus->lock_timeout_ms);
         if (backpressure && timed && t0 + (budget_ns - res->waited_ns) < lock_deadline)
             lock_deadline = cfn_add_sat(t0, budget_ns - res->waited_ns);
+        if (o->deadline_ns > 0 && o->deadline_ns < lock_deadline)
+            lock_deadline = o->deadline_ns;
         bool healed = t0 - last_heal < heal_every ||
                       cfn_now_ns() - atomic_load(&s->reconcile_ns) < heal_every;
         rc = try_send(bus, ef, et, &m, o, lock_deadline, healed, res, err);
@@ -643,31 +655,61 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             res->waited_ns += cfn_mono_ns() - t0;
             res->locked = 1;
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_LOCK_TIMEOUTS, 1);
-            if (backpressure && timed && res->waited_ns >= budget_ns) {
+            bool past_deadline = o->deadline_ns > 0 && cfn_mono_ns() >= o->deadline_ns;
+            if ((backpressure && timed && res->waited_ns >= budget_ns) || past_deadline) {
                 char why[sizeof err->what] = "";
                 if (err)
                     memcpy(why, err->what, sizeof why);
-                rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's wait budget (%" PRId64 " ms) ran out waiting for a "
-                              "lock: %s", budget_ns / 1000000, why);
+                res->deadline = past_deadline;
+                if (past_deadline)
+                    rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's deadline passed waiting for a lock: %s", why);
+                else
+                    rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's wait budget (%" PRId64 " ms) ran out waiting "
+                                  "for a lock: %s", budget_ns / 1000000, why);
             }
             break;
         }
         if (rc != CFN_E_FULL)
             break;
         last_heal = healed ? last_heal : t0;
+        int64_t cap = cfn_capacity_for(s, o->capacity);
+        int64_t now = cfn_mono_ns();
+        int64_t eta = cfn_eta_ns(s, atomic_load(&s->count) - cap + 1, now);
+        res->retry_after_ns = eta >= 0 ? eta : retry_wait_ns(bus, o);
         if (!backpressure) {
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_SEND_FULL, 1);
-            rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to,
-                          cfn_capacity_for(s, o->capacity));
+            rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to, cap);
             break;
         }
         int64_t left = budget_ns - res->waited_ns;
+        int64_t dl_left = o->deadline_ns > 0 ? o->deadline_ns - now : INT64_MAX;
         if (res->retries >= o->max_retries || (timed && left <= 0)) {
             rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed full after %" PRId64 " retries (%" PRId64 " ms)",
-                          to, res->retries, (cfn_mono_ns() - start) / 1000000);
+                          to, res->retries, (now - start) / 1000000);
+            break;
+        }
+        if (dl_left <= 0) {
+            res->deadline = 1;
+            rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed full until the send's deadline (%" PRId64
+                          " ms, %" PRId64 " retries)", to, (now - start) / 1000000, res->retries);
             break;
         }
         int64_t w = next_wait_ns(bus, o, res->retries, &prev_ns, timed ? left : 0);
+        if (o->deadline_ns > 0) {
+            /* A wait that cannot end before the deadline is not started: room is
+             * expected when the drain rate says (or, with no drain in the last
+             * second, at the end of the next retry wait). */
+            int64_t expect = eta >= 0 ? eta : w;
+            if (expect > dl_left) {
+                res->deadline = 1;
+                rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' cannot have room before the send's deadline "
+                              "(room expected in %" PRId64 " ms, %" PRId64 " ms left)", to, expect / 1000000,
+                              dl_left / 1000000);
+                break;
+            }
+            if (w > dl_left)
+                w = dl_left;
+        }
         /* every wait is a backpressure event, whether a timeout or a consumer ends it */
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_BP_WAIT, 1);
         emit_bp_metric(bus, "backpressure.wait", from, to, "retry", res->retries + res->wakeups + 1);
@@ -708,6 +750,8 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             break;
         }
     }
+    if (rc != CFN_E_FULL && !(rc == CFN_E_TIMEOUT && !res->locked))
+        res->retry_after_ns = 0;  /* said only of a send refused for want of room */
     struct cfn_region *r = cfn_reg(bus);
     if (backpressure && rc == 0) {
         cfn_region_counter_add(r, CFN_CTR_BP_SUCCESS, 1);
