@@ -33,6 +33,7 @@ _CODES: dict[int, type[E.CfnError]] = {
     lib.CFN_E_UNSAFE: E.UnsafePath,
     lib.CFN_E_LOCKED: E.InboxLocked,
     lib.CFN_E_CLOSED: E.BusClosed,
+    lib.CFN_E_CIRCUIT: E.CircuitOpen,
 }
 
 _EINTR = -_errno.EINTR
@@ -162,6 +163,7 @@ class SendResult(NamedTuple):
     wakeups: int
     waited_ns: int
     outbox_copied: bool
+    circuit: int = 0  # 2: this send closed the recipient's half-open circuit
 
 
 def new_send_opts(base: Any = None, **fields: int) -> Any:
@@ -181,6 +183,7 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
         rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
     if rc:
         exc = error_for(rc, err)
+        exc.circuit = int(res.circuit)
         if isinstance(exc, E.InboxFull):
             exc.set_retry_after(res.retry_after_ns / 1e9)
         if isinstance(exc, E.BackpressureTimeout):
@@ -197,6 +200,7 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
         res.wakeups,
         res.waited_ns,
         bool(res.outbox_copied),
+        res.circuit,
     )
 
 
@@ -222,6 +226,31 @@ def _resume_after_signal(h: Handle, sender: bytes, to: bytes, mtype: bytes, payl
     res.retries += retries
     res.waited_ns += waited
     return rc
+
+
+class CircuitInfo(NamedTuple):
+    state: str          # "closed", "open" or "half-open"
+    failures: int       # closed: failed sends in a row
+    probes: int         # half-open: probes admitted in this round
+    probe_limit: int    # half-open: probes the round admits
+    retry_after: float  # open: seconds until probes go; half-open: until the round ends
+    rejected: int       # sends refused while open
+
+
+CIRCUIT_STATES = {lib.CFN_CIRCUIT_CLOSED: "closed", lib.CFN_CIRCUIT_OPEN: "open",
+                  lib.CFN_CIRCUIT_HALF_OPEN: "half-open"}
+
+
+def circuit_get(h: Handle, agent: bytes) -> CircuitInfo:
+    out = ffi.new("cfn_circuit_info *")
+    _checked(lib.cfn_circuit_get, h, agent, out)
+    return CircuitInfo(CIRCUIT_STATES.get(out.state, "closed"), out.failures, out.probes, out.probe_limit,
+                       out.retry_after_ns / 1e9, out.rejected)
+
+
+def circuit_reset(h: Handle, agent: bytes) -> str:
+    """Closes the circuit; the state it had."""
+    return CIRCUIT_STATES.get(_checked(lib.cfn_circuit_reset, h, agent), "closed")
 
 
 def _checked(fn: Any, *args: Any) -> int:
@@ -518,4 +547,7 @@ COUNTERS: dict[str, int] = {
     "state_reattached": lib.CFN_CTR_STATE_REATTACHED,
     "slots_freed": lib.CFN_CTR_SLOTS_FREED,
     "outbox_pruned": lib.CFN_CTR_OUTBOX_PRUNED,
+    "circuit_opened": lib.CFN_CTR_CIRCUIT_OPENED,
+    "circuit_closed": lib.CFN_CTR_CIRCUIT_CLOSED,
+    "circuit_rejected": lib.CFN_CTR_CIRCUIT_REJECTED,
 }

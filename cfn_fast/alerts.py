@@ -146,6 +146,22 @@ def backpressure_failure(store: Storage, from_agent: str, to_agent: str, retries
         return False
 
 
+def circuit_opened(store: Storage, from_agent: str, to_agent: str, why: str) -> bool:
+    """The circuit_open alert (critical): sends to the inbox now fail at once. Never raises."""
+    cfg = store.config
+    return quietly(store, "circuit_open",
+                   f"Circuit of {to_agent} opened ({why}, last by {from_agent}): sends to it fail at once for "
+                   f"{cfg.breaker_cooldown_ms} ms, then {cfg.breaker_probes} probe(s) go",
+                   "critical", {"agent": to_agent, "from": from_agent, "why": why,
+                                "cooldown_ms": cfg.breaker_cooldown_ms, "probes": cfg.breaker_probes})
+
+
+def circuit_closed(store: Storage, agent: str, why: str) -> bool:
+    """The circuit_closed alert (info): the inbox takes sends again. Never raises."""
+    return quietly(store, "circuit_closed", f"Circuit of {agent} closed ({why}): it takes sends again",
+                   "info", {"agent": agent, "why": why})
+
+
 def quietly(store: Storage, alert_type: str, message: str, severity: str, metadata: Mapping[str, Any]) -> bool:
     """emit, for a caller that is already reporting something else: a failure
     to alert is dropped, never raised over it."""
@@ -209,4 +225,4 @@ def summary(store: Storage, minutes: Optional[float] = None) -> dict[str, Any]:
     }
 
 
-__all__ = ["SEVERITIES", "backpressure_failure", "emit", "quietly", "summary"]
+__all__ = ["SEVERITIES", "backpressure_failure", "circuit_closed", "circuit_opened", "emit", "quietly", "summary"]

@@ -104,9 +104,9 @@ class MessageBus:
         self.storage.remove_agent(agent_id)
 
     def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
-        """Delivers one message; raises InboxFull at once when the inbox is full."""
-        return self.storage.deliver(from_agent, to_agent, encode_type(msg_type), self._payload(payload),
-                                    False).msg_id
+        """Delivers one message; raises InboxFull at once when the inbox is full
+        (CircuitOpen when its circuit is)."""
+        return self.deliver(from_agent, to_agent, msg_type, payload, False).msg_id
 
     def _payload(self, payload: Payload) -> bytes:
         """The payload's JSON text; with CFN_TEXT_PAYLOADS=1 (the drop-in's
@@ -140,15 +140,38 @@ class MessageBus:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
         waited_ns and outbox_copied."""
-        deadline = _deadline(timeout)
+        deadline = _deadline(timeout) if timeout is not None else 0
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
-            return self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline)
-        except BackpressureTimeout as e:
-            # a locked inbox is not an overflow (the error says who holds it), nor is a caller's short deadline
-            if backpressure and not e.locked and not e.deadline:
-                alerts.backpressure_failure(self.storage, from_agent, to_agent, e.retries)
+            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline)
+        except CfnError as e:
+            self._on_failed_send(from_agent, to_agent, e, backpressure)
             raise
+        if res.circuit:
+            alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
+        return res
+
+    def _on_failed_send(self, from_agent: str, to_agent: str, e: CfnError, backpressure: bool) -> None:
+        # a locked inbox is not an overflow (the error says who holds it), nor is a caller's short deadline
+        if backpressure and type(e) is BackpressureTimeout and not e.locked and not e.deadline:
+            alerts.backpressure_failure(self.storage, from_agent, to_agent, e.retries)
+        if e.circuit:
+            alerts.circuit_opened(self.storage, from_agent, to_agent, f"{type(e).__name__}: {e}")
+
+    def circuit_status(self, agent_id: str) -> storage.CircuitInfo:
+        """The inbox's circuit breaker, as every process sees it: state
+        ("closed", "open", "half-open"), failures in a row, probes, retry_after
+        (seconds until probes go, or until the half-open round ends) and the
+        sends it refused."""
+        return self.storage.circuit(agent_id)
+
+    def reset_circuit(self, agent_id: str) -> str:
+        """Closes the inbox's circuit at once, for every process; returns the
+        state it had (a circuit_closed alert says so when it was not closed)."""
+        was = self.storage.circuit_reset(agent_id)
+        if was != "closed":
+            alerts.circuit_closed(self.storage, agent_id, f"reset by an operator; it was {was}")
+        return was
 
     def send_batch(self, from_agent: str, to_agent: str, msg_type: str, payloads: Iterable[Payload],
                    backpressure: bool = True) -> list[Union[str, CfnError]]:
@@ -169,10 +192,11 @@ class MessageBus:
         out: list[Union[str, CfnError]] = [early.get(i, CfnError("not sent")) for i in range(len(data))]
         for i, r in zip(keep, got):
             if isinstance(r, CfnError):
-                if backpressure and isinstance(r, BackpressureTimeout) and not r.locked:
-                    alerts.backpressure_failure(self.storage, from_agent, to_agent, r.retries)
+                self._on_failed_send(from_agent, to_agent, r, backpressure)
                 out[i] = r
             else:
+                if r.circuit:
+                    alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
                 out[i] = r.msg_id
         return out
 

@@ -70,6 +70,7 @@ GROUPS: dict[str, str] = {
     "bus": "The message bus: inboxes, sending and receiving (message-bus.sh).",
     "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh).",
     "alerts": "Alerts: JSONL lines in ALERT_LOG_FILE, with a shared cooldown (alerting.sh).",
+    "circuit": "Circuit breakers: each inbox's, shared by every process that sends to it.",
 }
 
 _AGENT = Param("agent", "the agent id (letters, digits, '.', '_' and '-')", "agent")
@@ -210,6 +211,18 @@ COMMANDS: tuple[Command, ...] = (
     Command(("alerts", "clear-old"), "clear_old_alerts",
             "Keep only the alerts of the last HOURS hours in the alert log.",
             (Param("hours", "keep this many hours", "count", False, 24, option=True),), handler=h.alerts_clear_old),
+)
+
+# -- flow control ------------------------------------------------------------------
+COMMANDS += (
+    Command(("circuit", "status"), "circuit_status",
+            "Print an inbox's circuit breaker as JSON; exit 0 when closed, 1 when open or half-open.\n\n"
+            "With no agent, a JSON array of every inbox's. Sends to an open circuit fail at once with "
+            "CircuitOpen, without touching the inbox, until its cooldown ends and probes go.",
+            (Param("agent", "only this agent's inbox", "agent", False),), handler=h.circuit_status),
+    Command(("circuit", "reset"), "reset_circuit",
+            "Close an inbox's circuit now, for every process (a circuit_closed alert says so).",
+            (_AGENT,), handler=h.circuit_reset),
 )
 
 BY_PATH: dict[tuple[str, ...], Command] = {c.path: c for c in COMMANDS}

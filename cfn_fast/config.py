@@ -123,6 +123,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("claim_timeout_ms", "CFN_CLAIM_TIMEOUT_MS", 30000, "int", 100, 86_400_000,
             "Redis backend: claims of a consumer that stopped renewing them (dead, or paused) return to the "
             "inbox after this many ms; 100 to 86400000 (a day)"),
+    # flow control (README: Flow control)
+    Setting("breaker_failures", "CFN_BREAKER_FAILURES", 5, "int", 0, 1000,
+            "failed sends in a row to one inbox that open its circuit (sends then fail at once with "
+            "CircuitOpen), 0 meaning never by count; 0 to 1000"),
+    Setting("breaker_failure_rate", "CFN_BREAKER_FAILURE_RATE", 0, "int", 0, 100,
+            "share of failed sends (%) over CFN_BREAKER_WINDOW_MS that opens an inbox's circuit, 0 meaning "
+            "never by rate; 0 to 100"),
+    Setting("breaker_window_ms", "CFN_BREAKER_WINDOW_MS", 10000, "int", 100, 3_600_000,
+            "the sliding window of the failure rate, ms; 100 to 3600000 (an hour)"),
+    Setting("breaker_min_calls", "CFN_BREAKER_MIN_CALLS", 10, "int", 1, 1_000_000,
+            "sends in the window before the failure rate counts; 1 to 1000000"),
+    Setting("breaker_cooldown_ms", "CFN_BREAKER_COOLDOWN_MS", 5000, "int", 1, 3_600_000,
+            "an opened circuit refuses sends this long, then lets probe sends through; 1 to 3600000 (an hour)"),
+    Setting("breaker_probes", "CFN_BREAKER_PROBES", 1, "int", 1, 63,
+            "probe sends a half-open circuit lets through: one success closes it, one failure opens it "
+            "again; 1 to 63"),
 )
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -362,6 +378,12 @@ class Config:
     redis_password: Optional[str]
     redis_timeout_ms: int
     claim_timeout_ms: int
+    breaker_failures: int
+    breaker_failure_rate: int
+    breaker_window_ms: int
+    breaker_min_calls: int
+    breaker_cooldown_ms: int
+    breaker_probes: int
     _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:

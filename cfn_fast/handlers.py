@@ -423,6 +423,28 @@ def alerts_clear_old(hours: int) -> int:
     return EXIT_OK
 
 
+def _circuit_json(agent: str, c: Any) -> dict[str, Any]:
+    return {"agent": agent, "state": c.state, "failures": c.failures, "probes": c.probes,
+            "probe_limit": c.probe_limit, "retry_after": round(c.retry_after, 3), "rejected": c.rejected}
+
+
+def circuit_status(agent: Optional[str]) -> int:
+    with new_bus() as bus:
+        if agent is not None:
+            c = bus.circuit_status(agent)
+            out(_dump(_circuit_json(agent, c)))
+            return EXIT_OK if c.state == "closed" else EXIT_NO
+        out(_dump([_circuit_json(a, bus.circuit_status(a)) for a in bus.list_agents()]))
+    return EXIT_OK
+
+
+def circuit_reset(agent: str) -> int:
+    with new_bus() as bus:
+        was = bus.reset_circuit(agent)
+    log("CIRCUIT", f"Circuit of {agent} reset to closed (it was {was})")
+    return EXIT_OK
+
+
 def bus_next_sequence(sender: str, recipient: str) -> int:
     with new_bus() as bus:
         out(str(bus.get_next_sequence(sender, recipient)))

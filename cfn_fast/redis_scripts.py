@@ -85,6 +85,89 @@ local function eta_ms(need, now)
   if rate <= 0 then return -1 end
   return math.floor(need * 1000 / rate)
 end
+-- The circuit breaker (the file backend's slot word, as fields of the meta
+-- hash): cbs state (0 closed, 1 open, 2 half-open), cbf failures in a row, cbu
+-- until (ms: open, when probes may go; half-open, when the round must have
+-- reported), cbk probe limit, cbp probes admitted; circuit_rejected (and
+-- circuit_opened, circuit_closed) its share of the shared counters; cbw0 and
+-- cbw1 the failure rate's window buckets ("<index>:<calls>:<failures>").
+-- cfg: the sender's settings, "failures,rate %,window ms,min calls,cooldown ms,probes".
+local function cb_cfg(text)
+  local t = {}
+  for x in string.gmatch(text, '[^,]+') do t[#t + 1] = tonumber(x) end
+  return t
+end
+-- 0 admitted, 1 admitted as a probe, or -(ms until it admits) refused.
+local function cb_admit(now, cfg)
+  local m = redis.call('HMGET', KI, 'cbs', 'cbu', 'cbk', 'cbp')
+  local st = tonumber(m[1] or '0')
+  if st ~= 1 and st ~= 2 then return 0 end
+  local left = tonumber(m[2] or '0') - now
+  if left > 3601000 then left = 0 end
+  local limit = tonumber(m[3] or '0')
+  if limit < 1 then limit = cfg[6] end
+  if st == 2 and left > 0 and tonumber(m[4] or '0') < limit then
+    redis.call('HINCRBY', KI, 'cbp', 1)
+    return 1
+  end
+  if left <= 0 then
+    redis.call('HSET', KI, 'cbs', 2, 'cbp', 1, 'cbk', limit, 'cbu', now + cfg[5])
+    return 1
+  end
+  redis.call('HINCRBY', KI, 'circuit_rejected', 1)
+  return -left
+end
+local function cb_window(failed, now, cfg)
+  local win = cfg[3]
+  local idx = math.floor(now / win)
+  local f = 'cbw' .. (idx % 2)
+  local calls, fails = 0, 0
+  local v = redis.call('HGET', KI, f)
+  if v then
+    local a, b, c = string.match(v, '^(%d+):(%d+):(%d+)$')
+    if tonumber(a) == idx then calls, fails = tonumber(b), tonumber(c) end
+  end
+  calls = calls + 1
+  if failed then fails = fails + 1 end
+  redis.call('HSET', KI, f, idx .. ':' .. calls .. ':' .. fails)
+  if not failed then return false end
+  local pcalls, pfails = 0, 0
+  local pv = redis.call('HGET', KI, 'cbw' .. ((idx - 1) % 2))
+  if pv then
+    local a, b, c = string.match(pv, '^(%d+):(%d+):(%d+)$')
+    if tonumber(a) == idx - 1 then
+      local share = (win - now % win) / win
+      pcalls, pfails = tonumber(b) * share, tonumber(c) * share
+    end
+  end
+  calls, fails = calls + pcalls, fails + pfails
+  return calls >= cfg[4] and fails * 100 >= cfg[2] * calls
+end
+-- What a finished send tells the circuit: 1 it opened it, 2 it closed it, else 0.
+local function cb_record(failed, now, cfg)
+  local rate = false
+  if cfg[2] > 0 then rate = cb_window(failed, now, cfg) end
+  local m = redis.call('HMGET', KI, 'cbs', 'cbf')
+  local st = tonumber(m[1] or '0')
+  if not failed then
+    if st == 2 then
+      redis.call('HSET', KI, 'cbs', 0, 'cbf', 0)
+      redis.call('HINCRBY', KI, 'circuit_closed', 1)
+      return 2
+    end
+    if st ~= 1 and tonumber(m[2] or '0') > 0 then redis.call('HSET', KI, 'cbf', 0) end
+    return 0
+  end
+  if st == 1 then return 0 end
+  local f = 0
+  if st ~= 2 then f = redis.call('HINCRBY', KI, 'cbf', 1) end
+  if st == 2 or (cfg[1] > 0 and f >= cfg[1]) or rate then
+    redis.call('HSET', KI, 'cbs', 1, 'cbf', 0, 'cbu', now + cfg[5], 'cbk', cfg[6], 'cbp', 0)
+    redis.call('HINCRBY', KI, 'circuit_opened', 1)
+    return 1
+  end
+  return 0
+end
 -- Hands free places to waiting senders, first come first served: each gets a
 -- reservation (so no newcomer takes its place) and a push on its wake list.
 local function dispatch(now, ttl)
@@ -120,15 +203,23 @@ end
 
 # ARGV: sender, recipient, escaped type, payload, token, own capacity,
 #       backpressure (0/1), final (0/1), waiter deadline (ms from now),
-#       reservation ttl (ms), metric lines per event (0/1)
-# -> {0, msg_id, seq, ts} delivered | {1, cap, eta ms or -1} full | {2} no inbox
+#       reservation ttl (ms), metric lines per event (0/1), id hex,
+#       breaker settings (cb_cfg), admitted already (0/1: an earlier step of
+#       this send passed the circuit), a final failure counts (0/1)
+# -> {0, msg_id, seq, ts, circuit} delivered | {1, cap, eta ms or -1, circuit} full
+#    | {2} no inbox | {3, ms} circuit open for that long
 DELIVER = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {2} end
 local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
 local ttl, ml = tonumber(ARGV[10]), tonumber(ARGV[11])
+local cfg = cb_cfg(ARGV[13])
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
 local now, sec = now_ms()
+if ARGV[14] ~= '1' then
+  local adm = cb_admit(now, cfg)
+  if adm < 0 then return {3, -adm} end
+end
 dispatch(now, ttl)
 local ok = false
 if tok ~= '' and redis.call('HDEL', KR, tok) == 1 then
@@ -154,8 +245,10 @@ if not ok then
       redis.call('RPUSH', KW, tok)
     end
   end
+  local circuit = 0
+  if final and ARGV[15] == '1' then circuit = cb_record(true, now, cfg) end
   local ahead = held() + tonumber(redis.call('HGET', KI, 'resv') or '0') - cap + 1
-  return {1, cap, eta_ms(ahead + redis.call('LLEN', KW), now)}
+  return {1, cap, eta_ms(ahead + redis.call('LLEN', KW), now), circuit}
 end
 if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
 local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
@@ -169,28 +262,32 @@ if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
 end
-return {0, id, seq, sec}
+return {0, id, seq, sec, cb_record(false, now, cfg)}
 """
 
 # Many payloads of one sender, as far as room allows, in one step.
-# ARGV: sender, recipient, escaped type, own capacity, reservation ttl,
-#       then (hex, payload) pairs -> {delivered count, id, seq, ts, id, seq, ts, ...}; -1: no inbox
+# ARGV: sender, recipient, escaped type, own capacity, reservation ttl, breaker
+#       settings (cb_cfg), then (hex, payload) pairs
+# -> {delivered count, circuit, id, seq, ts, id, seq, ts, ...}; {-1}: no inbox; {-2, ms}: circuit open
 DELIVER_MANY = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
 local own, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cfg = cb_cfg(ARGV[6])
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
 local now, sec = now_ms()
+local adm = cb_admit(now, cfg)
+if adm < 0 then return {-2, -adm} end
 dispatch(now, ttl)
 local room = 0
 if redis.call('LLEN', KW) == 0 then
   room = cap - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
 end
-local out = {0}
+local out = {0, 0}
 local n = 0
 local head = '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": '
 local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": '
-for j = 6, #ARGV, 2 do
+for j = 7, #ARGV, 2 do
   if n >= room then break end
   local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
   local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j])
@@ -201,7 +298,10 @@ for j = 6, #ARGV, 2 do
   out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
 end
 out[1] = n
-if n > 0 then redis.call('HINCRBY', KI, 'sent', n) end
+if n > 0 then
+  redis.call('HINCRBY', KI, 'sent', n)
+  out[2] = cb_record(false, now, cfg)
+end
 return out
 """
 
@@ -454,6 +554,32 @@ redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. '
 return vals
 """
 
+# The inbox's circuit: -> {state, failures, probes, probe limit, ms left, refused}
+CIRCUIT = _PRELUDE + r"""
+local m = redis.call('HMGET', KI, 'cbs', 'cbf', 'cbp', 'cbk', 'cbu', 'circuit_rejected')
+local st = tonumber(m[1] or '0')
+local left = 0
+if st == 1 or st == 2 then
+  left = tonumber(m[5] or '0') - now_ms()
+  if left < 0 or left > 3601000 then left = 0 end
+else
+  st = 0
+end
+return {st, tonumber(m[2] or '0'), tonumber(m[3] or '0'), tonumber(m[4] or '0'), left, tonumber(m[6] or '0')}
+"""
+
+# Closes the inbox's circuit: -> the state it had
+CIRCUIT_RESET = _PRELUDE + r"""
+local st = tonumber(redis.call('HGET', KI, 'cbs') or '0')
+if redis.call('EXISTS', KI) == 1 then
+  redis.call('HSET', KI, 'cbs', 0, 'cbf', 0, 'cbp', 0)
+  redis.call('HDEL', KI, 'cbw0', 'cbw1')
+  if st == 1 or st == 2 then redis.call('HINCRBY', KI, 'circuit_closed', 1) end
+end
+if st == 1 or st == 2 then return st end
+return 0
+"""
+
 # The shared alert cooldown: KEYS the entry, the counters; ARGV cooldown ms -> 1 go ahead, 0 inside it
 COOLDOWN = r"""
 if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return 1 end
@@ -461,5 +587,5 @@ redis.call('HINCRBY', KEYS[2], 'alerts_suppressed', 1)
 return 0
 """
 
-__all__ = ["CAPACITY", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
+__all__ = ["CAPACITY", "CIRCUIT", "CIRCUIT_RESET", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
            "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SIZE", "TAKE"]

@@ -34,6 +34,7 @@ from cfn_fast.errors import (
     BackendUnavailable,
     BackpressureTimeout,
     CfnError,
+    CircuitOpen,
     ConfigError,
     InboxFull,
     InboxNotFound,
@@ -41,13 +42,14 @@ from cfn_fast.errors import (
     InvalidMessageType,
     PayloadTooLarge,
 )
-from cfn_fast.storage import FileStorage, RateSettings, ReconcileResult, Record, SendResult, SlotInfo
+from cfn_fast.storage import CircuitInfo, FileStorage, RateSettings, ReconcileResult, Record, SendResult, SlotInfo
 
 _INBOX = (b"i", b"q", b"b", b"v", b"c", b"cn", b"l", b"s", b"w", b"wd", b"r")
 # The shared counters an inbox's own scripts keep (in its meta hash, so a send
 # is one step in one slot); the others live in the global hash.
 _INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpressure_success",
-                   "backpressure_failure", "recovered", "quarantined", "metrics")
+                   "backpressure_failure", "recovered", "quarantined", "metrics", "circuit_opened",
+                   "circuit_closed", "circuit_rejected")
 _TRIM = b" \t\r\n"
 # a number a double cannot hold (1e400, or 309 digits before the point): decode such records exactly
 _HUGE = re.compile(rb"[0-9][eE][+]?0*[1-9][0-9]{2}|[0-9]{309}")
@@ -133,6 +135,8 @@ class RedisStorage:
         self._budget_ns = (c.backpressure_max_total_ms * 1_000_000 if c.backpressure_max_total_ms
                            else c.backpressure_wait_ms * 1_000_000 * max(0, c.backpressure_max_retries))
         self._timed = c.backpressure_max_total_ms > 0 or c.backpressure_wait_ms > 0
+        self._cb = (f"{c.breaker_failures},{c.breaker_failure_rate},{c.breaker_window_ms},{c.breaker_min_calls},"
+                    f"{c.breaker_cooldown_ms},{c.breaker_probes}")
         errors = redis.exceptions
         self._unavailable: tuple[type[BaseException], ...] = (
             errors.ConnectionError, errors.TimeoutError, getattr(errors, "ClusterDownError", errors.ConnectionError),
@@ -397,16 +401,26 @@ class RedisStorage:
         cap = self.config.max_inbox_size
         tok = os.urandom(8).hex()
         if not backpressure:
-            r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok])
+            r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok,
+                                            self._cb, 0, 0])
             if r[0] == 1:
                 e = InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
                 e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
                 raise e
-            if r[0] == 2:
-                raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+            self._refused(r, to)
             copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
-            return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied)
+            return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied, int(r[4]))
         return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns)
+
+    @staticmethod
+    def _refused(r: list[Any], to: str) -> None:
+        """Raises what a DELIVER step's answer says, when it refused for want of an inbox or an open circuit."""
+        if r[0] == 2:
+            raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+        if r[0] == 3:
+            e = CircuitOpen(f"circuit of '{to}' is open: sends to it fail at once for {int(r[1])} ms more")
+            e.set_retry_after(int(r[1]) / 1000)
+            raise e
 
     def _retry_after_ns(self, eta_ms: int) -> int:
         """The server's estimate of when room comes, or (nothing drained in the
@@ -427,6 +441,7 @@ class RedisStorage:
         wake = keys[0][:-1] + b"k:" + tok.encode()
         margin = 2 * cfg.redis_timeout_ms + 1000
         doomed = ""  # why this send gives up at its next (final) step, when it must
+        admitted = False  # its first step passed the circuit: later steps are the same send
         while True:
             left = self._budget_ns - waited
             now = time.monotonic_ns()
@@ -436,19 +451,24 @@ class RedisStorage:
             final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed)
             wait_left = left if not deadline_ns else min(left, deadline_ns - now)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
-                                            max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok])
+                                            max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok,
+                                            self._cb, 1 if admitted else 0, 0 if doomed else 1])
+            admitted = True
             if r[0] == 0:
                 self._bp_metric("backpressure.send.success", sender, to, "retries", retries)
+                if r[4]:
+                    self._bp_metric("circuit.closed", sender, to, "retries", retries)
                 copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
-                return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied)
-            if r[0] == 2:
-                raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied, int(r[4]))
+            self._refused(r, to)
             eta = int(r[2]) * 1_000_000 if int(r[2]) >= 0 else -1
             if final:
                 self._bp_metric("backpressure.send.failure", sender, to, "retries", retries)
                 e = BackpressureTimeout(doomed or f"inbox of '{to}' stayed full after {retries} retries "
                                         f"({(time.monotonic_ns() - start) // 1_000_000} ms)")
-                e.retries, e.waited_ns, e.deadline = retries, waited, bool(doomed)
+                e.retries, e.waited_ns, e.deadline, e.circuit = retries, waited, bool(doomed), int(r[3])
+                if e.circuit:
+                    self._bp_metric("circuit.opened", sender, to, "retries", retries)
                 e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
                 raise e
             w, prev = self._next_wait(retries, prev, left if self._timed else 0)
@@ -550,7 +570,7 @@ class RedisStorage:
                 i, d = todo[pos + len(chunk)]
                 chunk.append((i, d, os.urandom(8).hex()))
                 size += len(d)
-            args: list[Any] = [sender, to, etype, cap, self._ttl]
+            args: list[Any] = [sender, to, etype, cap, self._ttl, self._cb]
             for _, d, h in chunk:
                 args += [h, d]
             try:
@@ -561,16 +581,21 @@ class RedisStorage:
                 pos += len(chunk)
                 continue
             if r[0] < 0:
-                missing = InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                refused: CfnError = InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                if r[0] == -2:
+                    try:
+                        self._refused([3, r[1]], to)
+                    except CircuitOpen as e:
+                        refused = e
                 for i, _ in todo[pos:]:
-                    out[i] = missing
+                    out[i] = refused
                 break
             n = int(r[0])
             for j in range(n):
                 i, d, _ = chunk[j]
-                mid, seq, ts = r[1 + 3 * j], int(r[2 + 3 * j]), int(r[3 + 3 * j])
+                mid, seq, ts = r[2 + 3 * j], int(r[3 + 3 * j]), int(r[4 + 3 * j])
                 copied = self._copy_out(sender, to, etype, d, mid, seq, ts)
-                out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied)
+                out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied, int(r[1]) if j == 0 else 0)
             pos += n
             if n < len(chunk):  # full: the next one waits (or fails) as a single send does
                 i, d = todo[pos]
@@ -774,6 +799,16 @@ class RedisStorage:
             return True
         return bool(self._run("COOLDOWN", [self._g + b"cd:" + key.hex().encode(), self._g + b"ctr"],
                               [max(1, cooldown_ns // 1_000_000)]))
+
+    # -- flow control ----------------------------------------------------------------------------------
+    def circuit(self, agent: str) -> CircuitInfo:
+        r = self._run("CIRCUIT", self._ikeys(self._agent(agent)), [])
+        states = ("closed", "open", "half-open")
+        return CircuitInfo(states[int(r[0])], int(r[1]), int(r[2]) if r[0] == 2 else 0,
+                           int(r[3]) if r[0] == 2 else 0, int(r[4]) / 1000, int(r[5]))
+
+    def circuit_reset(self, agent: str) -> str:
+        return ("closed", "open", "half-open")[int(self._run("CIRCUIT_RESET", self._ikeys(self._agent(agent)), []))]
 
     # -- telemetry files: this host's -------------------------------------------------------------------
     def metrics_write(self, data: bytes, nlines: int) -> bool:

@@ -19,7 +19,8 @@ _CFN_FAST_SETTINGS=(MESSAGE_BASE_DIR MAX_INBOX_SIZE BACKPRESSURE_WAIT_MS BACKPRE
     ALERT_LOG_FILE ALERT_COOLDOWN_SECONDS CFN_METRICS CFN_FSYNC CFN_GROUP LOCK_TIMEOUT_MS OUTBOX_MAX
     METRICS_MAX_BYTES CFN_TEXT_PAYLOADS ALERT_COORDINATION_TIME_MS ALERT_DELIVERY_RATE_PCT
     ALERT_MEMORY_GROWTH_PCT ALERT_FD_GROWTH ALERT_ERROR_RATE_PCT ALERT_QUEUE_DEPTH MESSAGE_BUS_URL REDIS_PASSWORD
-    REDIS_TIMEOUT_MS CFN_CLAIM_TIMEOUT_MS)
+    REDIS_TIMEOUT_MS CFN_CLAIM_TIMEOUT_MS CFN_BREAKER_FAILURES CFN_BREAKER_FAILURE_RATE CFN_BREAKER_WINDOW_MS
+    CFN_BREAKER_MIN_CALLS CFN_BREAKER_COOLDOWN_MS CFN_BREAKER_PROBES)
 
 # Runs cfn-fast in a subshell that exports every setting the caller has set.
 _cfn_fast() {
@@ -66,6 +67,9 @@ apply_dynamic_rate_limit() {
 # -- telemetry (metrics.sh, alerting.sh) ---------------------------------------
 emit_metric() { _cfn_fast metrics emit "$@"; }
 emit_alert() { _cfn_fast alerts emit "$@"; }
+
+# -- flow control (cfn-fast's own): 0 when the inbox's circuit is closed, 1 when open
+circuit_status() { _cfn_fast circuit status "$@"; }
 
 # The original exported the batch size when sourced.
 export CFN_BATCH_SIZE="${CFN_BATCH_SIZE:-10}"

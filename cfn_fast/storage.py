@@ -26,6 +26,7 @@ ReconcileResult = _core.ReconcileResult
 Record = _core.Record
 SlotInfo = _core.SlotInfo
 RateSettings = _core.RateSettings
+CircuitInfo = _core.CircuitInfo
 
 READ_PEEK = _core.READ_PEEK
 READ_NEXT = _core.READ_NEXT
@@ -132,6 +133,9 @@ class Storage(Protocol):
     def rate_publish(self, s: RateSettings) -> None: ...
     def rate_read(self) -> Optional[RateSettings]: ...
     def cooldown_try(self, key: bytes, now_ns: int, cooldown_ns: int) -> Optional[bool]: ...
+    # flow control
+    def circuit(self, agent: str) -> CircuitInfo: ...
+    def circuit_reset(self, agent: str) -> str: ...
     # telemetry files
     def metrics_write(self, data: bytes, nlines: int) -> bool: ...
     def open_log(self, path: str) -> int: ...
@@ -157,7 +161,10 @@ class FileStorage:
             capacity=c.max_inbox_size, wait_ms=c.backpressure_wait_ms, max_total_ms=c.backpressure_max_total_ms,
             max_payload=c.max_message_bytes, stale_after_ms=self.stale_after_ms, outbox_max=c.outbox_max,
             backoff=_core.BACKOFF_CODES[c.backpressure_backoff], fsync=1 if c.fsync else 0,
-            file_mode=c.file_mode, dir_mode=c.dir_mode)
+            file_mode=c.file_mode, dir_mode=c.dir_mode, breaker_failures=c.breaker_failures,
+            breaker_rate_pct=c.breaker_failure_rate, breaker_min_calls=c.breaker_min_calls,
+            breaker_probes=c.breaker_probes, breaker_window_ms=c.breaker_window_ms,
+            breaker_cooldown_ms=c.breaker_cooldown_ms)
         self._plain = _core.new_send_opts(max_retries=-1, **common)
         self._backpressure = _core.new_send_opts(max_retries=c.backpressure_max_retries, **common)
 
@@ -383,6 +390,19 @@ class FileStorage:
         shared state to ask (the base folder does not exist)."""
         h = self._h()
         return None if h is None else _core.cooldown_try(h, key, now_ns, cooldown_ns)
+
+    # -- flow control ------------------------------------------------------------------
+    def circuit(self, agent: str) -> CircuitInfo:
+        """The inbox's circuit breaker as every process sees it."""
+        a = agent_bytes(agent)
+        h = self._h()
+        return _core.CircuitInfo("closed", 0, 0, 0, 0.0, 0) if h is None else _core.circuit_get(h, a)
+
+    def circuit_reset(self, agent: str) -> str:
+        """Closes the inbox's circuit; the state it had."""
+        a = agent_bytes(agent)
+        h = self._h()
+        return "closed" if h is None else _core.circuit_reset(h, a)
 
     # -- telemetry files ---------------------------------------------------------------
     def metrics_write(self, data: bytes, nlines: int) -> bool:

@@ -27,7 +27,8 @@ enum {
     CFN_E_BADARG = -1010,    /* an option out of range */
     CFN_E_UNSAFE = -1011,    /* symlink, wrong owner or wrong file kind */
     CFN_E_LOCKED = -1012,    /* another process held a lock past the call's budget */
-    CFN_E_CLOSED = -1013     /* the handle was closed */
+    CFN_E_CLOSED = -1013,    /* the handle was closed */
+    CFN_E_CIRCUIT = -1014    /* the recipient's circuit is open: refused without touching the inbox */
 };
 
 enum {
@@ -74,8 +75,14 @@ enum {
     CFN_CTR_STATE_REATTACHED = 15, /* state file replaced or removed under a process, re-mapped */
     CFN_CTR_SLOTS_FREED = 16,    /* inbox slots of removed agents freed */
     CFN_CTR_OUTBOX_PRUNED = 17,  /* outbox copies removed to keep OUTBOX_MAX */
-    CFN_CTR_FIRST_FREE = 18      /* 18..CFN_COUNTERS-1: free for later use */
+    CFN_CTR_CIRCUIT_OPENED = 18, /* circuits opened (tripped, or a probe failed) */
+    CFN_CTR_CIRCUIT_CLOSED = 19, /* circuits closed again (a probe succeeded, or a reset) */
+    CFN_CTR_CIRCUIT_REJECTED = 20, /* sends refused by an open circuit */
+    CFN_CTR_FIRST_FREE = 21      /* 21..CFN_COUNTERS-1: free for later use */
 };
+
+/* A recipient's circuit (cfn_circuit_info.state). */
+enum { CFN_CIRCUIT_CLOSED = 0, CFN_CIRCUIT_OPEN = 1, CFN_CIRCUIT_HALF_OPEN = 2 };
 
 /* How cfn_read_messages reads: every message, leaving the files (PEEK); the
  * next ones from this handle's listing, leaving the files for cfn_take to
@@ -116,6 +123,14 @@ typedef struct {
     uint32_t dir_mode;              /* mode of created folders (0700) */
     int64_t outbox_max;             /* OUTBOX_MAX: copies kept in the outbox; 0 unbounded */
     int64_t deadline_ns;            /* CLOCK_MONOTONIC time the whole call must end by; 0: none */
+    /* the recipient's circuit breaker: what this sender counts as tripping it.
+     * An open circuit refuses every sender, whatever its own settings. */
+    int32_t breaker_failures;       /* consecutive failed sends that open it; 0: never by count */
+    int32_t breaker_rate_pct;       /* failure rate (%) over the window that opens it; 0: never by rate */
+    int32_t breaker_min_calls;      /* sends in the window before the rate counts */
+    int32_t breaker_probes;         /* sends a half-open circuit admits (1 to 63; 0: 1) */
+    int64_t breaker_window_ms;      /* the rate's sliding window */
+    int64_t breaker_cooldown_ms;    /* an opened circuit refuses this long, then admits probes */
 } cfn_send_opts;
 
 typedef struct {
@@ -128,7 +143,7 @@ typedef struct {
     int32_t outbox_copied;          /* 1 when the sender's outbox got a copy */
     int32_t locked;                 /* 1 when the send failed waiting for a lock, not for room */
     int32_t deadline;               /* 1 when the call's own deadline ended it, not its retries */
-    int32_t pad_;
+    int32_t circuit;                /* this send moved the recipient's circuit: 1 opened it, 2 closed it */
     int64_t retry_after_ns;         /* refused for want of room: when a place is expected, from the
                                      * inbox's drain over the last second (the base retry wait
                                      * when nothing drained in it); else 0 */
@@ -161,6 +176,16 @@ typedef struct {
     int64_t reconcile_ns;           /* CLOCK_REALTIME of the last scan; 0 never */
     char agent[136];
 } cfn_slot_info;
+
+/* A recipient's circuit breaker as every process sees it (cfn_circuit_get). */
+typedef struct {
+    int32_t state;                  /* CFN_CIRCUIT_* */
+    int32_t failures;               /* closed: consecutive failed sends */
+    int32_t probes;                 /* half-open: sends admitted in this round */
+    int32_t probe_limit;            /* half-open: sends the round admits */
+    int64_t retry_after_ns;         /* open: until probes go; half-open: until the round ends */
+    int64_t rejected;               /* sends refused while it was open, since the slot was made */
+} cfn_circuit_info;
 
 /* Live rate-limit settings, shared by every process on the base folder. */
 typedef struct {
@@ -212,6 +237,14 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to,
 /* Advances the sender->recipient sequence as a send does, and returns the new
  * number (the original's get_next_sequence). */
 int64_t cfn_next_sequence(cfn_bus *bus, const char *from, const char *to, cfn_err *err);
+
+/* The recipient's circuit, and a reset of it to closed (returns the state it
+ * had). A circuit opens after breaker_failures failed sends in a row, or a
+ * failure rate over the window: a backpressure send whose retries or budget
+ * ran out (not its caller's deadline), a lock held past its wait, a failed
+ * write. A plain send refused because the inbox is full is not a failure. */
+int cfn_circuit_get(cfn_bus *bus, const char *agent, cfn_circuit_info *out, cfn_err *err);
+int cfn_circuit_reset(cfn_bus *bus, const char *agent, cfn_err *err);
 
 /* --- counting ----------------------------------------------------------- */
 /* The inbox's size from the shared counter, healed by a scan first when the

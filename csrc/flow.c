@@ -10,6 +10,8 @@
  */
 #include "internal.h"
 
+#include <string.h>
+
 #define NS_PER_S 1000000000LL
 #define DRAIN_SHIFT 40
 #define DRAIN_COUNT ((UINT64_C(1) << DRAIN_SHIFT) - 1)
@@ -63,4 +65,238 @@ int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns)
         return -1;
     double eta = (double)need * (double)NS_PER_S / (double)rate;
     return eta > 9e18 ? INT64_MAX : (int64_t)eta;
+}
+
+/* ---- circuit breaker ---------------------------------------------------------- */
+
+/* The word: state:2 | probe limit:6 | probes:6 | failures:10 | until:40 (ms). */
+#define CB_STATE(w) ((int)((w) & 3))
+#define CB_LIMIT(w) ((int)(((w) >> 2) & 63))
+#define CB_PROBES(w) ((int)(((w) >> 8) & 63))
+#define CB_FAILS(w) ((int)(((w) >> 14) & 1023))
+#define CB_MS_MASK ((UINT64_C(1) << 40) - 1)
+#define CB_UNTIL(w) ((int64_t)((w) >> 24))
+#define CB_FAILS_MAX 1023
+#define CB_ROUND_MS 5000LL          /* cooldown and probe round of a sender that set none */
+#define CB_COOLDOWN_MAX_MS 3600000LL /* the longest cooldown a setting allows */
+
+static uint64_t cb_word(int state, int limit, int probes, int fails, int64_t until_ms)
+{
+    return (uint64_t)state | (uint64_t)(limit & 63) << 2 | (uint64_t)(probes & 63) << 8 |
+           (uint64_t)(fails > CB_FAILS_MAX ? CB_FAILS_MAX : fails) << 14 | ((uint64_t)until_ms & CB_MS_MASK) << 24;
+}
+
+static int64_t cb_now_ms(int64_t mono_ns)
+{
+    return (int64_t)((uint64_t)(mono_ns / 1000000) & CB_MS_MASK);
+}
+
+/* ms until `until`, or 0 when it has passed. An until further away than any
+ * cooldown can be (a tampered word, or one left by a boot before this one on
+ * a state file kept on disk) has passed too: no value can refuse for ever. */
+static int64_t cb_left_ms(uint64_t w, int64_t now_ms)
+{
+    int64_t until = CB_UNTIL(w);
+    return until > now_ms && until - now_ms <= CB_COOLDOWN_MAX_MS + 1000 ? until - now_ms : 0;
+}
+
+static int64_t cb_cooldown_ms(const cfn_send_opts *o)
+{
+    return o->breaker_cooldown_ms > 0 ? (o->breaker_cooldown_ms < CB_COOLDOWN_MAX_MS ? o->breaker_cooldown_ms
+                                                                                    : CB_COOLDOWN_MAX_MS)
+                                      : CB_ROUND_MS;
+}
+
+static int cb_probe_limit(const cfn_send_opts *o)
+{
+    return o->breaker_probes >= 1 && o->breaker_probes <= 63 ? o->breaker_probes : 1;
+}
+
+/* Would a send be refused now? Reads the word only: the cheap first look a
+ * send takes before doing anything else. */
+int cfn_circuit_peek(struct cfn_slot *s, int64_t mono_ns, int64_t *retry_after_ns)
+{
+    uint64_t w = atomic_load_explicit(&s->circuit, memory_order_acquire);
+    int st = CB_STATE(w);
+    if (st != CFN_CIRCUIT_OPEN && st != CFN_CIRCUIT_HALF_OPEN)
+        return CFN_ADMIT;
+    int64_t left = cb_left_ms(w, cb_now_ms(mono_ns));
+    if (left > 0 && (st == CFN_CIRCUIT_OPEN || CB_PROBES(w) >= CB_LIMIT(w))) {
+        *retry_after_ns = left * 1000000;
+        return CFN_REFUSE;
+    }
+    return CFN_ADMIT;
+}
+
+/* Admits a send or refuses it. Open and cooled down, the first sender moves
+ * it to half-open and goes as its first probe; half-open admits probes up to
+ * its limit, and starts a new round when the last one's probes went quiet
+ * (killed) past the round's end. Each step is one CAS. */
+int cfn_circuit_admit(struct cfn_slot *s, const cfn_send_opts *o, int64_t mono_ns, int64_t *retry_after_ns)
+{
+    uint64_t w = atomic_load_explicit(&s->circuit, memory_order_acquire);
+    for (;;) {
+        int st = CB_STATE(w);
+        if (st != CFN_CIRCUIT_OPEN && st != CFN_CIRCUIT_HALF_OPEN)
+            return CFN_ADMIT;
+        int64_t now = cb_now_ms(mono_ns), left = cb_left_ms(w, now);
+        uint64_t next;
+        if (st == CFN_CIRCUIT_HALF_OPEN && left > 0 && CB_PROBES(w) < CB_LIMIT(w)) {
+            next = w + (UINT64_C(1) << 8);
+        } else if (left == 0) {
+            int limit = CB_LIMIT(w) > 0 ? CB_LIMIT(w) : cb_probe_limit(o);
+            next = cb_word(CFN_CIRCUIT_HALF_OPEN, limit, 1, 0, now + cb_cooldown_ms(o));
+        } else {
+            *retry_after_ns = left * 1000000;
+            return CFN_REFUSE;
+        }
+        if (atomic_compare_exchange_weak_explicit(&s->circuit, &w, next, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return CFN_ADMIT_PROBE;
+    }
+}
+
+#define WIN_IDX_SHIFT 40
+#define WIN_FAIL_SHIFT 20
+#define WIN_FIELD ((UINT64_C(1) << 20) - 1)
+
+static int64_t win_ms(const cfn_send_opts *o)
+{
+    return o->breaker_window_ms > 0 ? o->breaker_window_ms : 10000;
+}
+
+/* Counts one send (and whether it failed) in the window's current bucket. */
+static void win_add(struct cfn_slot *s, const cfn_send_opts *o, bool failed, int64_t mono_ns)
+{
+    uint64_t idx = (uint64_t)(mono_ns / 1000000 / win_ms(o)) & ((UINT64_C(1) << 24) - 1);
+    _Atomic uint64_t *b = &s->circuit_win[idx & 1];
+    uint64_t w = atomic_load_explicit(b, memory_order_relaxed);
+    for (;;) {
+        uint64_t calls = w & WIN_FIELD, fails = (w >> WIN_FAIL_SHIFT) & WIN_FIELD;
+        if (w >> WIN_IDX_SHIFT != idx)
+            calls = fails = 0;
+        if (calls < WIN_FIELD)
+            calls++;
+        if (failed && fails < WIN_FIELD)
+            fails++;
+        uint64_t next = idx << WIN_IDX_SHIFT | fails << WIN_FAIL_SHIFT | calls;
+        if (atomic_compare_exchange_weak_explicit(b, &w, next, memory_order_relaxed, memory_order_relaxed))
+            return;
+    }
+}
+
+/* The failure rate over the last window (the current bucket, and the share of
+ * the previous one still inside it) has reached the sender's threshold. */
+static bool win_trips(struct cfn_slot *s, const cfn_send_opts *o, int64_t mono_ns)
+{
+    if (o->breaker_rate_pct <= 0)
+        return false;
+    int64_t len = win_ms(o), ms = mono_ns / 1000000;
+    uint64_t mask = (UINT64_C(1) << 24) - 1, idx = (uint64_t)(ms / len) & mask, prev = (idx - 1) & mask;
+    double calls = 0, fails = 0, keep = (double)(len - ms % len) / (double)len;
+    for (int i = 0; i < 2; i++) {
+        uint64_t want = i == 0 ? idx : prev;
+        uint64_t w = atomic_load_explicit(&s->circuit_win[want & 1], memory_order_relaxed);
+        if (w >> WIN_IDX_SHIFT != want)
+            continue;
+        double share = i == 0 ? 1.0 : keep;
+        calls += share * (double)(w & WIN_FIELD);
+        fails += share * (double)((w >> WIN_FAIL_SHIFT) & WIN_FIELD);
+    }
+    int64_t min_calls = o->breaker_min_calls > 0 ? o->breaker_min_calls : 1;
+    return calls >= (double)min_calls && fails * 100.0 >= (double)o->breaker_rate_pct * calls;
+}
+
+/* What a finished send tells the circuit: a success closes a half-open one
+ * (and clears a closed one's failures); a failure opens a half-open one, and a
+ * closed one when it is the breaker_failures-th in a row or the window's rate
+ * trips. Returns 1 when this call opened it, 2 when it closed it, else 0. The
+ * common case, a success on a closed circuit with no failures, reads one word. */
+int cfn_circuit_record(struct cfn_slot *s, const cfn_send_opts *o, bool failed, int64_t mono_ns)
+{
+    if (o->breaker_rate_pct > 0)
+        win_add(s, o, failed, mono_ns);
+    uint64_t w = atomic_load_explicit(&s->circuit, memory_order_acquire);
+    for (;;) {
+        int st = CB_STATE(w);
+        bool open = st == CFN_CIRCUIT_OPEN, half = st == CFN_CIRCUIT_HALF_OPEN;
+        uint64_t next;
+        int moved = 0;
+        if (!failed) {
+            if (open)
+                return 0;  /* a send admitted before it opened: the probes decide */
+            if (!half && w == 0)
+                return 0;
+            next = 0;  /* closed, no failures */
+            moved = half ? 2 : 0;
+        } else if (open) {
+            return 0;
+        } else {
+            int fails = half ? 0 : CB_FAILS(w) + 1;
+            bool trip = half || (o->breaker_failures > 0 && fails >= o->breaker_failures) ||
+                        win_trips(s, o, mono_ns);
+            next = trip ? cb_word(CFN_CIRCUIT_OPEN, cb_probe_limit(o), 0, 0,
+                                  cb_now_ms(mono_ns) + cb_cooldown_ms(o))
+                        : cb_word(CFN_CIRCUIT_CLOSED, 0, 0, fails, 0);
+            moved = trip ? 1 : 0;
+        }
+        if (atomic_compare_exchange_weak_explicit(&s->circuit, &w, next, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return moved;
+    }
+}
+
+void cfn_circuit_read(struct cfn_slot *s, int64_t mono_ns, cfn_circuit_info *out)
+{
+    uint64_t w = atomic_load_explicit(&s->circuit, memory_order_acquire);
+    int st = CB_STATE(w);
+    int64_t left = cb_left_ms(w, cb_now_ms(mono_ns));
+    memset(out, 0, sizeof *out);
+    out->state = st == CFN_CIRCUIT_OPEN || st == CFN_CIRCUIT_HALF_OPEN ? st : CFN_CIRCUIT_CLOSED;
+    out->failures = out->state == CFN_CIRCUIT_CLOSED ? CB_FAILS(w) : 0;
+    if (out->state == CFN_CIRCUIT_HALF_OPEN) {
+        out->probes = CB_PROBES(w);
+        out->probe_limit = CB_LIMIT(w);
+    }
+    out->retry_after_ns = out->state == CFN_CIRCUIT_CLOSED ? 0 : left * 1000000;
+    out->rejected = atomic_load_explicit(&s->circuit_rejected, memory_order_relaxed);
+}
+
+/* Back to closed with no failures (an operator's reset); returns the state it had. */
+int cfn_circuit_clear(struct cfn_slot *s)
+{
+    uint64_t w = atomic_exchange(&s->circuit, 0);
+    atomic_store(&s->circuit_win[0], 0);
+    atomic_store(&s->circuit_win[1], 0);
+    int st = CB_STATE(w);
+    return st == CFN_CIRCUIT_OPEN || st == CFN_CIRCUIT_HALF_OPEN ? st : CFN_CIRCUIT_CLOSED;
+}
+
+/* The agent's slot in the current mapping, or NULL when it has none (an
+ * inbox never sent to nor counted: its circuit is closed). No system call,
+ * nothing made: a look at the table. */
+struct cfn_slot *cfn_slot_lookup(cfn_bus *bus, const char *agent)
+{
+    struct cfn_region *r = cfn_reg(bus);
+    uint32_t idx, gen;
+    return cfn_slot_find(bus, r, agent, false, &idx, &gen, NULL) == 0 ? &r->slots[idx] : NULL;
+}
+
+int cfn_circuit_get_in(cfn_bus *bus, const char *agent, cfn_circuit_info *out)
+{
+    struct cfn_slot *s = cfn_slot_lookup(bus, agent);
+    if (s)
+        cfn_circuit_read(s, cfn_mono_ns(), out);
+    else
+        memset(out, 0, sizeof *out);
+    return 0;
+}
+
+int cfn_circuit_reset_in(cfn_bus *bus, const char *agent)
+{
+    struct cfn_slot *s = cfn_slot_lookup(bus, agent);
+    int was = s ? cfn_circuit_clear(s) : CFN_CIRCUIT_CLOSED;
+    if (was != CFN_CIRCUIT_CLOSED)
+        cfn_region_counter_add(cfn_reg(bus), CFN_CTR_CIRCUIT_CLOSED, 1);
+    return was;
 }

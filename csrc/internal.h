@@ -59,7 +59,15 @@ struct cfn_slot {
     /* places freed (taken or acked) per second of CLOCK_MONOTONIC, the current
      * second and the one before: second << 40 | places. retry_after comes from it. */
     _Atomic uint64_t drain[2];
-    _Atomic int64_t flow_reserved[30];
+    /* the circuit breaker: state:2 | probe limit:6 | probes:6 | failures:10 |
+     * until:40, until being CLOCK_MONOTONIC ms (open: when probes may go;
+     * half-open: when this round of probes has to have reported). Every
+     * transition is one CAS of this word. */
+    _Atomic uint64_t circuit;
+    /* the failure rate's sliding window: per bucket, window index:24 | failures:20 | calls:20 */
+    _Atomic uint64_t circuit_win[2];
+    _Atomic int64_t circuit_rejected;  /* sends refused while open */
+    _Atomic int64_t flow_reserved[26];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
 
@@ -276,6 +284,15 @@ int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_le
 void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
 int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
 int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);
+enum { CFN_ADMIT = 0, CFN_ADMIT_PROBE = 1, CFN_REFUSE = 2 };
+int cfn_circuit_peek(struct cfn_slot *s, int64_t mono_ns, int64_t *retry_after_ns);
+int cfn_circuit_admit(struct cfn_slot *s, const cfn_send_opts *o, int64_t mono_ns, int64_t *retry_after_ns);
+int cfn_circuit_record(struct cfn_slot *s, const cfn_send_opts *o, bool failed, int64_t mono_ns);
+void cfn_circuit_read(struct cfn_slot *s, int64_t mono_ns, cfn_circuit_info *out);
+int cfn_circuit_clear(struct cfn_slot *s);
+struct cfn_slot *cfn_slot_lookup(cfn_bus *bus, const char *agent);
+int cfn_circuit_get_in(cfn_bus *bus, const char *agent, cfn_circuit_info *out);
+int cfn_circuit_reset_in(cfn_bus *bus, const char *agent);
 
 /* bus.c: the handle, calls in flight, the consumer identity, the folder caches */
 void cfn_bus_fork_check(cfn_bus *bus);

@@ -572,6 +572,32 @@ static int64_t next_wait_ns(cfn_bus *bus, const cfn_send_opts *o, int64_t retrie
     return w < left ? w : left;
 }
 
+/* A send the recipient's open circuit refuses: counted, and said with when
+ * probes go (ra, ns). */
+static int circuit_refusal(cfn_bus *bus, struct cfn_slot *s, const char *to, int64_t ra, cfn_send_result *res,
+                           cfn_err *err)
+{
+    atomic_fetch_add_explicit(&s->circuit_rejected, 1, memory_order_relaxed);
+    cfn_region_counter_add(cfn_reg(bus), CFN_CTR_CIRCUIT_REJECTED, 1);
+    res->retry_after_ns = ra;
+    return cfn_fail(err, CFN_E_CIRCUIT, "circuit of '%s' is open: sends to it fail at once for %" PRId64
+                    " ms more", to, (ra + 999999) / 1000000);
+}
+
+/* A failure as the circuit counts it: the inbox did not take the message
+ * within the sender's own budget (a full inbox through every retry, a lock
+ * held past its wait) or could not be written. Not one: a plain send refused
+ * because the inbox is full (backpressure at work), the caller's deadline or
+ * interruption, bad input, a missing inbox. */
+static bool send_failed(int rc, const cfn_send_result *res)
+{
+    if (rc == CFN_E_TIMEOUT)
+        return !res->deadline;
+    if (rc == CFN_E_LOCKED)
+        return true;
+    return rc < 0 && rc > -1000 && rc != -EINTR && rc != -ENOENT && rc != -ENOMEM;
+}
+
 /* The base retry wait in ns, as the next wait would start from (no backoff):
  * the retry_after of a full inbox that drained nothing in the last second. */
 static int64_t retry_wait_ns(cfn_bus *bus, const cfn_send_opts *o)
@@ -597,6 +623,13 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     if ((int64_t)payload_len > o->max_payload)
         return cfn_fail(err, CFN_E_TOOBIG, "payload is %zu bytes, over the limit of %" PRId64 " (MAX_MESSAGE_BYTES)",
                         payload_len, o->max_payload);
+    /* An open circuit refuses first, before the payload is read or the inbox
+     * touched (its slot is found in the mapping, no system call): that is
+     * what makes it cheap for every sender to obey. */
+    struct cfn_slot *cs = cfn_slot_lookup(bus, to);
+    int64_t ra = 0;
+    if (cs && cfn_circuit_peek(cs, cfn_mono_ns(), &ra) == CFN_REFUSE)
+        return circuit_refusal(bus, cs, to, ra, res, err);
     if ((rc = cfn_check_json(payload, payload_len, err)) != 0)
         return rc;
     while (payload_len && strchr(" \t\r\n", payload[payload_len - 1])) payload_len--;
@@ -611,6 +644,13 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     if ((rc = sender_ent(bus, from, o->dir_mode, &ef, err)) != 0) {
         cfn_ent_put(bus, et);
         return rc;
+    }
+    /* the admission proper: a half-open circuit counts its probes */
+    cs = cfn_ent_slot(bus, et, NULL);
+    if (cs && cfn_circuit_admit(cs, o, cfn_mono_ns(), &ra) == CFN_REFUSE) {
+        cfn_ent_put(bus, ef);
+        cfn_ent_put(bus, et);
+        return circuit_refusal(bus, cs, to, ra, res, err);
     }
 
     bool backpressure = o->max_retries >= 0;
@@ -753,6 +793,14 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     if (rc != CFN_E_FULL && !(rc == CFN_E_TIMEOUT && !res->locked))
         res->retry_after_ns = 0;  /* said only of a send refused for want of room */
     struct cfn_region *r = cfn_reg(bus);
+    if (cs && (rc == 0 || send_failed(rc, res))) {
+        res->circuit = cfn_circuit_record(cs, o, rc != 0, cfn_mono_ns());
+        if (res->circuit) {
+            cfn_region_counter_add(r, res->circuit == 1 ? CFN_CTR_CIRCUIT_OPENED : CFN_CTR_CIRCUIT_CLOSED, 1);
+            emit_bp_metric(bus, res->circuit == 1 ? "circuit.opened" : "circuit.closed", from, to, "retries",
+                           res->retries);
+        }
+    }
     if (backpressure && rc == 0) {
         cfn_region_counter_add(r, CFN_CTR_BP_SUCCESS, 1);
         emit_bp_metric(bus, "backpressure.send.success", from, to, "retries", res->retries);
