@@ -64,6 +64,8 @@ def _reraise_interruption() -> None:
         _interrupted.exc = None
         raise exc
 
+PRIORITY_HIGH: int = lib.CFN_PRIORITY_HIGH
+
 BACKOFF_CODES = {
     "fixed": lib.CFN_BACKOFF_FIXED,
     "exponential": lib.CFN_BACKOFF_EXPONENTIAL,
@@ -108,7 +110,7 @@ def agent_bytes(agent: object, role: str = "agent id") -> bytes:
 
 
 def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = None,
-             lock_timeout_ms: int = 10000) -> Handle:
+             lock_timeout_ms: int = 10000, priority_ratio: int = 0) -> Handle:
     err = new_err()
     opts = ffi.new("cfn_bus_opts *", {"dir_mode": dir_mode, "gid": -1 if gid is None else gid,
                                       "lock_timeout_ms": lock_timeout_ms})
@@ -116,6 +118,10 @@ def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = No
     if h == ffi.NULL:
         raise_for(err.code, err)
     lib.cfn_bus_set_probe(h, lib.cfn_py_probe)
+    rc = lib.cfn_bus_set_flow(h, ffi.new("cfn_flow_opts *", {"priority_ratio": priority_ratio}), err)
+    if rc:
+        lib.cfn_bus_free(h)
+        raise_for(rc, err)
     # The finaliser frees the handle once no Python object refers to it, so a
     # thread still holding it after close() gets BusClosed, never freed memory.
     return ffi.gc(h, lib.cfn_bus_free)
@@ -550,4 +556,5 @@ COUNTERS: dict[str, int] = {
     "circuit_opened": lib.CFN_CTR_CIRCUIT_OPENED,
     "circuit_closed": lib.CFN_CTR_CIRCUIT_CLOSED,
     "circuit_rejected": lib.CFN_CTR_CIRCUIT_REJECTED,
+    "sent_high": lib.CFN_CTR_SENT_HIGH,
 }

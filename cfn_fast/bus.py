@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Union
 
 from cfn_fast import alerts, storage
 from cfn_fast.codec import Message, Payload, decode_message, encode_payload, encode_type
-from cfn_fast.config import Config
+from cfn_fast.config import PRIORITIES, Config
 from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument, InvalidPayload
 from cfn_fast.storage import FileStorage, Storage
 
@@ -103,10 +103,12 @@ class MessageBus:
         """Removes the agent's folder and every message in it."""
         self.storage.remove_agent(agent_id)
 
-    def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
+    def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload, *,
+                     priority: Optional[str] = None) -> str:
         """Delivers one message; raises InboxFull at once when the inbox is full
-        (CircuitOpen when its circuit is)."""
-        return self.deliver(from_agent, to_agent, msg_type, payload, False).msg_id
+        (CircuitOpen when its circuit is). ``priority="high"`` (default
+        CFN_PRIORITY) may use the inbox's headroom, and consumers take it first."""
+        return self.deliver(from_agent, to_agent, msg_type, payload, False, priority=priority).msg_id
 
     def _payload(self, payload: Payload) -> bytes:
         """The payload's JSON text; with CFN_TEXT_PAYLOADS=1 (the drop-in's
@@ -128,22 +130,34 @@ class MessageBus:
         return self.storage.next_sequence(from_agent, to_agent)
 
     def send_with_backpressure(self, from_agent: str, to_agent: str, msg_type: str,
-                               payload: Payload, *, timeout: Optional[float] = None) -> str:
+                               payload: Payload, *, timeout: Optional[float] = None,
+                               priority: Optional[str] = None) -> str:
         """Delivers one message, waiting for room while the inbox is full;
         raises BackpressureTimeout after the last retry. ``timeout`` (seconds)
         bounds the whole call: a wait that cannot end before it is not
-        started, and the error's ``retry_after`` says when room is expected."""
-        return self.deliver(from_agent, to_agent, msg_type, payload, timeout=timeout).msg_id
+        started, and the error's ``retry_after`` says when room is expected.
+        ``priority="high"`` draws on the inbox's headroom: it waits only when
+        that is full too."""
+        return self.deliver(from_agent, to_agent, msg_type, payload, timeout=timeout, priority=priority).msg_id
+
+    def _high(self, priority: Optional[str]) -> bool:
+        if priority is None:
+            return self.config.priority == "high"
+        if priority not in PRIORITIES:
+            raise InvalidArgument(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        return priority == "high"
 
     def deliver(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
-                backpressure: bool = True, *, timeout: Optional[float] = None) -> storage.SendResult:
+                backpressure: bool = True, *, timeout: Optional[float] = None,
+                priority: Optional[str] = None) -> storage.SendResult:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
         waited_ns and outbox_copied."""
         deadline = _deadline(timeout) if timeout is not None else 0
+        high = self._high(priority)
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
-            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline)
+            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline, high)
         except CfnError as e:
             self._on_failed_send(from_agent, to_agent, e, backpressure)
             raise
@@ -174,10 +188,11 @@ class MessageBus:
         return was
 
     def send_batch(self, from_agent: str, to_agent: str, msg_type: str, payloads: Iterable[Payload],
-                   backpressure: bool = True) -> list[Union[str, CfnError]]:
+                   backpressure: bool = True, *, priority: Optional[str] = None) -> list[Union[str, CfnError]]:
         """Sends each payload in order (with backpressure unless told not to):
         each one's msg_id, or the error that refused it. A backend that can
         (Redis) delivers many in one step."""
+        high = self._high(priority)
         mtype = encode_type(msg_type)
         data: list[bytes] = []
         early: dict[int, CfnError] = {}
@@ -188,7 +203,7 @@ class MessageBus:
                 early[i] = e
                 data.append(b"")
         keep = [i for i in range(len(data)) if i not in early]
-        got = self.storage.deliver_many(from_agent, to_agent, mtype, [data[i] for i in keep], backpressure)
+        got = self.storage.deliver_many(from_agent, to_agent, mtype, [data[i] for i in keep], backpressure, high)
         out: list[Union[str, CfnError]] = [early.get(i, CfnError("not sent")) for i in range(len(data))]
         for i, r in zip(keep, got):
             if isinstance(r, CfnError):

@@ -19,13 +19,14 @@ from typing import Mapping, NamedTuple, Optional, Union
 from cfn_fast.errors import ConfigError
 
 BACKOFFS = ("fixed", "exponential", "decorrelated")
+PRIORITIES = ("normal", "high")
 
 
 class Setting(NamedTuple):
     attr: str
     env: str
     default: Union[int, float, str, None]
-    kind: str  # "int", "float", "str", "path", "backoff", "bool", "group", "url", "secret"
+    kind: str  # "int", "float", "str", "path", "backoff", "priority", "bool", "group", "url", "secret"
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     help: str = ""
@@ -139,6 +140,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("breaker_probes", "CFN_BREAKER_PROBES", 1, "int", 1, 63,
             "probe sends a half-open circuit lets through: one success closes it, one failure opens it "
             "again; 1 to 63"),
+    Setting("priority", "CFN_PRIORITY", "normal", "priority", None, None,
+            "the priority of sends that name none: normal, or high (they may use the inbox's headroom, "
+            "and consumers take them first)"),
+    Setting("priority_headroom_pct", "CFN_PRIORITY_HEADROOM_PCT", 10, "int", 0, 100,
+            "places above an inbox's capacity, in % of it (rounded up), that only high-priority sends may "
+            "fill; 0 to 100"),
+    Setting("priority_ratio", "CFN_PRIORITY_RATIO", 4, "int", 0, 1000,
+            "high-priority messages a consumer takes in a row while normal ones wait, 0 meaning no limit "
+            "(normal ones may starve); 0 to 1000"),
 )
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -235,6 +245,10 @@ def _parse(s: Setting, raw: str) -> object:
         if text not in BACKOFFS:
             raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(BACKOFFS)}")
         return text
+    if s.kind == "priority":
+        if text not in PRIORITIES:
+            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(PRIORITIES)}")
+        return text
     if s.kind == "bool":
         if text.lower() in _TRUE:
             return True
@@ -326,6 +340,8 @@ def _check(s: Setting, value: object) -> object:
         raise ConfigError(f"{s.env}={_short(value)} is not a boolean (use True or False)")
     if s.kind == "backoff":
         raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(BACKOFFS)}")
+    if s.kind == "priority":
+        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(PRIORITIES)}")
     # path
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -384,6 +400,9 @@ class Config:
     breaker_min_calls: int
     breaker_cooldown_ms: int
     breaker_probes: int
+    priority: str
+    priority_headroom_pct: int
+    priority_ratio: int
     _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:
@@ -463,4 +482,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]
+__all__ = ["BACKOFFS", "PRIORITIES", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]

@@ -58,15 +58,15 @@ def get_utilization(agent: str) -> int:
     return EXIT_OK
 
 
-def send_backpressure(sender: str, recipient: str, type: str, payload: str) -> int:
+def send_backpressure(sender: str, recipient: str, type: str, payload: str, priority: Optional[str] = None) -> int:
     with new_bus() as bus:
-        out(bus.send_with_backpressure(sender, recipient, type, payload))
+        out(bus.send_with_backpressure(sender, recipient, type, payload, priority=priority))
     return EXIT_OK
 
 
-def bus_send(sender: str, recipient: str, type: str, payload: str) -> int:
+def bus_send(sender: str, recipient: str, type: str, payload: str, priority: Optional[str] = None) -> int:
     with new_bus() as bus:
-        msg_id = bus.send_message(sender, recipient, type, payload)
+        msg_id = bus.send_message(sender, recipient, type, payload, priority=priority)
     out(msg_id)
     log("MESSAGE-BUS", f"Sent message: {sender} -> {recipient} [{type}] ({msg_id})")
     return EXIT_OK
@@ -131,13 +131,13 @@ def _stdin_batches() -> Any:
             return
 
 
-def bus_send_batch(sender: str, recipient: str, type: str) -> int:
+def bus_send_batch(sender: str, recipient: str, type: str, priority: Optional[str] = None) -> int:
     """One process for thousands of sends: each stdin line is one payload."""
     sent = failed = 0
     with new_bus() as bus:
         # bytes straight through: C checks each payload, nothing is decoded twice
         for batch in _stdin_batches():
-            results = bus.send_batch(sender, recipient, type, [p for _, p in batch])
+            results = bus.send_batch(sender, recipient, type, [p for _, p in batch], priority=priority)
             for (number, _), r in zip(batch, results):
                 if isinstance(r, CfnError):
                     failed += 1

@@ -5,7 +5,8 @@ Every inbox script takes the same KEYS (redis_storage.inbox_keys):
 
   1 i   HASH  the inbox's meta: cap, resv (places reserved for woken senders),
               its share of the shared counters; exists while the inbox does
-  2 q   ZSET  the inbox: msg_ids, score 0, so ordered by name = (timestamp, sequence)
+  2 q   ZSET  the inbox: msg_ids, score 0 (-1 for a high-priority one, whose id
+              ends in -hi), so ordered by priority, then by name = (timestamp, sequence)
   3 b   HASH  msg_id -> the message's bytes (in the inbox or claimed)
   4 v   HASH  msg_id -> "<expiry ms>|<consumer>": read by a consumer, not yet taken
   5 c   HASH  msg_id -> consumer holding the claim
@@ -33,6 +34,11 @@ end
 local function held()
   return redis.call('ZCARD', KQ) + redis.call('HLEN', KC)
 end
+-- A message's score in the inbox: -1 for a high-priority one (its id ends in -hi), else 0.
+local function score(id)
+  if string.sub(id, -3) == '-hi' then return -1 end
+  return 0
+end
 -- Claims whose consumer's lease ran out go back to the inbox.
 local function recover(now)
   local dead = redis.call('ZRANGEBYSCORE', KL, '-inf', now)
@@ -45,7 +51,7 @@ local function recover(now)
   for j = 1, #all, 2 do
     if gone[all[j + 1]] then
       redis.call('HDEL', KC, all[j])
-      redis.call('ZADD', KQ, 0, all[j])
+      redis.call('ZADD', KQ, score(all[j]), all[j])
       n = n + 1
     end
   end
@@ -91,7 +97,7 @@ end
 -- reported), cbk probe limit, cbp probes admitted; circuit_rejected (and
 -- circuit_opened, circuit_closed) its share of the shared counters; cbw0 and
 -- cbw1 the failure rate's window buckets ("<index>:<calls>:<failures>").
--- cfg: the sender's settings, "failures,rate %,window ms,min calls,cooldown ms,probes".
+-- cfg: the sender's settings, "failures,rate %,window ms,min calls,cooldown ms,probes,headroom %".
 local function cb_cfg(text)
   local t = {}
   for x in string.gmatch(text, '[^,]+') do t[#t + 1] = tonumber(x) end
@@ -205,7 +211,8 @@ end
 #       backpressure (0/1), final (0/1), waiter deadline (ms from now),
 #       reservation ttl (ms), metric lines per event (0/1), id hex,
 #       breaker settings (cb_cfg), admitted already (0/1: an earlier step of
-#       this send passed the circuit), a final failure counts (0/1)
+#       this send passed the circuit), a final failure counts (0/1), high
+#       priority (0/1: it may fill the headroom, and waits in no queue)
 # -> {0, msg_id, seq, ts, circuit} delivered | {1, cap, eta ms or -1, circuit} full
 #    | {2} no inbox | {3, ms} circuit open for that long
 DELIVER = _PRELUDE + r"""
@@ -213,8 +220,11 @@ if redis.call('EXISTS', KI) == 0 then return {2} end
 local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
 local ttl, ml = tonumber(ARGV[10]), tonumber(ARGV[11])
 local cfg = cb_cfg(ARGV[13])
+local high = ARGV[16] == '1'
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
+local limit = cap
+if high then limit = cap + math.ceil(cap * cfg[7] / 100) end
 local now, sec = now_ms()
 if ARGV[14] ~= '1' then
   local adm = cb_admit(now, cfg)
@@ -227,7 +237,7 @@ if tok ~= '' and redis.call('HDEL', KR, tok) == 1 then
   ok = true
 else
   local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
-  ok = held() + resv < cap and redis.call('LLEN', KW) == 0
+  ok = held() + resv < limit and (high or redis.call('LLEN', KW) == 0)
 end
 if not ok then
   if not bp then
@@ -247,17 +257,21 @@ if not ok then
   end
   local circuit = 0
   if final and ARGV[15] == '1' then circuit = cb_record(true, now, cfg) end
-  local ahead = held() + tonumber(redis.call('HGET', KI, 'resv') or '0') - cap + 1
-  return {1, cap, eta_ms(ahead + redis.call('LLEN', KW), now), circuit}
+  local ahead = held() + tonumber(redis.call('HGET', KI, 'resv') or '0') - limit + 1
+  if not high then ahead = ahead + redis.call('LLEN', KW) end
+  return {1, cap, eta_ms(ahead, now), circuit, limit - cap}
 end
 if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
 local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
 local id = string.format('msg-%d-%010d-%s', sec, seq, tok ~= '' and tok or ARGV[12])
-redis.call('ZADD', KQ, 0, id)
+local pri = ''
+if high then id = id .. '-hi'; pri = '",\n  "priority": "high' end
+redis.call('ZADD', KQ, score(id), id)
 redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
   '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": ' .. seq ..
-  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
+  ',\n  "type": "' .. ARGV[3] .. pri .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
 redis.call('HINCRBY', KI, 'sent', 1)
+if high then redis.call('HINCRBY', KI, 'sent_high', 1) end
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
@@ -267,7 +281,7 @@ return {0, id, seq, sec, cb_record(false, now, cfg)}
 
 # Many payloads of one sender, as far as room allows, in one step.
 # ARGV: sender, recipient, escaped type, own capacity, reservation ttl, breaker
-#       settings (cb_cfg), then (hex, payload) pairs
+#       settings (cb_cfg), high priority (0/1), then (hex, payload) pairs
 # -> {delivered count, circuit, id, seq, ts, id, seq, ts, ...}; {-1}: no inbox; {-2, ms}: circuit open
 DELIVER_MANY = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
@@ -279,19 +293,27 @@ local now, sec = now_ms()
 local adm = cb_admit(now, cfg)
 if adm < 0 then return {-2, -adm} end
 dispatch(now, ttl)
+local high = ARGV[7] == '1'
 local room = 0
-if redis.call('LLEN', KW) == 0 then
+if high then
+  room = cap + math.ceil(cap * cfg[7] / 100) - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
+elseif redis.call('LLEN', KW) == 0 then
   room = cap - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
 end
 local out = {0, 0}
 local n = 0
 local head = '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": '
 local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": '
-for j = 7, #ARGV, 2 do
+local suffix = ''
+if high then
+  suffix = '-hi'
+  mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "priority": "high",\n  "payload": '
+end
+for j = 8, #ARGV, 2 do
   if n >= room then break end
   local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
-  local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j])
-  redis.call('ZADD', KQ, 0, id)
+  local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j]) .. suffix
+  redis.call('ZADD', KQ, score(id), id)
   redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
     head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n')
   n = n + 1
@@ -300,37 +322,58 @@ end
 out[1] = n
 if n > 0 then
   redis.call('HINCRBY', KI, 'sent', n)
+  if high then redis.call('HINCRBY', KI, 'sent_high', n) end
   out[2] = cb_record(false, now, cfg)
 end
 return out
 """
 
-# ARGV: how many (-1 all), consumer, visibility (ms), claim (0/1)
+# ARGV: how many (-1 all), consumer, visibility (ms), claim (0/1), priority
+#       ratio (high messages in a row while normal ones wait; 0: no limit)
 # -> {count, id, body, id, body, ...}; {-1}: no inbox
 READ = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
 local want, me, ttl, claim = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local ratio = tonumber(ARGV[5] or '0')
 local now = now_ms()
 recover(now)
-local ids = {}
-local start = 0
-while want < 0 or #ids < want do
-  local chunk = redis.call('ZRANGE', KQ, start, start + 255)
-  if #chunk == 0 then break end
-  start = start + #chunk
-  for _, id in ipairs(chunk) do
-    local r = redis.call('HGET', KV, id)
-    local free = true
-    if r then
-      local bar = string.find(r, '|', 1, true)
-      free = tonumber(string.sub(r, 1, bar - 1)) < now or string.sub(r, bar + 1) == me
-    end
-    if free then
-      ids[#ids + 1] = id
-      if want >= 0 and #ids >= want then break end
+-- up to `want` messages of one score (priority) that no other consumer is reading, oldest first
+local function pick(sc)
+  local got = {}
+  local start = 0
+  while want < 0 or #got < want do
+    local chunk = redis.call('ZRANGEBYSCORE', KQ, sc, sc, 'LIMIT', start, 256)
+    if #chunk == 0 then break end
+    start = start + #chunk
+    for _, id in ipairs(chunk) do
+      local r = redis.call('HGET', KV, id)
+      local free = true
+      if r then
+        local bar = string.find(r, '|', 1, true)
+        free = tonumber(string.sub(r, 1, bar - 1)) < now or string.sub(r, bar + 1) == me
+      end
+      if free then
+        got[#got + 1] = id
+        if want >= 0 and #got >= want then break end
+      end
     end
   end
+  return got
 end
+-- high-priority ones first, but no more than `ratio` in a row (the inbox's
+-- run, 'hirun') while normal ones wait
+local hi, lo = pick(-1), pick(0)
+local run = tonumber(redis.call('HGET', KI, 'hirun') or '0')
+local ids = {}
+local i, j = 1, 1
+while (want < 0 or #ids < want) and (i <= #hi or j <= #lo) do
+  if i <= #hi and (j > #lo or ratio <= 0 or run < ratio) then
+    ids[#ids + 1] = hi[i]; i = i + 1; run = run + 1
+  else
+    ids[#ids + 1] = lo[j]; j = j + 1; run = 0
+  end
+end
+if #hi > 0 or #lo > 0 then redis.call('HSET', KI, 'hirun', run) end
 local out = {#ids}
 if #ids == 0 then return out end
 for _, id in ipairs(ids) do
@@ -358,10 +401,12 @@ end
 return out
 """
 
-# Every message, oldest first, nothing changed. -> {count, id, body, ...}; {-1}: no inbox
+# Every message, oldest first (whatever its priority, as files are listed), nothing changed.
+# -> {count, id, body, ...}; {-1}: no inbox
 PEEK = r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+table.sort(ids)
 local out = {#ids}
 for j = 1, #ids, 512 do
   local part = {}
@@ -434,7 +479,7 @@ local n = 0
 for _, id in ipairs(ids) do
   if redis.call('HGET', KC, id) == me then
     redis.call('HDEL', KC, id)
-    redis.call('ZADD', KQ, 0, id)
+    redis.call('ZADD', KQ, score(id), id)
     n = n + 1
   end
 end

@@ -136,7 +136,7 @@ class RedisStorage:
                            else c.backpressure_wait_ms * 1_000_000 * max(0, c.backpressure_max_retries))
         self._timed = c.backpressure_max_total_ms > 0 or c.backpressure_wait_ms > 0
         self._cb = (f"{c.breaker_failures},{c.breaker_failure_rate},{c.breaker_window_ms},{c.breaker_min_calls},"
-                    f"{c.breaker_cooldown_ms},{c.breaker_probes}")
+                    f"{c.breaker_cooldown_ms},{c.breaker_probes},{c.priority_headroom_pct}")
         errors = redis.exceptions
         self._unavailable: tuple[type[BaseException], ...] = (
             errors.ConnectionError, errors.TimeoutError, getattr(errors, "ClusterDownError", errors.ConnectionError),
@@ -376,12 +376,14 @@ class RedisStorage:
         self._outbox[sender] = (yes, now)
         return yes
 
-    def _copy_out(self, sender: str, to: str, etype: bytes, data: bytes, mid: bytes, seq: int, ts: int) -> bool:
+    def _copy_out(self, sender: str, to: str, etype: bytes, data: bytes, mid: bytes, seq: int, ts: int,
+                  high: bool = False) -> bool:
         if not self._has_outbox(sender):
             return False
+        pri = b'",\n  "priority": "high' if high else b""
         body = (b'{\n  "version": "1.1",\n  "msg_id": "%s",\n  "from": "%s",\n  "to": "%s",\n  "timestamp": %d,\n'
-                b'  "sequence": %d,\n  "type": "%s",\n  "payload": %s,\n  "requires_ack": false\n}\n'
-                % (mid, sender.encode(), to.encode(), ts, seq, etype, data))
+                b'  "sequence": %d,\n  "type": "%s%s",\n  "payload": %s,\n  "requires_ack": false\n}\n'
+                % (mid, sender.encode(), to.encode(), ts, seq, etype, pri, data))
         k = self._ikeys(sender)
         pruned = self._run("OUTBOX", [k[0][:-1] + b"o", k[0][:-1] + b"ob"], [mid, body, self.config.outbox_max])
         if pruned:
@@ -395,22 +397,23 @@ class RedisStorage:
         return int(self._do(self._c().hincrby, keys[_INBOX.index(b"s")], sender, 1))
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0) -> SendResult:
+                deadline_ns: int = 0, high: bool = False) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
         keys = self._ikeys(to)
         cap = self.config.max_inbox_size
         tok = os.urandom(8).hex()
         if not backpressure:
             r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok,
-                                            self._cb, 0, 0])
+                                            self._cb, 0, 0, 1 if high else 0])
             if r[0] == 1:
-                e = InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
+                head = f", and its {int(r[4])} places of high-priority headroom" if int(r[4]) else ""
+                e = InboxFull(f"inbox of '{to}' is full ({r[1]} messages{head})")
                 e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
                 raise e
             self._refused(r, to)
-            copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
+            copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3], high)
             return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied, int(r[4]))
-        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns)
+        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns, high)
 
     @staticmethod
     def _refused(r: list[Any], to: str) -> None:
@@ -428,7 +431,7 @@ class RedisStorage:
         return eta_ms * 1_000_000 if eta_ms >= 0 else self._next_wait(0, 0, 0, fixed=True)[0]
 
     def _deliver_waiting(self, sender: str, to: str, etype: bytes, data: bytes, keys: list[bytes],
-                         tok: str, deadline_ns: int) -> SendResult:
+                         tok: str, deadline_ns: int, high: bool = False) -> SendResult:
         """send_with_backpressure: the C loop's rules (retries, backoff, total
         budget, deadline), waiting on the server: a full inbox queues this
         sender's token, and a consumer that frees a place hands it to the first
@@ -452,13 +455,14 @@ class RedisStorage:
             wait_left = left if not deadline_ns else min(left, deadline_ns - now)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
                                             max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok,
-                                            self._cb, 1 if admitted else 0, 0 if doomed else 1])
+                                            self._cb, 1 if admitted else 0, 0 if doomed else 1,
+                                            1 if high else 0])
             admitted = True
             if r[0] == 0:
                 self._bp_metric("backpressure.send.success", sender, to, "retries", retries)
                 if r[4]:
                     self._bp_metric("circuit.closed", sender, to, "retries", retries)
-                copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3])
+                copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3], high)
                 return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied, int(r[4]))
             self._refused(r, to)
             eta = int(r[2]) * 1_000_000 if int(r[2]) >= 0 else -1
@@ -543,7 +547,7 @@ class RedisStorage:
             pool.release(conn)
 
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
-                     backpressure: bool) -> list[Union[SendResult, CfnError]]:
+                     backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]:
         """Each payload's SendResult, or the error that refused it, in order.
         As many as fit go in one server step per batch; the rest wait as
         deliver does, one by one, until room comes."""
@@ -570,7 +574,7 @@ class RedisStorage:
                 i, d = todo[pos + len(chunk)]
                 chunk.append((i, d, os.urandom(8).hex()))
                 size += len(d)
-            args: list[Any] = [sender, to, etype, cap, self._ttl, self._cb]
+            args: list[Any] = [sender, to, etype, cap, self._ttl, self._cb, 1 if high else 0]
             for _, d, h in chunk:
                 args += [h, d]
             try:
@@ -594,13 +598,13 @@ class RedisStorage:
             for j in range(n):
                 i, d, _ = chunk[j]
                 mid, seq, ts = r[2 + 3 * j], int(r[3 + 3 * j]), int(r[4 + 3 * j])
-                copied = self._copy_out(sender, to, etype, d, mid, seq, ts)
+                copied = self._copy_out(sender, to, etype, d, mid, seq, ts, high)
                 out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied, int(r[1]) if j == 0 else 0)
             pos += n
             if n < len(chunk):  # full: the next one waits (or fails) as a single send does
                 i, d = todo[pos]
                 try:
-                    out[i] = self.deliver(sender, to, mtype, d, backpressure)
+                    out[i] = self.deliver(sender, to, mtype, d, backpressure, 0, high)
                 except CfnError as e:
                     out[i] = e
                 pos += 1
@@ -672,7 +676,8 @@ class RedisStorage:
             claim = mode == storage.READ_CLAIM
             self._c()
             ttl = self.config.claim_timeout_ms if claim else self._ttl
-            r = self._run("READ", keys, [max_messages, self.consumer, ttl, 1 if claim else 0])
+            r = self._run("READ", keys, [max_messages, self.consumer, ttl, 1 if claim else 0,
+                                         self.config.priority_ratio])
         if r[0] < 0:
             raise InboxNotFound(f"agent '{agent}' has no inbox (run init for it first)")
         recs = self._records(r)

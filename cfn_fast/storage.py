@@ -111,10 +111,10 @@ class Storage(Protocol):
     def has_agent(self, agent: str) -> bool: ...  # an inbox, or anything else kept for the agent
     # sending, counting
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0) -> SendResult: ...
+                deadline_ns: int = 0, high: bool = False) -> SendResult: ...
     def next_sequence(self, sender: str, to: str) -> int: ...
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
-                     backpressure: bool) -> list[Union[SendResult, CfnError]]: ...
+                     backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]: ...
     def size(self, agent: str) -> int: ...
     def capacity(self, agent: str, own: int) -> int: ...
     def count_files(self, agent: str, box: str) -> int: ...
@@ -164,9 +164,11 @@ class FileStorage:
             file_mode=c.file_mode, dir_mode=c.dir_mode, breaker_failures=c.breaker_failures,
             breaker_rate_pct=c.breaker_failure_rate, breaker_min_calls=c.breaker_min_calls,
             breaker_probes=c.breaker_probes, breaker_window_ms=c.breaker_window_ms,
-            breaker_cooldown_ms=c.breaker_cooldown_ms)
+            breaker_cooldown_ms=c.breaker_cooldown_ms, headroom_pct=c.priority_headroom_pct)
         self._plain = _core.new_send_opts(max_retries=-1, **common)
         self._backpressure = _core.new_send_opts(max_retries=c.backpressure_max_retries, **common)
+        self._plain_high = _core.new_send_opts(self._plain, priority=_core.PRIORITY_HIGH)
+        self._backpressure_high = _core.new_send_opts(self._backpressure, priority=_core.PRIORITY_HIGH)
 
     @property
     def stale_after_ms(self) -> int:
@@ -184,7 +186,8 @@ class FileStorage:
             if self._handle is None:
                 cfg = self.config
                 try:
-                    h = _core.open_bus(self.base_dir, create, cfg.dir_mode, cfg.group, cfg.lock_timeout_ms)
+                    h = _core.open_bus(self.base_dir, create, cfg.dir_mode, cfg.group, cfg.lock_timeout_ms,
+                                       cfg.priority_ratio)
                 except CfnOSError as e:
                     if create or e.errno != errno.ENOENT:
                         raise
@@ -279,21 +282,25 @@ class FileStorage:
 
     # -- sending and counting ----------------------------------------------------
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
-                     backpressure: bool) -> list[Union[SendResult, CfnError]]:
+                     backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]:
         """deliver for each payload, in order: its result or the error that refused it."""
         out: list[Union[SendResult, CfnError]] = []
         for p in payloads:
             try:
-                out.append(self.deliver(sender, to, mtype, p, backpressure))
+                out.append(self.deliver(sender, to, mtype, p, backpressure, 0, high))
             except CfnError as e:
                 out.append(e)
         return out
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0) -> SendResult:
-        """One send; deadline_ns (CLOCK_MONOTONIC, as time.monotonic_ns) bounds the whole call."""
+                deadline_ns: int = 0, high: bool = False) -> SendResult:
+        """One send; deadline_ns (CLOCK_MONOTONIC, as time.monotonic_ns) bounds the whole call; a
+        high-priority one may use the inbox's headroom."""
         s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
-        opts = self._backpressure if backpressure else self._plain
+        if high:
+            opts = self._backpressure_high if backpressure else self._plain_high
+        else:
+            opts = self._backpressure if backpressure else self._plain
         if deadline_ns:
             opts = _core.new_send_opts(opts, deadline_ns=deadline_ns)
         return _core.send(self._need(to), s, t, mtype, payload, opts)

@@ -55,6 +55,9 @@ enum {
 
 enum { CFN_BACKOFF_FIXED = 0, CFN_BACKOFF_EXPONENTIAL = 1, CFN_BACKOFF_DECORRELATED = 2 };
 
+/* A send's priority (cfn_send_opts.priority). */
+enum { CFN_PRIORITY_NORMAL = 0, CFN_PRIORITY_HIGH = 1 };
+
 /* Indexes of the shared event counters (cfn_counter_*). */
 enum {
     CFN_CTR_SENT = 0,            /* messages delivered */
@@ -78,7 +81,8 @@ enum {
     CFN_CTR_CIRCUIT_OPENED = 18, /* circuits opened (tripped, or a probe failed) */
     CFN_CTR_CIRCUIT_CLOSED = 19, /* circuits closed again (a probe succeeded, or a reset) */
     CFN_CTR_CIRCUIT_REJECTED = 20, /* sends refused by an open circuit */
-    CFN_CTR_FIRST_FREE = 21      /* 21..CFN_COUNTERS-1: free for later use */
+    CFN_CTR_SENT_HIGH = 21,      /* high-priority messages delivered */
+    CFN_CTR_FIRST_FREE = 22      /* 22..CFN_COUNTERS-1: free for later use */
 };
 
 /* A recipient's circuit (cfn_circuit_info.state). */
@@ -131,6 +135,10 @@ typedef struct {
     int32_t breaker_probes;         /* sends a half-open circuit admits (1 to 63; 0: 1) */
     int64_t breaker_window_ms;      /* the rate's sliding window */
     int64_t breaker_cooldown_ms;    /* an opened circuit refuses this long, then admits probes */
+    /* the priority lane: a high-priority send may fill the inbox past its
+     * capacity by headroom_pct % of it (rounded up); a normal one never */
+    int32_t priority;               /* CFN_PRIORITY_* */
+    int32_t headroom_pct;           /* 0 to 100 */
 } cfn_send_opts;
 
 typedef struct {
@@ -196,6 +204,12 @@ typedef struct {
     int64_t interval_ms;            /* the publisher's check interval */
 } cfn_rate_settings;
 
+/* What a handle's consumers do (cfn_bus_set_flow); all zero until set. */
+typedef struct {
+    int32_t priority_ratio;         /* high messages taken in a row while normal ones wait; 0: no limit */
+    int32_t pad_;
+} cfn_flow_opts;
+
 /* --- handle ------------------------------------------------------------- */
 /* opts->gid >= 0 opens the bus to that group (CFN_GROUP): new folders dir_mode
  * with the group, new files 0660, and folders or files of other users accepted
@@ -210,6 +224,8 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *opts,
  * signal came between two system calls, not during one. NULL: no probe. */
 typedef int (*cfn_probe_fn)(void);
 int cfn_bus_set_probe(cfn_bus *bus, cfn_probe_fn probe);
+/* Sets the handle's consumer settings (right after open, before other calls). */
+int cfn_bus_set_flow(cfn_bus *bus, const cfn_flow_opts *opts, cfn_err *err);
 void cfn_bus_close(cfn_bus *bus);
 void cfn_bus_free(cfn_bus *bus);
 

@@ -67,6 +67,15 @@ int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns)
     return eta > 9e18 ? INT64_MAX : (int64_t)eta;
 }
 
+/* ---- the priority lane --------------------------------------------------------- */
+
+/* The places above capacity that only high-priority sends may take: pct % of
+ * the capacity, rounded up (so any pct > 0 gives at least one). */
+int64_t cfn_headroom(int64_t cap, int32_t pct)
+{
+    return pct > 0 ? (cap * pct + 99) / 100 : 0;  /* cap <= 1e9: no overflow */
+}
+
 /* ---- circuit breaker ---------------------------------------------------------- */
 
 /* The word: state:2 | probe limit:6 | probes:6 | failures:10 | until:40 (ms). */

@@ -67,7 +67,10 @@ struct cfn_slot {
     /* the failure rate's sliding window: per bucket, window index:24 | failures:20 | calls:20 */
     _Atomic uint64_t circuit_win[2];
     _Atomic int64_t circuit_rejected;  /* sends refused while open */
-    _Atomic int64_t flow_reserved[26];
+    /* high-priority messages delivered: a consumer holding a listing of the
+     * inbox reads it again when this moved, so they go first */
+    _Atomic int64_t high_sent;
+    _Atomic int64_t flow_reserved[25];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
 
@@ -138,6 +141,10 @@ struct cfn_ent {
     pthread_mutex_t list_mu;
     char **list;
     size_t list_n, list_next;
+    char **hlist;                   /* the high-priority names, oldest first, taken before list's */
+    size_t hlist_n, hlist_next;
+    int64_t list_high;              /* the slot's high_sent when the listing was read */
+    int high_run;                   /* high messages taken in a row since the last normal one */
     int claimfd;
     bool outbox_tmpfs;              /* the outbox is on tmpfs: its size counts its entries */
     int64_t outbox_missing_ns;      /* CLOCK_MONOTONIC when the outbox was last found missing */
@@ -183,6 +190,7 @@ struct cfn_bus {
     uint32_t dir_mode;
     int64_t lock_timeout_ms;        /* longest wait for a lock another process holds */
     cfn_probe_fn probe;             /* asked while waiting whether to give up (Python's signals) */
+    cfn_flow_opts flow;             /* this handle's consumer settings */
     /* this handle's consumer identity: claims live in <agent>/.claims/<consumer_id>/
      * and are its own while it holds <base>/.consumers/<consumer_id>.lock */
     pthread_mutex_t consumer_mu;
@@ -284,6 +292,7 @@ int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_le
 void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
 int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
 int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);
+int64_t cfn_headroom(int64_t cap, int32_t pct);
 enum { CFN_ADMIT = 0, CFN_ADMIT_PROBE = 1, CFN_REFUSE = 2 };
 int cfn_circuit_peek(struct cfn_slot *s, int64_t mono_ns, int64_t *retry_after_ns);
 int cfn_circuit_admit(struct cfn_slot *s, const cfn_send_opts *o, int64_t mono_ns, int64_t *retry_after_ns);
@@ -340,6 +349,7 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
                 cfn_err *err);
 
 /* consume.c: reading, taking, claims, clearing */
+void cfn_listing_free(struct cfn_ent *e);
 int cfn_read_messages_in(cfn_bus *bus, const char *agent, int mode, int64_t max, int64_t max_bytes,
                          cfn_blob *out, cfn_err *err);
 int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,

@@ -43,6 +43,10 @@ static int opts_check(const cfn_send_opts *o, cfn_err *err)
         return cfn_fail(err, CFN_E_BADARG, "unknown backoff %d", (int)o->backoff);
     if (o->outbox_max < 0 || o->stale_after_ms < 0 || o->deadline_ns < 0)
         return cfn_fail(err, CFN_E_BADARG, "outbox limit, staleness and deadline must not be negative");
+    if (o->priority != CFN_PRIORITY_NORMAL && o->priority != CFN_PRIORITY_HIGH)
+        return cfn_fail(err, CFN_E_BADARG, "unknown priority %d", (int)o->priority);
+    if (o->headroom_pct < 0 || o->headroom_pct > 100)
+        return cfn_fail(err, CFN_E_BADARG, "high-priority headroom must be 0 to 100 %%, not %d", (int)o->headroom_pct);
     return 0;
 }
 
@@ -59,6 +63,14 @@ int64_t cfn_capacity_for(struct cfn_slot *s, int64_t own)
         if (atomic_compare_exchange_weak(&s->capacity, &cap, own))
             return own;
     }
+}
+
+/* How far this send may fill the inbox: its capacity, and for a
+ * high-priority send the headroom above it too. */
+static int64_t send_limit(struct cfn_slot *s, const cfn_send_opts *o)
+{
+    int64_t cap = cfn_capacity_for(s, o->capacity);
+    return o->priority == CFN_PRIORITY_HIGH ? cap + cfn_headroom(cap, o->headroom_pct) : cap;
 }
 
 /* Reserve one place: CAS count+1 while below capacity. 1 when the counter
@@ -188,9 +200,9 @@ struct msg {
  * payload embedded as the caller gave it. Bash readers grep these lines
  * (head -n 1 of '"timestamp":'), so the envelope must come before the payload. */
 static char *build_message(const char *from, const char *to, int64_t ts, int64_t seq, const char *id,
-                           const struct msg *m, size_t *len)
+                           const struct msg *m, bool high, size_t *len)
 {
-    size_t cap = 256 + strlen(from) + strlen(to) + strlen(id) + 6 * m->type_len + m->payload_len;
+    size_t cap = 288 + strlen(from) + strlen(to) + strlen(id) + 6 * m->type_len + m->payload_len;
     char *buf = malloc(cap);
     if (!buf)
         return NULL;
@@ -200,9 +212,13 @@ static char *build_message(const char *from, const char *to, int64_t ts, int64_t
                      id, from, to, ts, seq);
     size_t o = (size_t)n;
     o += cfn_json_escape(buf + o, m->type, m->type_len);
-    static const char mid[] = "\",\n  \"payload\": ";
-    memcpy(buf + o, mid, sizeof mid - 1);  /* the original's space after the colon included */
-    o += sizeof mid - 1;
+    /* a high-priority message says so in a field of its own, before the
+     * payload (bash readers take the envelope's lines from the top) */
+    static const char mid[] = "\",\n  \"payload\": ", mid_high[] = "\",\n  \"priority\": \"high\",\n  \"payload\": ";
+    const char *sep = high ? mid_high : mid;
+    size_t sep_len = high ? sizeof mid_high - 1 : sizeof mid - 1;
+    memcpy(buf + o, sep, sep_len);  /* the original's space after the colon included */
+    o += sep_len;
     memcpy(buf + o, m->payload, m->payload_len);
     o += m->payload_len;
     static const char tail[] = ",\n  \"requires_ack\": false\n}\n";
@@ -458,11 +474,14 @@ static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const s
     char *buf = NULL;
     size_t len = 0;
     for (int attempt = 0;; attempt++) {
-        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%016" PRIx64, ts, seq,
-                 cfn_random64(bus));
+        /* a high-priority id ends in -hi: consumers see it in the name, and a
+         * listing sorted by name is still in (timestamp, sequence) order */
+        bool high = o->priority == CFN_PRIORITY_HIGH;
+        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%016" PRIx64 "%s", ts, seq,
+                 cfn_random64(bus), high ? "-hi" : "");
         snprintf(name, sizeof name, "%s.json", res->msg_id);
         free(buf);
-        buf = build_message(ef->agent, et->agent, ts, seq, res->msg_id, m, &len);
+        buf = build_message(ef->agent, et->agent, ts, seq, res->msg_id, m, high, &len);
         if (!buf) {
             rc = cfn_fail(err, -ENOMEM, "allocating a %zu-byte message", m->payload_len);
             break;
@@ -500,10 +519,9 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
         return err ? err->code : CFN_E_NOSLOT;
     }
     int64_t gen = atomic_load(&s->reconcile_gen);
-    int64_t cap = cfn_capacity_for(s, o->capacity);
     /* Files the counter does not know (a bash sender wrote since the last
      * scan) are counted before any place is given out. */
-    int r = cfn_inbox_drift(et, s, NULL) > 0 ? 1 : reserve(s, cap);
+    int r = cfn_inbox_drift(et, s, NULL) > 0 ? 1 : reserve(s, send_limit(s, o));
     if (r == CFN_E_FULL && o->max_retries >= 0 && healed_recently) {
         /* A backpressure sender goes straight to its wait when the inbox was
          * scanned within the last wait interval: under load the inbox is full
@@ -525,7 +543,7 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
             cfn_gate_release(et);
             return err ? err->code : CFN_E_NOSLOT;
         }
-        if (reserve(s, cfn_capacity_for(s, o->capacity)) != 0) {
+        if (reserve(s, send_limit(s, o)) != 0) {
             cfn_gate_release(et);
             return CFN_E_FULL;
         }
@@ -537,6 +555,8 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
         cfn_slot_wake(s, 1);
         return rc;
     }
+    if (o->priority == CFN_PRIORITY_HIGH)
+        atomic_fetch_add_explicit(&s->high_sent, 1, memory_order_release);
     cfn_gate_release(et);
     return 0;
 }
@@ -712,13 +732,17 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         if (rc != CFN_E_FULL)
             break;
         last_heal = healed ? last_heal : t0;
-        int64_t cap = cfn_capacity_for(s, o->capacity);
+        int64_t cap = cfn_capacity_for(s, o->capacity), limit = send_limit(s, o);
         int64_t now = cfn_mono_ns();
-        int64_t eta = cfn_eta_ns(s, atomic_load(&s->count) - cap + 1, now);
+        int64_t eta = cfn_eta_ns(s, atomic_load(&s->count) - limit + 1, now);
         res->retry_after_ns = eta >= 0 ? eta : retry_wait_ns(bus, o);
         if (!backpressure) {
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_SEND_FULL, 1);
-            rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to, cap);
+            if (limit > cap)
+                rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages, and its %" PRId64
+                              " places of high-priority headroom)", to, cap, limit - cap);
+            else
+                rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to, cap);
             break;
         }
         int64_t left = budget_ns - res->waited_ns;
@@ -808,8 +832,11 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         cfn_region_counter_add(r, CFN_CTR_BP_FAILURE, 1);
         emit_bp_metric(bus, "backpressure.send.failure", from, to, "retries", res->retries);
     }
-    if (rc == 0)
+    if (rc == 0) {
         cfn_region_counter_add(r, CFN_CTR_SENT, 1);
+        if (o->priority == CFN_PRIORITY_HIGH)
+            cfn_region_counter_add(r, CFN_CTR_SENT_HIGH, 1);
+    }
     cfn_ent_put(bus, ef);
     if (et)
         cfn_ent_put(bus, et);
