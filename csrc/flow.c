@@ -76,6 +76,106 @@ int64_t cfn_headroom(int64_t cap, int32_t pct)
     return pct > 0 ? (cap * pct + 99) / 100 : 0;  /* cap <= 1e9: no overflow */
 }
 
+/* ---- fair wake: the line ------------------------------------------------------- */
+
+/* A sender that found the inbox full takes a ticket; tickets are admitted in
+ * order: only the head (the ticket whose turn it is) waits for room, and a
+ * newcomer may not pass anyone waiting. The head beats while it waits; one
+ * that went quiet this long (killed, or stopped) loses its turn to the next. */
+#define LINE_STALE_NS (250LL * 1000000LL)
+
+uint32_t cfn_line_bit(uint32_t ticket)
+{
+    return UINT32_C(1) << (ticket & 31);
+}
+
+uint32_t cfn_line_join(struct cfn_slot *s, int64_t mono_ns)
+{
+    uint32_t t = atomic_fetch_add_explicit(&s->line_next, 1, memory_order_acq_rel);
+    if (atomic_load_explicit(&s->line_head, memory_order_acquire) == t)
+        atomic_store_explicit(&s->line_beat_ns, mono_ns, memory_order_relaxed);  /* first in: its turn */
+    return t;
+}
+
+/* 1: ticket's turn; 0: others before it; -1: the line passed it by (it went quiet). */
+int cfn_line_turn(struct cfn_slot *s, uint32_t ticket)
+{
+    int32_t d = (int32_t)(ticket - atomic_load_explicit(&s->line_head, memory_order_acquire));
+    return d == 0 ? 1 : d > 0 ? 0 : -1;
+}
+
+/* Tickets before this one (ticket NULL: a newcomer's, all of them). */
+int64_t cfn_line_ahead(struct cfn_slot *s, const uint32_t *ticket)
+{
+    uint32_t h = atomic_load_explicit(&s->line_head, memory_order_acquire);
+    int32_t d = (int32_t)((ticket ? *ticket : atomic_load_explicit(&s->line_next, memory_order_acquire)) - h);
+    return d > 0 ? d : 0;
+}
+
+void cfn_line_beat(struct cfn_slot *s, int64_t mono_ns)
+{
+    atomic_store_explicit(&s->line_beat_ns, mono_ns, memory_order_relaxed);
+}
+
+/* The turn goes from ticket h to the next still waiting (those that left are
+ * passed over), which is woken. Nothing when someone moved the head already. */
+static void line_pass(struct cfn_slot *s, uint32_t h, int64_t mono_ns)
+{
+    uint32_t next = h + 1, end = atomic_load_explicit(&s->line_next, memory_order_acquire);
+    while (next != end && (int32_t)(end - next) > 0) {
+        uint64_t bit = UINT64_C(1) << (next & 63);
+        if (!(atomic_fetch_and(&s->line_gone, ~bit) & bit))
+            break;
+        next++;
+    }
+    atomic_store_explicit(&s->line_beat_ns, mono_ns, memory_order_relaxed);
+    if (atomic_compare_exchange_strong(&s->line_head, &h, next))
+        cfn_futex_wake_bits(&s->line_head, cfn_line_bit(next));
+}
+
+/* Everyone in the line is passed over at once (a full reconcile, which
+ * forgets the sleepers it cannot tell from killed ones): the live ones wake
+ * and take new tickets, in the order they wake. */
+void cfn_line_reset(struct cfn_slot *s)
+{
+    uint32_t n = atomic_load_explicit(&s->line_next, memory_order_acquire);
+    atomic_store(&s->line_gone, 0);
+    atomic_store_explicit(&s->line_head, n, memory_order_release);
+    cfn_futex_wake_bits(&s->line_head, UINT32_MAX);
+}
+
+/* True when nobody waits in the line, after passing over a head that went
+ * quiet: a newcomer may then take room. */
+bool cfn_line_clear(struct cfn_slot *s, int64_t mono_ns)
+{
+    uint32_t h = atomic_load_explicit(&s->line_head, memory_order_acquire);
+    uint32_t n = atomic_load_explicit(&s->line_next, memory_order_acquire);
+    if ((int32_t)(n - h) <= 0)
+        return true;  /* empty (or a head past the end no process writes: empty too) */
+    if (mono_ns - atomic_load_explicit(&s->line_beat_ns, memory_order_relaxed) > LINE_STALE_NS)
+        line_pass(s, h, mono_ns);
+    return false;
+}
+
+/* Ticket leaves the line (delivered, or gave up): the head passes the turn
+ * on; a ticket further back is marked so the line passes over it when its
+ * turn comes (one more than 63 back is passed over when it goes quiet). */
+void cfn_line_leave(struct cfn_slot *s, uint32_t ticket, int64_t mono_ns)
+{
+    uint32_t h = atomic_load_explicit(&s->line_head, memory_order_acquire);
+    int32_t ahead = (int32_t)(ticket - h);
+    if (ahead == 0) {
+        line_pass(s, ticket, mono_ns);
+    } else if (ahead > 0 && ahead < 64) {
+        uint64_t bit = UINT64_C(1) << (ticket & 63);
+        atomic_fetch_or(&s->line_gone, bit);
+        /* its turn came meanwhile, before anyone saw the mark: then it is its own to pass on */
+        if (atomic_load_explicit(&s->line_head, memory_order_acquire) == ticket &&
+            (atomic_fetch_and(&s->line_gone, ~bit) & bit))
+            line_pass(s, ticket, mono_ns);
+    }
+}
+
 /* ---- circuit breaker ---------------------------------------------------------- */
 
 /* The word: state:2 | probe limit:6 | probes:6 | failures:10 | until:40 (ms). */

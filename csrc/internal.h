@@ -70,7 +70,13 @@ struct cfn_slot {
     /* high-priority messages delivered: a consumer holding a listing of the
      * inbox reads it again when this moved, so they go first */
     _Atomic int64_t high_sent;
-    _Atomic int64_t flow_reserved[25];
+    /* fair wake: senders that found the inbox full wait their turn in a line
+     * of tickets; only the head waits for room (on wake_seq) */
+    _Atomic uint32_t line_next;     /* the next ticket handed out */
+    _Atomic uint32_t line_head;     /* futex word: the ticket whose turn it is */
+    _Atomic int64_t line_beat_ns;   /* CLOCK_MONOTONIC: the head's last sign of life */
+    _Atomic uint64_t line_gone;     /* bit t % 64: ticket t left before its turn */
+    _Atomic int64_t flow_reserved[22];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
 
@@ -254,6 +260,8 @@ int cfn_pid_alive(pid_t pid, uint64_t start_ticks);
 uint64_t cfn_proc_start_ticks(pid_t pid);
 int cfn_futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 void cfn_futex_wake(_Atomic uint32_t *addr, int n);
+int cfn_futex_wait_bits(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns, uint32_t bits);
+void cfn_futex_wake_bits(_Atomic uint32_t *addr, uint32_t bits);
 int cfn_write_all(int fd, const char *buf, size_t len);
 void cfn_lock_holder(int fd, char *out, size_t cap);
 int cfn_flock_until(cfn_bus *bus, int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
@@ -293,6 +301,14 @@ void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
 int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
 int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);
 int64_t cfn_headroom(int64_t cap, int32_t pct);
+uint32_t cfn_line_join(struct cfn_slot *s, int64_t mono_ns);
+int cfn_line_turn(struct cfn_slot *s, uint32_t ticket);
+bool cfn_line_clear(struct cfn_slot *s, int64_t mono_ns);
+int64_t cfn_line_ahead(struct cfn_slot *s, const uint32_t *ticket);
+void cfn_line_beat(struct cfn_slot *s, int64_t mono_ns);
+void cfn_line_leave(struct cfn_slot *s, uint32_t ticket, int64_t mono_ns);
+void cfn_line_reset(struct cfn_slot *s);
+uint32_t cfn_line_bit(uint32_t ticket);
 enum { CFN_ADMIT = 0, CFN_ADMIT_PROBE = 1, CFN_REFUSE = 2 };
 int cfn_circuit_peek(struct cfn_slot *s, int64_t mono_ns, int64_t *retry_after_ns);
 int cfn_circuit_admit(struct cfn_slot *s, const cfn_send_opts *o, int64_t mono_ns, int64_t *retry_after_ns);

@@ -268,6 +268,7 @@ static bool slot_free(struct cfn_region *r, struct cfn_slot *s)
     s->agent[0] = '\0';
     atomic_store_explicit(&s->state, SLOT_TOMB, memory_order_release);
     cfn_waiters_reset(s);
+    cfn_line_reset(s);
     cfn_slot_wake(s, INT32_MAX);
     atomic_fetch_add_explicit(&r->hdr->counters[CFN_CTR_SLOTS_FREED], 1, memory_order_relaxed);
     return true;

@@ -682,14 +682,27 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     bool timed = o->max_total_ms > 0 || o->wait_ms > 0;
     int64_t start = cfn_mono_ns(), prev_ns = 0, last_heal = INT64_MIN / 2;
     int64_t heal_every = cfn_mul_sat(o->wait_ms > 10 ? o->wait_ms : 10, 1000000);
+    /* fair wake: a normal send that finds the inbox full (or others waiting
+     * for it) takes a ticket and waits its turn; a high-priority one passes */
+    bool fair = o->priority != CFN_PRIORITY_HIGH, queued = false;
+    uint32_t ticket = 0;
+    struct cfn_slot *ls = NULL;  /* the slot whose line holds the ticket */
     for (;;) {
         struct cfn_slot *s = cfn_ent_slot(bus, et, err);
         if (!s) {
             rc = err ? err->code : CFN_E_NOSLOT;
             break;
         }
+        if (queued && ls != s) {  /* the state file was replaced under us: its line is another */
+            cfn_line_leave(ls, ticket, cfn_mono_ns());
+            queued = false;
+        }
+        if (queued && cfn_line_turn(s, ticket) < 0)
+            ticket = cfn_line_join(s, cfn_mono_ns());  /* passed over while it went quiet: to the back */
         uint32_t seen = atomic_load_explicit(&s->wake_seq, memory_order_acquire);
         int64_t t0 = cfn_mono_ns();
+        /* a turn to try: the head of the line, or a newcomer finding nobody waiting */
+        bool my_turn = !fair || (queued ? cfn_line_turn(s, ticket) == 1 : cfn_line_clear(s, t0));
         int64_t lock_deadline = cfn_deadline(bus->lock_timeout_ms);
         if (backpressure && timed && t0 + (budget_ns - res->waited_ns) < lock_deadline)
             lock_deadline = cfn_add_sat(t0, budget_ns - res->waited_ns);
@@ -697,7 +710,7 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             lock_deadline = o->deadline_ns;
         bool healed = t0 - last_heal < heal_every ||
                       cfn_now_ns() - atomic_load(&s->reconcile_ns) < heal_every;
-        rc = try_send(bus, ef, et, &m, o, lock_deadline, healed, res, err);
+        rc = my_turn ? try_send(bus, ef, et, &m, o, lock_deadline, healed, res, err) : CFN_E_FULL;
         if (rc == -ENOENT || rc == CFN_E_NOINBOX) {
             /* the cached inbox was removed and maybe made again: look once more */
             cfn_ent_drop(bus, et);
@@ -731,14 +744,19 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         }
         if (rc != CFN_E_FULL)
             break;
-        last_heal = healed ? last_heal : t0;
+        last_heal = healed || !my_turn ? last_heal : t0;
         int64_t cap = cfn_capacity_for(s, o->capacity), limit = send_limit(s, o);
         int64_t now = cfn_mono_ns();
-        int64_t eta = cfn_eta_ns(s, atomic_load(&s->count) - limit + 1, now);
+        int64_t count = atomic_load(&s->count);
+        int64_t ahead = fair ? cfn_line_ahead(s, queued ? &ticket : NULL) : 0;
+        int64_t eta = cfn_eta_ns(s, (count > limit - 1 ? count - limit + 1 : 0) + ahead, now);
         res->retry_after_ns = eta >= 0 ? eta : retry_wait_ns(bus, o);
         if (!backpressure) {
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_SEND_FULL, 1);
-            if (limit > cap)
+            if (count < limit)
+                rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full: %" PRId64 " sender(s) wait their turn "
+                              "for room in it", to, ahead);
+            else if (limit > cap)
                 rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages, and its %" PRId64
                               " places of high-priority headroom)", to, cap, limit - cap);
             else
@@ -777,6 +795,11 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         /* every wait is a backpressure event, whether a timeout or a consumer ends it */
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_BP_WAIT, 1);
         emit_bp_metric(bus, "backpressure.wait", from, to, "retry", res->retries + res->wakeups + 1);
+        if (fair && !queued) {
+            ticket = cfn_line_join(s, now);
+            ls = s;
+            queued = true;
+        }
         if (w <= 0) {
             res->retries++;  /* BACKPRESSURE_WAIT_MS=0: retry at once, as the original */
             sched_yield();
@@ -786,14 +809,36 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         int64_t w0 = cfn_mono_ns(), probed = w0;
         int wr;
         /* in slices of at most 50 ms, asking the probe between them: a signal
-         * that came just before the wait began must not wait out an hour */
+         * that came just before the wait began must not wait out an hour. The
+         * head waits for room (wake_seq), beating; the others for their turn
+         * (the line's word, on their ticket's bit), passing over a quiet head. */
         for (;;) {
             int64_t slice = w - (cfn_mono_ns() - w0);
             if (slice > 50000000LL)
                 slice = 50000000LL;
-            wr = cfn_futex_wait(&s->wake_seq, seen, slice);
-            if (wr != -ETIMEDOUT || cfn_mono_ns() - w0 >= w)
+            int turn = queued ? cfn_line_turn(s, ticket) : 1;
+            if (turn < 0) {
+                wr = -ETIMEDOUT;  /* passed over: it joins again at the top of the loop */
                 break;
+            }
+            if (turn == 1) {
+                if (queued)
+                    cfn_line_beat(s, cfn_mono_ns());
+                wr = cfn_futex_wait(&s->wake_seq, seen, slice);
+            } else {
+                uint32_t h = atomic_load_explicit(&s->line_head, memory_order_acquire);
+                wr = cfn_line_turn(s, ticket) != 0 ? 0
+                     : cfn_futex_wait_bits(&s->line_head, h, slice, cfn_line_bit(ticket));
+                if (wr == 0 && cfn_line_turn(s, ticket) != 1)
+                    wr = -EAGAIN;  /* another's turn moved: not ours yet */
+                if (wr != 0)
+                    (void)cfn_line_clear(s, cfn_mono_ns());
+            }
+            if (wr == 0 || wr == -EINTR || cfn_mono_ns() - w0 >= w) {
+                if (wr == -EAGAIN)
+                    wr = -ETIMEDOUT;
+                break;
+            }
             if (cfn_probe_says_stop(bus, &probed)) {
                 wr = -EINTR;
                 break;
@@ -814,6 +859,8 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             break;
         }
     }
+    if (queued)
+        cfn_line_leave(ls, ticket, cfn_mono_ns());  /* the head passes the turn on; others leave their place */
     if (rc != CFN_E_FULL && !(rc == CFN_E_TIMEOUT && !res->locked))
         res->retry_after_ns = 0;  /* said only of a send refused for want of room */
     struct cfn_region *r = cfn_reg(bus);
