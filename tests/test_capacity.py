@@ -82,7 +82,10 @@ def test_many_threads_never_overfill(make_bus, base: Path) -> None:
 
 
 def test_backpressure_gives_up_after_its_retries(make_bus, base: Path) -> None:
-    bus = make_bus(max_inbox_size=1, backpressure_wait_ms=5, backpressure_max_retries=4)
+    # the retries bound it (a total budget far above 4 x 5 ms), so a busy machine, where a 5 ms wait
+    # takes 7, cannot spend the default budget of 20 ms in three
+    bus = make_bus(max_inbox_size=1, backpressure_wait_ms=5, backpressure_max_retries=4,
+                   backpressure_max_total_ms=10_000)
     bus.init_message_bus("bob")
     bus.send_message("alice", "bob", "t", 0)
     res = None
