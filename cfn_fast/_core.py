@@ -110,7 +110,8 @@ def agent_bytes(agent: object, role: str = "agent id") -> bytes:
 
 
 def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = None,
-             lock_timeout_ms: int = 10000, priority_ratio: int = 0) -> Handle:
+             lock_timeout_ms: int = 10000, flow: Optional[dict[str, int]] = None) -> Handle:
+    """A handle on the base folder; ``flow`` sets its consumers' cfn_flow_opts fields."""
     err = new_err()
     opts = ffi.new("cfn_bus_opts *", {"dir_mode": dir_mode, "gid": -1 if gid is None else gid,
                                       "lock_timeout_ms": lock_timeout_ms})
@@ -118,7 +119,7 @@ def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = No
     if h == ffi.NULL:
         raise_for(err.code, err)
     lib.cfn_bus_set_probe(h, lib.cfn_py_probe)
-    rc = lib.cfn_bus_set_flow(h, ffi.new("cfn_flow_opts *", {"priority_ratio": priority_ratio}), err)
+    rc = lib.cfn_bus_set_flow(h, ffi.new("cfn_flow_opts *", flow or {}), err)
     if rc:
         lib.cfn_bus_free(h)
         raise_for(rc, err)
@@ -257,6 +258,38 @@ def circuit_get(h: Handle, agent: bytes) -> CircuitInfo:
 def circuit_reset(h: Handle, agent: bytes) -> str:
     """Closes the circuit; the state it had."""
     return CIRCUIT_STATES.get(_checked(lib.cfn_circuit_reset, h, agent), "closed")
+
+
+class FlowInfo(NamedTuple):
+    count: int  # type: ignore[assignment]  # messages and reservations; shadows tuple.count on purpose
+    capacity: int
+    limit: int          # the adaptive limit in force; 0: none
+    sojourn_ms: float   # mean age of what was taken in the last interval measured
+    drained: int        # places freed over the last second
+    waiting: int        # senders in the line for room
+    high_sent: int      # high-priority messages delivered, ever
+
+
+def flow_get(h: Handle, agent: bytes) -> FlowInfo:
+    out = ffi.new("cfn_flow_info *")
+    _checked(lib.cfn_flow_get, h, agent, out)
+    return FlowInfo(out.count, out.capacity, out.limit, out.sojourn_us / 1000, out.drained, out.waiting,
+                    out.high_sent)
+
+
+TOP_SENDERS: int = lib.CFN_TOP_SENDERS
+
+
+def senders_get(h: Handle, agent: bytes) -> list[tuple[int, int]]:
+    """The inbox's heaviest senders as (key, count), heaviest first."""
+    out = ffi.new("cfn_sender_share[]", TOP_SENDERS)
+    n = _checked(lib.cfn_senders_get, h, agent, out, TOP_SENDERS)
+    return [(int(out[i].key), int(out[i].count)) for i in range(n)]
+
+
+def sender_key(agent: bytes) -> int:
+    """The key an agent id has in the top-senders tables."""
+    return int(lib.cfn_sender_key(agent))
 
 
 def _checked(fn: Any, *args: Any) -> int:

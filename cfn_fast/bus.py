@@ -172,6 +172,13 @@ class MessageBus:
         if e.circuit:
             alerts.circuit_opened(self.storage, from_agent, to_agent, f"{type(e).__name__}: {e}")
 
+    def flow_status(self, agent_id: str) -> storage.FlowInfo:
+        """The inbox's flow control as every process sees it: count, capacity,
+        the adaptive limit in force (0: none), the mean sojourn (ms) of what
+        consumers took in the last interval, the places it freed over the last
+        second, the senders waiting their turn, and high-priority sends."""
+        return self.storage.flow(agent_id)
+
     def circuit_status(self, agent_id: str) -> storage.CircuitInfo:
         """The inbox's circuit breaker, as every process sees it: state
         ("closed", "open", "half-open"), failures in a row, probes, retry_after

@@ -113,7 +113,12 @@ COMMANDS: tuple[Command, ...] = (
             (Param("interval", "seconds between checks [default: RATE_LIMIT_CHECK_INTERVAL]",
                    "seconds", False, None),), handler=h.monitor_rate_limit),
     Command(("get-stats",), "get_all_inbox_stats",
-            "Print a JSON array with one {agent, size, utilization, max_size} per inbox.", handler=h.get_stats),
+            "Print a JSON array with one {agent, size, utilization, max_size} per inbox.\n\n"
+            "With --senders, each also lists its heaviest senders and their shares (top_senders); "
+            "with --flow, its flow control: circuit, adaptive limit, sojourn, drain, waiting senders.",
+            (Param("senders", "add each inbox's heaviest senders", "flag", False, False, option=True),
+             Param("flow", "add each inbox's flow control", "flag", False, False, option=True)),
+            handler=h.get_stats),
     Command(("get-load",), "get_system_load",
             "Print the 1-minute load average per CPU, with two decimals.", handler=h.get_load),
     Command(("cleanup",), "cleanup_rate_limiting",

@@ -20,13 +20,16 @@ from cfn_fast.errors import ConfigError
 
 BACKOFFS = ("fixed", "exponential", "decorrelated")
 PRIORITIES = ("normal", "high")
+ADAPTIVE_MODES = ("off", "delay")
+# The settings whose value is one word of a list, by kind.
+CHOICES: dict[str, tuple[str, ...]] = {"backoff": BACKOFFS, "priority": PRIORITIES, "adaptive": ADAPTIVE_MODES}
 
 
 class Setting(NamedTuple):
     attr: str
     env: str
     default: Union[int, float, str, None]
-    kind: str  # "int", "float", "str", "path", "backoff", "priority", "bool", "group", "url", "secret"
+    kind: str  # "int", "float", "str", "path", "bool", "group", "url", "secret", or one of CHOICES
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     help: str = ""
@@ -149,6 +152,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("priority_ratio", "CFN_PRIORITY_RATIO", 4, "int", 0, 1000,
             "high-priority messages a consumer takes in a row while normal ones wait, 0 meaning no limit "
             "(normal ones may starve); 0 to 1000"),
+    Setting("adaptive_limit", "CFN_ADAPTIVE_LIMIT", "off", "adaptive", None, None,
+            "off, or delay: consumers lower an inbox's effective limit while the age of the messages they "
+            "take stays above CFN_ADAPTIVE_TARGET_MS, and raise it back when it falls (every sender obeys it)"),
+    Setting("adaptive_target_ms", "CFN_ADAPTIVE_TARGET_MS", 50, "int", 1, 600_000,
+            "the queueing delay (a message's age when taken) the adaptive limit aims at, ms; 1 to 600000"),
+    Setting("adaptive_interval_ms", "CFN_ADAPTIVE_INTERVAL_MS", 100, "int", 10, 60_000,
+            "how often the adaptive limit moves, ms; 10 to 60000"),
+    Setting("adaptive_floor", "CFN_ADAPTIVE_FLOOR", 1, "int", 1, 1_000_000_000,
+            "the adaptive limit never goes below this many messages; 1 to 1000000000"),
 )
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -241,13 +253,9 @@ def _parse(s: Setting, raw: str) -> object:
         except ValueError:
             raise ConfigError(f"{s.env}={_short(raw)} is not a number") from None
         return _in_range(s, value, raw)  # 1e400 is inf: out of range
-    if s.kind == "backoff":
-        if text not in BACKOFFS:
-            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(BACKOFFS)}")
-        return text
-    if s.kind == "priority":
-        if text not in PRIORITIES:
-            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(PRIORITIES)}")
+    if s.kind in CHOICES:
+        if text not in CHOICES[s.kind]:
+            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(CHOICES[s.kind])}")
         return text
     if s.kind == "bool":
         if text.lower() in _TRUE:
@@ -338,10 +346,8 @@ def _check(s: Setting, value: object) -> object:
         if value in (0, 1) and isinstance(value, int):  # True, False, 1 or 0, as the environment's 1 or 0
             return bool(value)
         raise ConfigError(f"{s.env}={_short(value)} is not a boolean (use True or False)")
-    if s.kind == "backoff":
-        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(BACKOFFS)}")
-    if s.kind == "priority":
-        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(PRIORITIES)}")
+    if s.kind in CHOICES:
+        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(CHOICES[s.kind])}")
     # path
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -403,6 +409,10 @@ class Config:
     priority: str
     priority_headroom_pct: int
     priority_ratio: int
+    adaptive_limit: str
+    adaptive_target_ms: int
+    adaptive_interval_ms: int
+    adaptive_floor: int
     _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:
@@ -482,4 +492,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-__all__ = ["BACKOFFS", "PRIORITIES", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]
+__all__ = ["ADAPTIVE_MODES", "BACKOFFS", "CHOICES", "PRIORITIES", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]

@@ -260,10 +260,10 @@ def monitor_rate_limit(interval: Optional[float]) -> int:
     return EXIT_OK
 
 
-def get_stats() -> int:
+def get_stats(senders: bool = False, flow: bool = False) -> int:
     from cfn_fast import monitors
 
-    out(_dump(monitors.get_all_inbox_stats()))
+    out(_dump(monitors.get_all_inbox_stats(senders=senders, flow=flow)))
     return EXIT_OK
 
 

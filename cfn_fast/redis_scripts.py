@@ -29,7 +29,31 @@ local KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR =
 local P = string.sub(KI, 1, -2)
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1])
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1]), tonumber(t[2])
+end
+-- The capacity normal sends may fill now: the adaptive limit (meta 'lim')
+-- while fresh ('limu', ms), else the capacity.
+local function eff_cap(cap, now)
+  local m = redis.call('HMGET', KI, 'lim', 'limu')
+  local lim = tonumber(m[1] or '0')
+  if lim > 0 and lim < cap and tonumber(m[2] or '0') > now then return lim end
+  return cap
+end
+-- A message's age in us from its id: msg-<sec>-<seq>-<5 hex: the microsecond it was sent>...
+local function sojourn_of(id, now)
+  local sec, us = string.match(id, '^msg%-(%d+)%-%d+%-(%x%x%x%x%x)')
+  if not sec then return nil end
+  us = tonumber(us, 16)
+  if us > 999999 then return nil end
+  local age = now * 1000 - (tonumber(sec) * 1000000 + us)
+  if age < 0 then age = 0 end
+  return age
+end
+local function sojourn_add(sum, n)
+  if n > 0 then
+    redis.call('HINCRBY', KI, 'sjs', math.floor(sum))
+    redis.call('HINCRBY', KI, 'sjn', n)
+  end
 end
 local function held()
   return redis.call('ZCARD', KQ) + redis.call('HLEN', KC)
@@ -174,6 +198,56 @@ local function cb_record(failed, now, cfg)
   end
   return 0
 end
+-- Once an interval (the meta 'adt', ms), the adaptive limit moves as the C
+-- core's cfn_adapt moves it (never below the last second's drain times the
+-- target, plus its square root). spec: "target ms,interval ms,floor"; "" when off.
+local function adapt(now, spec)
+  if spec == '' then return end
+  local t = cb_cfg(spec)
+  local at = tonumber(redis.call('HGET', KI, 'adt') or '0')
+  if at > 0 and now - at < t[2] and now >= at then return end
+  redis.call('HSET', KI, 'adt', now)
+  if at == 0 then return end
+  local m = redis.call('HMGET', KI, 'sjs', 'sjn', 'cap')
+  redis.call('HDEL', KI, 'sjs', 'sjn')
+  local n, cap = tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  if n <= 0 or cap < 1 then return end
+  local mean = tonumber(m[1] or '0') / n
+  redis.call('HSET', KI, 'sju', math.floor(mean))
+  local lim = eff_cap(cap, now)
+  local g = math.max(0.5, math.min(1.0, t[1] * 1000 / math.max(mean, 1)))
+  local nxt = lim + math.floor(math.sqrt(lim))
+  if g < 1 then nxt = lim * g end
+  if nxt > lim and held() < lim / 2 then nxt = lim end
+  local e = eta_ms(1000, now)  -- 1,000 places at the last second's drain: the drain, per second
+  if e > 0 then
+    local drains = math.floor(1000 * t[1] / e)
+    drains = drains + math.floor(math.sqrt(drains))
+    if drains > nxt then nxt = drains end
+  end
+  nxt = math.max(math.max(t[3], 1), math.min(cap, math.floor(nxt)))
+  redis.call('HSET', KI, 'lim', nxt, 'limu', now + math.max(10 * t[2], 1000))
+end
+-- The inbox's heaviest senders: a sorted set (<inbox>hh) of sender -> count,
+-- halved every 10 s (the window in the meta hash's 'hhw'); the 16 heaviest kept.
+local function senders_add(who, n, now)
+  local hk = P .. 'hh'
+  local win = math.floor(now / 10000)
+  local was = tonumber(redis.call('HGET', KI, 'hhw') or '-1')
+  if was ~= win then
+    redis.call('HSET', KI, 'hhw', win)
+    if was >= 0 then
+      local f = 0.5 ^ math.max(0, math.min(win - was, 30))
+      local all = redis.call('ZRANGE', hk, 0, -1, 'WITHSCORES')
+      for j = 1, #all, 2 do
+        local sc = math.floor(tonumber(all[j + 1]) * f)
+        if sc < 1 then redis.call('ZREM', hk, all[j]) else redis.call('ZADD', hk, sc, all[j]) end
+      end
+    end
+  end
+  redis.call('ZINCRBY', hk, n, who)
+  if redis.call('ZCARD', hk) > 32 then redis.call('ZREMRANGEBYRANK', hk, 0, -17) end
+end
 -- Hands free places to waiting senders, first come first served: each gets a
 -- reservation (so no newcomer takes its place) and a push on its wake list.
 local function dispatch(now, ttl)
@@ -187,7 +261,7 @@ local function dispatch(now, ttl)
     end
   end
   if redis.call('LLEN', KW) == 0 then return end
-  local cap = tonumber(redis.call('HGET', KI, 'cap') or '0')
+  local cap = eff_cap(tonumber(redis.call('HGET', KI, 'cap') or '0'), now)
   local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
   local n = held()
   while n + resv < cap do
@@ -223,9 +297,9 @@ local cfg = cb_cfg(ARGV[13])
 local high = ARGV[16] == '1'
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
-local limit = cap
+local now, sec, usec = now_ms()
+local limit = eff_cap(cap, now)
 if high then limit = cap + math.ceil(cap * cfg[7] / 100) end
-local now, sec = now_ms()
 if ARGV[14] ~= '1' then
   local adm = cb_admit(now, cfg)
   if adm < 0 then return {3, -adm} end
@@ -263,7 +337,7 @@ if not ok then
 end
 if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
 local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
-local id = string.format('msg-%d-%010d-%s', sec, seq, tok ~= '' and tok or ARGV[12])
+local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(tok ~= '' and tok or ARGV[12], 1, 11))
 local pri = ''
 if high then id = id .. '-hi'; pri = '",\n  "priority": "high' end
 redis.call('ZADD', KQ, score(id), id)
@@ -272,6 +346,7 @@ redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\
   ',\n  "type": "' .. ARGV[3] .. pri .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n')
 redis.call('HINCRBY', KI, 'sent', 1)
 if high then redis.call('HINCRBY', KI, 'sent_high', 1) end
+senders_add(ARGV[1], 1, now)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
@@ -289,7 +364,7 @@ local own, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cfg = cb_cfg(ARGV[6])
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
-local now, sec = now_ms()
+local now, sec, usec = now_ms()
 local adm = cb_admit(now, cfg)
 if adm < 0 then return {-2, -adm} end
 dispatch(now, ttl)
@@ -298,7 +373,7 @@ local room = 0
 if high then
   room = cap + math.ceil(cap * cfg[7] / 100) - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
 elseif redis.call('LLEN', KW) == 0 then
-  room = cap - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
+  room = eff_cap(cap, now) - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
 end
 local out = {0, 0}
 local n = 0
@@ -312,7 +387,7 @@ end
 for j = 8, #ARGV, 2 do
   if n >= room then break end
   local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
-  local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j]) .. suffix
+  local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(ARGV[j], 1, 11)) .. suffix
   redis.call('ZADD', KQ, score(id), id)
   redis.call('HSET', KB, id, '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
     head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n')
@@ -323,6 +398,7 @@ out[1] = n
 if n > 0 then
   redis.call('HINCRBY', KI, 'sent', n)
   if high then redis.call('HINCRBY', KI, 'sent_high', n) end
+  senders_add(ARGV[1], n, now)
   out[2] = cb_record(false, now, cfg)
 end
 return out
@@ -376,11 +452,14 @@ end
 if #hi > 0 or #lo > 0 then redis.call('HSET', KI, 'hirun', run) end
 local out = {#ids}
 if #ids == 0 then return out end
+local ssum, sn = 0, 0
 for _, id in ipairs(ids) do
   if claim then
     redis.call('ZREM', KQ, id)
     redis.call('HDEL', KV, id)
     redis.call('HSET', KC, id, me)
+    local age = sojourn_of(id, now)
+    if age then ssum = ssum + age; sn = sn + 1 end
   else
     redis.call('HSET', KV, id, (now + ttl) .. '|' .. me)
   end
@@ -388,6 +467,7 @@ end
 if claim then
   redis.call('HINCRBY', KCN, me, #ids)
   redis.call('ZADD', KL, now + ttl, me)
+  sojourn_add(ssum, sn)
 end
 for j = 1, #ids, 512 do
   local part = {}
@@ -422,18 +502,21 @@ return out
 
 # Deletes messages for good: from the inbox (the ZREM decides which consumer
 # has it: exactly one) or from this consumer's claims (an ack).
-# ARGV: consumer, from claims (0/1), reservation ttl, how many to release, released ids..., ids...
+# ARGV: consumer, from claims (0/1), reservation ttl, adaptive limit (adapt's
+#       spec, "" when off), how many to release, released ids..., ids...
 # -> {flag per id}; {-1}: no inbox
 TAKE = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
-local me, claims, ttl, nrel = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
-for j = 5, 4 + nrel do
+local me, claims, ttl, spec, nrel = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+for j = 6, 5 + nrel do
   local r = redis.call('HGET', KV, ARGV[j])
   if r and string.sub(r, string.find(r, '|', 1, true) + 1) == me then redis.call('HDEL', KV, ARGV[j]) end
 end
 local out = {}
 local n = 0
-for j = 5 + nrel, #ARGV do
+local tnow = now_ms()
+local ssum, sn = 0, 0
+for j = 6 + nrel, #ARGV do
   local id = ARGV[j]
   local ok = 0
   if claims then
@@ -444,6 +527,8 @@ for j = 5 + nrel, #ARGV do
   elseif redis.call('ZREM', KQ, id) == 1 then
     redis.call('HDEL', KV, id)
     ok = 1
+    local age = sojourn_of(id, tnow)
+    if age then ssum = ssum + age; sn = sn + 1 end
   end
   if ok == 1 then redis.call('HDEL', KB, id); n = n + 1 end
   out[#out + 1] = ok
@@ -458,6 +543,8 @@ if n > 0 then
   end
   local now = now_ms()
   drained(n, now)
+  sojourn_add(ssum, sn)
+  adapt(now, spec)
   dispatch(now, ttl)
 end
 return out
@@ -595,8 +682,38 @@ for _, t in ipairs(toks) do
   redis.call('RPUSH', k, '1')
   redis.call('PEXPIRE', k, 1000)
 end
-redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x')
+redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x', P .. 'hh')
 return vals
+"""
+
+# The inbox's heaviest senders, heaviest first, counts halved for the windows
+# since the last send: -> {sender, count, sender, count, ...}
+SENDERS = _PRELUDE + r"""
+local win = math.floor(now_ms() / 10000)
+local was = tonumber(redis.call('HGET', KI, 'hhw') or tostring(win))
+local f = 0.5 ^ math.max(0, math.min(win - was, 30))
+local all = redis.call('ZREVRANGE', P .. 'hh', 0, 7, 'WITHSCORES')
+local out = {}
+for j = 1, #all, 2 do
+  local c = math.floor(tonumber(all[j + 1]) * f)
+  if c > 0 then out[#out + 1] = all[j]; out[#out + 1] = c end
+end
+return out
+"""
+
+# The inbox's flow state: -> {held, cap, limit (0: none), sojourn us, drained over the last second,
+#                             waiting senders, high-priority sent}; {-1}: no inbox
+FLOW = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {-1} end
+local now = now_ms()
+local m = redis.call('HMGET', KI, 'cap', 'sju', 'sent_high')
+local cap = tonumber(m[1] or '0')
+local lim = eff_cap(cap, now)
+if lim >= cap then lim = 0 end
+local drained = 0
+local e = eta_ms(1000, now)
+if e > 0 then drained = math.floor(1000 * 1000 / e) end
+return {held(), cap, lim, tonumber(m[2] or '0'), drained, redis.call('LLEN', KW), tonumber(m[3] or '0')}
 """
 
 # The inbox's circuit: -> {state, failures, probes, probe limit, ms left, refused}
@@ -632,5 +749,5 @@ redis.call('HINCRBY', KEYS[2], 'alerts_suppressed', 1)
 return 0
 """
 
-__all__ = ["CAPACITY", "CIRCUIT", "CIRCUIT_RESET", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
-           "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SIZE", "TAKE"]
+__all__ = ["CAPACITY", "CIRCUIT", "CIRCUIT_RESET", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "FLOW", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
+           "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SENDERS", "SIZE", "TAKE"]

@@ -137,6 +137,8 @@ class RedisStorage:
         self._timed = c.backpressure_max_total_ms > 0 or c.backpressure_wait_ms > 0
         self._cb = (f"{c.breaker_failures},{c.breaker_failure_rate},{c.breaker_window_ms},{c.breaker_min_calls},"
                     f"{c.breaker_cooldown_ms},{c.breaker_probes},{c.priority_headroom_pct}")
+        self._adapt = (f"{c.adaptive_target_ms},{c.adaptive_interval_ms},{c.adaptive_floor}"
+                       if c.adaptive_limit == "delay" else "")
         errors = redis.exceptions
         self._unavailable: tuple[type[BaseException], ...] = (
             errors.ConnectionError, errors.TimeoutError, getattr(errors, "ClusterDownError", errors.ConnectionError),
@@ -698,7 +700,8 @@ class RedisStorage:
         if not ids and not rel:
             return [], None
         self._c()
-        r = self._run("TAKE", keys, [self.consumer, 1 if claims else 0, self._ttl, len(rel), *rel, *ids])
+        r = self._run("TAKE", keys, [self.consumer, 1 if claims else 0, self._ttl, self._adapt, len(rel), *rel,
+                                     *ids])
         if r and r[0] == -1 and len(ids) + len(rel) > 0 and len(r) == 1 and ids:
             raise InboxNotFound(f"agent '{agent}' has no inbox")
         taken = [bool(x) for x in r]
@@ -811,6 +814,16 @@ class RedisStorage:
         states = ("closed", "open", "half-open")
         return CircuitInfo(states[int(r[0])], int(r[1]), int(r[2]) if r[0] == 2 else 0,
                            int(r[3]) if r[0] == 2 else 0, int(r[4]) / 1000, int(r[5]))
+
+    def flow(self, agent: str) -> storage.FlowInfo:
+        r = self._run("FLOW", self._ikeys(self._agent(agent)), [])
+        if r[0] == -1:
+            return storage.FlowInfo(-1, 0, 0, 0.0, 0, 0, 0)
+        return storage.FlowInfo(int(r[0]), int(r[1]), int(r[2]), int(r[3]) / 1000, int(r[4]), int(r[5]), int(r[6]))
+
+    def top_senders(self, agent: str) -> list[storage.SenderShare]:
+        r = self._run("SENDERS", self._ikeys(self._agent(agent)), [])
+        return storage.shares([(r[j].decode(), int(r[j + 1])) for j in range(0, len(r), 2)])
 
     def circuit_reset(self, agent: str) -> str:
         return ("closed", "open", "half-open")[int(self._run("CIRCUIT_RESET", self._ikeys(self._agent(agent)), []))]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any, Optional, Protocol, Union
+from typing import Any, NamedTuple, Optional, Protocol, Union
 
 from cfn_fast import _core
 from cfn_fast.config import Config
@@ -27,6 +27,7 @@ Record = _core.Record
 SlotInfo = _core.SlotInfo
 RateSettings = _core.RateSettings
 CircuitInfo = _core.CircuitInfo
+FlowInfo = _core.FlowInfo
 
 READ_PEEK = _core.READ_PEEK
 READ_NEXT = _core.READ_NEXT
@@ -57,6 +58,19 @@ _OWN_COUNTERS = (
 COUNTERS: dict[str, int] = {**_core.COUNTERS,
                             **{n: _core.COUNTER_FIRST_FREE + i for i, n in enumerate(_OWN_COUNTERS)}}
 assert max(COUNTERS.values()) < _core.COUNTER_SLOTS, "shared counter table overflows the state file's"
+
+
+class SenderShare(NamedTuple):
+    """One of an inbox's heaviest senders: its count over the last windows
+    (halved every 10 s) and its share of the counted messages."""
+    sender: str
+    count: int  # type: ignore[assignment]  # shadows tuple.count on purpose, as _core's tuples do
+    share: float
+
+
+def shares(counts: list[tuple[str, int]]) -> list[SenderShare]:
+    total = sum(c for _, c in counts) or 1
+    return [SenderShare(who, c, round(c / total, 4)) for who, c in counts]
 
 
 def agent_bytes(agent: object, role: str = "agent id") -> bytes:
@@ -136,6 +150,8 @@ class Storage(Protocol):
     # flow control
     def circuit(self, agent: str) -> CircuitInfo: ...
     def circuit_reset(self, agent: str) -> str: ...
+    def top_senders(self, agent: str) -> list[SenderShare]: ...
+    def flow(self, agent: str) -> FlowInfo: ...
     # telemetry files
     def metrics_write(self, data: bytes, nlines: int) -> bool: ...
     def open_log(self, path: str) -> int: ...
@@ -187,7 +203,11 @@ class FileStorage:
                 cfg = self.config
                 try:
                     h = _core.open_bus(self.base_dir, create, cfg.dir_mode, cfg.group, cfg.lock_timeout_ms,
-                                       cfg.priority_ratio)
+                                       dict(priority_ratio=cfg.priority_ratio,
+                                            adaptive=1 if cfg.adaptive_limit == "delay" else 0,
+                                            adaptive_target_ms=cfg.adaptive_target_ms,
+                                            adaptive_interval_ms=cfg.adaptive_interval_ms,
+                                            adaptive_floor=cfg.adaptive_floor))
                 except CfnOSError as e:
                     if create or e.errno != errno.ENOENT:
                         raise
@@ -411,6 +431,29 @@ class FileStorage:
         h = self._h()
         return "closed" if h is None else _core.circuit_reset(h, a)
 
+    def flow(self, agent: str) -> FlowInfo:
+        """The inbox's flow-control state: count, capacity, adaptive limit, sojourn, drain, line."""
+        a = agent_bytes(agent)
+        h = self._h()
+        return _core.FlowInfo(-1, 0, 0, 0.0, 0, 0, 0) if h is None else _core.flow_get(h, a)
+
+    def top_senders(self, agent: str) -> list[SenderShare]:
+        """The inbox's heaviest senders, heaviest first, named: the shared
+        table holds keys, and each sender has a folder (its sequences) whose
+        name has one; a key no folder has is shown as "?<key>"."""
+        a = agent_bytes(agent)
+        h = self._h()
+        got = [] if h is None else _core.senders_get(h, a)
+        if not got:
+            return []
+        names: dict[int, str] = {}
+        for name in self.list_names():
+            try:
+                names[_core.sender_key(name.encode("ascii"))] = name
+            except UnicodeEncodeError:
+                continue
+        return shares([(names.get(k, f"?{k:010x}"), c) for k, c in got])
+
     # -- telemetry files ---------------------------------------------------------------
     def metrics_write(self, data: bytes, nlines: int) -> bool:
         """Appends whole metric lines (creating the base folder on first use);
@@ -442,4 +485,4 @@ def _rmtree(path: str) -> None:
         pass
 
 
-__all__ = ["COUNTERS", "FileStorage", "Storage"]
+__all__ = ["COUNTERS", "FileStorage", "SenderShare", "Storage"]

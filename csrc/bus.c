@@ -269,8 +269,8 @@ int cfn_bus_set_probe(cfn_bus *bus, cfn_probe_fn probe)
 
 int cfn_bus_set_flow(cfn_bus *bus, const cfn_flow_opts *o, cfn_err *err)
 {
-    if (o->priority_ratio < 0)
-        return cfn_fail(err, CFN_E_BADARG, "priority ratio must not be negative");
+    if (o->priority_ratio < 0 || o->adaptive_target_ms < 0 || o->adaptive_interval_ms < 0 || o->adaptive_floor < 0)
+        return cfn_fail(err, CFN_E_BADARG, "flow settings must not be negative");
     bus->flow = *o;  /* set right after open, before any other call */
     return 0;
 }
@@ -439,6 +439,7 @@ static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool nee
     e->tmpfs = cfn_is_tmpfs(e->inboxfd);
 done:
     snprintf(e->agent, sizeof e->agent, "%s", agent);
+    e->sender_key = cfn_sender_key_of(agent, strlen(agent));
     return 0;
 }
 

@@ -39,6 +39,7 @@ enum {
     CFN_SLOTS = 16384,       /* inbox slots in one state file */
     CFN_COUNTERS = 64,       /* shared event counters */
     CFN_COOLDOWNS = 1024,    /* shared alert cooldown entries */
+    CFN_TOP_SENDERS = 8,     /* heaviest senders an inbox keeps count of */
     CFN_LAYOUT_VERSION = 3,
     CFN_JSON_INT_DIGITS = 4300,  /* longest integer a payload may hold (Python's int limit) */
     CFN_JSON_PAYLOAD_DEPTH = 256,/* deepest nesting of a payload */
@@ -185,6 +186,15 @@ typedef struct {
     char agent[136];
 } cfn_slot_info;
 
+/* One of an inbox's heaviest senders: the key of its id (cfn_sender_key)
+ * and its count, halved every CFN_SENDERS_HALF_LIFE_MS since. */
+typedef struct {
+    uint64_t key;
+    int64_t count;
+} cfn_sender_share;
+
+enum { CFN_SENDERS_HALF_LIFE_MS = 10000 };
+
 /* A recipient's circuit breaker as every process sees it (cfn_circuit_get). */
 typedef struct {
     int32_t state;                  /* CFN_CIRCUIT_* */
@@ -207,8 +217,22 @@ typedef struct {
 /* What a handle's consumers do (cfn_bus_set_flow); all zero until set. */
 typedef struct {
     int32_t priority_ratio;         /* high messages taken in a row while normal ones wait; 0: no limit */
-    int32_t pad_;
+    int32_t adaptive;               /* 1: adapt each inbox's effective limit to its queueing delay */
+    int64_t adaptive_target_ms;     /* the sojourn (age when taken) the limit aims at */
+    int64_t adaptive_interval_ms;   /* how often the limit moves */
+    int64_t adaptive_floor;         /* the limit never goes below this */
 } cfn_flow_opts;
+
+/* An inbox's flow-control state as every process sees it (cfn_flow_get). */
+typedef struct {
+    int64_t count;                  /* messages and reservations; -1 when never counted */
+    int64_t capacity;               /* 0: not known yet */
+    int64_t limit;                  /* the effective limit the delay set, in force now; 0: none */
+    int64_t sojourn_us;             /* mean age of the messages taken in the last interval measured */
+    int64_t drained;                /* places freed over the last second */
+    int64_t waiting;                /* senders in the line for room */
+    int64_t high_sent;              /* high-priority messages delivered, ever */
+} cfn_flow_info;
 
 /* --- handle ------------------------------------------------------------- */
 /* opts->gid >= 0 opens the bus to that group (CFN_GROUP): new folders dir_mode
@@ -261,6 +285,15 @@ int64_t cfn_next_sequence(cfn_bus *bus, const char *from, const char *to, cfn_er
  * write. A plain send refused because the inbox is full is not a failure. */
 int cfn_circuit_get(cfn_bus *bus, const char *agent, cfn_circuit_info *out, cfn_err *err);
 int cfn_circuit_reset(cfn_bus *bus, const char *agent, cfn_err *err);
+
+int cfn_flow_get(cfn_bus *bus, const char *agent, cfn_flow_info *out, cfn_err *err);
+
+/* The inbox's heaviest senders over the last windows (a space-saving table:
+ * a newcomer takes the least-counted entry, so a count may include that
+ * entry's past), heaviest first; returns how many (at most cap). */
+int cfn_senders_get(cfn_bus *bus, const char *agent, cfn_sender_share *out, int cap, cfn_err *err);
+/* The key an agent id has in those tables (40 bits of its hash; never 0). */
+uint64_t cfn_sender_key(const char *agent);
 
 /* --- counting ----------------------------------------------------------- */
 /* The inbox's size from the shared counter, healed by a scan first when the

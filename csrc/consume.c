@@ -409,6 +409,9 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
             }
             atomic_fetch_add(&s->claimed, 1);  /* after the rename: never more files than counted */
             dfd = e->claimfd;
+            int64_t age;
+            if (cfn_sojourn_of(name, cfn_now_ns(), &age))
+                cfn_sojourn_add(s, age, 1);
         }
         if ((rc = recs_push(r, name, strlen(name))) != 0) {
             rc = cfn_fail(err, rc, "allocating for a message");
@@ -576,10 +579,15 @@ int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names
         goto out;
     }
     int dfd = from == CFN_FROM_CLAIMS ? e->claimfd : e->inboxfd;
+    int64_t now = cfn_now_ns(), sojourn_sum = 0, sojourn_n = 0, age;
     FOR_NAMES(names, names_len, i, name, {
         if (unlinkat(dfd, name, 0) == 0) {
             taken[i] = 1;
             done++;
+            if (from == CFN_FROM_INBOX && cfn_sojourn_of(name, now, &age)) {
+                sojourn_sum += age;
+                sojourn_n++;
+            }
         } else if (errno != ENOENT) {
             failed++;
             if (!first_rc)
@@ -592,7 +600,10 @@ int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names
     cfn_slot_sub(s, done);
     cfn_gate_release(e);
     if (done) {
-        cfn_drain_add(s, done, cfn_mono_ns());
+        int64_t mono = cfn_mono_ns();
+        cfn_drain_add(s, done, mono);
+        cfn_sojourn_add(s, sojourn_sum, sojourn_n);  /* a claim's was measured when it was claimed */
+        cfn_adapt(s, &bus->flow, mono);
         cfn_slot_wake(s, (int)(done > INT32_MAX ? INT32_MAX : done));
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_CONSUMED, done);
     }

@@ -16,6 +16,32 @@
 #define DRAIN_SHIFT 40
 #define DRAIN_COUNT ((UINT64_C(1) << DRAIN_SHIFT) - 1)
 
+/* A slot taken for an agent (a new one, or one freed and taken again) starts
+ * with no flow state: no drain, a closed circuit, an empty line, no limit, no
+ * senders. The caller holds it BUSY: no other process uses these words. */
+void cfn_flow_clear(struct cfn_slot *s)
+{
+    atomic_store(&s->drain[0], 0);
+    atomic_store(&s->drain[1], 0);
+    atomic_store(&s->circuit, 0);
+    atomic_store(&s->circuit_win[0], 0);
+    atomic_store(&s->circuit_win[1], 0);
+    atomic_store(&s->circuit_rejected, 0);
+    atomic_store(&s->high_sent, 0);
+    atomic_store(&s->line_gone, 0);
+    atomic_store(&s->line_head, atomic_load(&s->line_next));
+    atomic_store(&s->line_beat_ns, 0);
+    atomic_store(&s->limit, 0);
+    atomic_store(&s->limit_until_ns, 0);
+    atomic_store(&s->sojourn_sum_us, 0);
+    atomic_store(&s->sojourn_n, 0);
+    atomic_store(&s->sojourn_us, 0);
+    atomic_store(&s->adapt_ns, 0);
+    for (int i = 0; i < CFN_TOP_SENDERS; i++)
+        atomic_store(&s->senders[i], 0);
+    atomic_store(&s->senders_window, 0);
+}
+
 /* ---- drain rate --------------------------------------------------------------- */
 
 /* n places were freed now: counted in the bucket of the current second (a
@@ -174,6 +200,232 @@ void cfn_line_leave(struct cfn_slot *s, uint32_t ticket, int64_t mono_ns)
             (atomic_fetch_and(&s->line_gone, ~bit) & bit))
             line_pass(s, ticket, mono_ns);
     }
+}
+
+/* ---- the adaptive limit ----------------------------------------------------------- */
+
+/* Consumers measure each message's sojourn (its age when taken) and, once an
+ * interval, move the inbox's effective limit the way Gradient2 moves a
+ * concurrency limit: by the gradient target / sojourn, clamped to [0.5, 1]
+ * while the sojourn is above the target, and by a queue allowance of
+ * sqrt(limit) while it is not; growing only while the inbox is more than
+ * half full (no reason to grow a limit nobody reaches). It never
+ * goes below what the inbox drained over the last second times the target,
+ * plus its square root (Little's law: what the consumers take within the
+ * target, so a backlog left from before a slow-down cannot drive it to the
+ * floor and starve them), nor below the floor, nor above the capacity. Normal sends reserve
+ * below it while it is fresh: it lapses when its consumers stop setting it. */
+#define ADAPT_EVERY_NS (100LL * 1000000LL)
+#define LIMIT_LAPSE_MIN_NS (1000LL * 1000000LL)
+#define LIMIT_LAPSE_MAX_NS (3600LL * 1000000000LL)
+
+int64_t cfn_effective_limit(struct cfn_slot *s, int64_t cap)
+{
+    int64_t lim = atomic_load_explicit(&s->limit, memory_order_relaxed);
+    if (lim <= 0 || lim >= cap)
+        return cap;
+    int64_t left = atomic_load_explicit(&s->limit_until_ns, memory_order_relaxed) - cfn_mono_ns();
+    return left > 0 && left <= LIMIT_LAPSE_MAX_NS ? lim : cap;  /* lapsed (or absurd): the capacity */
+}
+
+/* A message's age now, from its name: our ids carry the second and, in the
+ * five hex digits after the sequence, the microsecond it was sent. */
+bool cfn_sojourn_of(const char *name, int64_t now_ns, int64_t *sojourn_us)
+{
+    if (strncmp(name, "msg-", 4) != 0)
+        return false;
+    const char *p = name + 4;
+    int64_t sec = 0;
+    int digits = 0;
+    for (; *p >= '0' && *p <= '9' && digits < 12; p++, digits++)
+        sec = sec * 10 + (*p - '0');
+    if (digits == 0 || *p != '-')
+        return false;
+    p++;
+    for (int i = 0; i < 10; i++)
+        if (p[i] < '0' || p[i] > '9')
+            return false;
+    if (p[10] != '-')
+        return false;
+    p += 11;
+    int64_t us = 0;
+    for (int i = 0; i < 16; i++) {
+        char c = p[i];
+        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (v < 0)
+            return false;
+        if (i < 5)
+            us = us * 16 + v;
+    }
+    if (us > 999999)
+        return false;  /* not one of ours */
+    int64_t age = now_ns - (sec * 1000000000LL + us * 1000);
+    if (age > 86400LL * 1000000000LL)
+        return false;  /* a day old: a clock that jumped, or not ours */
+    *sojourn_us = age > 0 ? age / 1000 : 0;
+    return true;
+}
+
+void cfn_sojourn_add(struct cfn_slot *s, int64_t sum_us, int64_t n)
+{
+    if (n <= 0)
+        return;
+    atomic_fetch_add_explicit(&s->sojourn_sum_us, sum_us, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->sojourn_n, n, memory_order_relaxed);
+}
+
+static int64_t isqrt(int64_t v)
+{
+    int64_t r = 0;
+    while ((r + 1) * (r + 1) <= v)
+        r++;  /* v is a limit: at most a few thousand steps once an interval */
+    return r;
+}
+
+/* Once an interval, the first consumer past its end (one CAS decides) moves the limit. */
+void cfn_adapt(struct cfn_slot *s, const cfn_flow_opts *f, int64_t mono_ns)
+{
+    if (!f->adaptive)
+        return;
+    int64_t every = f->adaptive_interval_ms > 0 ? f->adaptive_interval_ms * 1000000LL : ADAPT_EVERY_NS;
+    int64_t at = atomic_load_explicit(&s->adapt_ns, memory_order_relaxed);
+    if (at > 0 && mono_ns - at < every && mono_ns >= at)
+        return;
+    if (!atomic_compare_exchange_strong(&s->adapt_ns, &at, mono_ns) || at <= 0)
+        return;  /* another consumer moved it; or the first interval begins now */
+    int64_t n = atomic_exchange(&s->sojourn_n, 0), sum = atomic_exchange(&s->sojourn_sum_us, 0);
+    int64_t cap = atomic_load(&s->capacity);
+    if (n <= 0 || sum < 0 || cap < 1 || cap > CFN_CAPACITY_MAX)
+        return;
+    int64_t mean = sum / n;
+    atomic_store(&s->sojourn_us, mean);
+    int64_t lim = cfn_effective_limit(s, cap);
+    double target = (double)(f->adaptive_target_ms > 0 ? f->adaptive_target_ms : 1) * 1000.0;
+    double g = mean > 0 ? target / (double)mean : 1.0;
+    g = g < 0.5 ? 0.5 : g > 1.0 ? 1.0 : g;
+    double next = g < 1.0 ? (double)lim * g : (double)(lim + isqrt(lim));
+    if (next > (double)lim && atomic_load(&s->count) < lim / 2)
+        next = (double)lim;
+    int64_t drains = (int64_t)((double)cfn_drain_rate(s, mono_ns) * target / 1e6);  /* taken within the target */
+    drains += isqrt(drains);  /* and an allowance, so a consumer short of it one second is not starved the next */
+    if (next < (double)drains)
+        next = (double)drains;
+    int64_t floor = f->adaptive_floor > 0 ? f->adaptive_floor : 1, v = (int64_t)next;
+    v = v < floor ? floor : v > cap ? cap : v;
+    atomic_store(&s->limit, v);
+    int64_t lapse = 10 * every > LIMIT_LAPSE_MIN_NS ? 10 * every : LIMIT_LAPSE_MIN_NS;
+    atomic_store(&s->limit_until_ns, mono_ns + lapse);
+}
+
+int cfn_flow_get_in(cfn_bus *bus, const char *agent, cfn_flow_info *out)
+{
+    memset(out, 0, sizeof *out);
+    struct cfn_slot *s = cfn_slot_lookup(bus, agent);
+    if (!s) {
+        out->count = -1;
+        return 0;
+    }
+    int64_t c = atomic_load(&s->count), cap = atomic_load(&s->capacity), now = cfn_mono_ns();
+    out->count = c < 0 ? -1 : c;
+    out->capacity = cap >= 1 && cap <= CFN_CAPACITY_MAX ? cap : 0;
+    int64_t lim = out->capacity ? cfn_effective_limit(s, out->capacity) : 0;
+    out->limit = lim > 0 && lim < out->capacity ? lim : 0;
+    out->sojourn_us = atomic_load(&s->sojourn_us);
+    out->drained = cfn_drain_rate(s, now);
+    out->waiting = cfn_line_ahead(s, NULL);
+    out->high_sent = atomic_load(&s->high_sent);
+    return 0;
+}
+
+/* ---- overload attribution: the heaviest senders -------------------------------- */
+
+/* Each entry: key:40 | count:24. A delivery adds one to its sender's entry,
+ * or (space-saving) takes the least-counted one, its count + 1. Counts are
+ * halved at every window (the half-life) by the first delivery of it, and
+ * when read, for the windows since: a recent flood outweighs an old one. */
+#define SS_KEY_SHIFT 24
+#define SS_COUNT ((UINT64_C(1) << SS_KEY_SHIFT) - 1)
+#define SS_WINDOW_NS ((int64_t)CFN_SENDERS_HALF_LIFE_MS * 1000000LL)
+
+uint64_t cfn_sender_key_of(const char *agent, size_t n)
+{
+    uint64_t k = cfn_hash64(agent, n) >> SS_KEY_SHIFT;  /* 40 bits */
+    return k ? k : 1;
+}
+
+static uint64_t ss_halved(uint64_t w, uint64_t windows)
+{
+    if (windows == 0 || w == 0)
+        return w;
+    uint64_t c = windows >= SS_KEY_SHIFT ? 0 : (w & SS_COUNT) >> windows;
+    return c ? (w & ~SS_COUNT) | c : 0;
+}
+
+void cfn_senders_add(struct cfn_slot *s, uint64_t key, int64_t mono_ns)
+{
+    uint64_t win = (uint64_t)(mono_ns / SS_WINDOW_NS);
+    uint64_t was = atomic_load_explicit(&s->senders_window, memory_order_relaxed);
+    if (was != win && atomic_compare_exchange_strong(&s->senders_window, &was, win)) {
+        uint64_t gone = win > was ? win - was : SS_KEY_SHIFT;  /* the winner halves the counts */
+        for (int i = 0; i < CFN_TOP_SENDERS; i++) {
+            uint64_t w = atomic_load_explicit(&s->senders[i], memory_order_relaxed);
+            while (!atomic_compare_exchange_weak(&s->senders[i], &w, ss_halved(w, gone)))
+                ;
+        }
+    }
+    for (int attempt = 0; attempt < 4; attempt++) {
+        int least = 0;
+        uint64_t least_w = UINT64_MAX;
+        for (int i = 0; i < CFN_TOP_SENDERS; i++) {
+            uint64_t w = atomic_load_explicit(&s->senders[i], memory_order_relaxed);
+            if (w >> SS_KEY_SHIFT == key) {
+                while ((w >> SS_KEY_SHIFT) == key && (w & SS_COUNT) < SS_COUNT &&
+                       !atomic_compare_exchange_weak(&s->senders[i], &w, w + 1))
+                    ;
+                if ((w >> SS_KEY_SHIFT) == key)
+                    return;
+                break;  /* taken over meanwhile: look again */
+            }
+            if ((w & SS_COUNT) < (least_w & SS_COUNT) || least_w == UINT64_MAX) {
+                least = i;
+                least_w = w;
+            }
+        }
+        uint64_t c = (least_w & SS_COUNT) + 1;
+        if (atomic_compare_exchange_strong(&s->senders[least], &least_w,
+                                           key << SS_KEY_SHIFT | (c > SS_COUNT ? SS_COUNT : c)))
+            return;
+    }
+}
+
+int cfn_senders_get_in(cfn_bus *bus, const char *agent, cfn_sender_share *out, int cap)
+{
+    struct cfn_slot *s = cfn_slot_lookup(bus, agent);
+    if (!s || cap <= 0)
+        return 0;
+    uint64_t win = (uint64_t)(cfn_mono_ns() / SS_WINDOW_NS);
+    uint64_t was = atomic_load_explicit(&s->senders_window, memory_order_relaxed);
+    uint64_t gone = win >= was ? win - was : SS_KEY_SHIFT;
+    cfn_sender_share all[CFN_TOP_SENDERS];
+    int n = 0;
+    for (int i = 0; i < CFN_TOP_SENDERS; i++) {
+        uint64_t w = ss_halved(atomic_load_explicit(&s->senders[i], memory_order_relaxed), gone);
+        if (w & SS_COUNT) {
+            all[n].key = w >> SS_KEY_SHIFT;
+            all[n].count = (int64_t)(w & SS_COUNT);
+            n++;
+        }
+    }
+    for (int i = 1; i < n; i++)  /* heaviest first: eight entries, an insertion sort */
+        for (int j = i; j > 0 && all[j].count > all[j - 1].count; j--) {
+            cfn_sender_share t = all[j];
+            all[j] = all[j - 1];
+            all[j - 1] = t;
+        }
+    if (n > cap)
+        n = cap;
+    memcpy(out, all, (size_t)n * sizeof *out);
+    return n;
 }
 
 /* ---- circuit breaker ---------------------------------------------------------- */

@@ -76,9 +76,21 @@ struct cfn_slot {
     _Atomic uint32_t line_head;     /* futex word: the ticket whose turn it is */
     _Atomic int64_t line_beat_ns;   /* CLOCK_MONOTONIC: the head's last sign of life */
     _Atomic uint64_t line_gone;     /* bit t % 64: ticket t left before its turn */
-    _Atomic int64_t flow_reserved[22];
+    /* the adaptive limit: set by consumers from the sojourn of what they take */
+    _Atomic int64_t limit;          /* the effective limit of normal sends; 0: none */
+    _Atomic int64_t limit_until_ns; /* CLOCK_MONOTONIC: it lapses then, unless set again */
+    _Atomic int64_t sojourn_sum_us; /* this interval's samples: their sum and number */
+    _Atomic int64_t sojourn_n;
+    _Atomic int64_t sojourn_us;     /* the mean of the last interval measured */
+    _Atomic int64_t adapt_ns;       /* CLOCK_MONOTONIC: when this interval began */
+    /* overload attribution: the heaviest senders (space-saving, 8 entries on
+     * one cache line), each key:40 | count:24, counts halved every window */
+    _Atomic uint64_t senders[CFN_TOP_SENDERS];
+    _Atomic uint64_t senders_window;  /* the window the counts are of */
+    _Atomic int64_t flow_reserved2[7];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
+_Static_assert(offsetof(struct cfn_slot, senders) % 64 == 0, "the top senders share one cache line");
 
 struct cfn_cooldown {
     _Atomic uint64_t key;           /* hash of "type\0subject"; 0 empty */
@@ -153,6 +165,7 @@ struct cfn_ent {
     int high_run;                   /* high messages taken in a row since the last normal one */
     int claimfd;
     bool outbox_tmpfs;              /* the outbox is on tmpfs: its size counts its entries */
+    uint64_t sender_key;            /* cfn_sender_key of the agent: its entry in inboxes' top senders */
     int64_t outbox_missing_ns;      /* CLOCK_MONOTONIC when the outbox was last found missing */
     int64_t outbox_sends;           /* sends since the outbox was last measured (not tmpfs) */
 };
@@ -297,6 +310,7 @@ int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_le
                             int64_t cooldown_ns);
 
 /* flow.c: flow control in the slot */
+void cfn_flow_clear(struct cfn_slot *s);
 void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
 int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
 int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);
@@ -308,6 +322,14 @@ int64_t cfn_line_ahead(struct cfn_slot *s, const uint32_t *ticket);
 void cfn_line_beat(struct cfn_slot *s, int64_t mono_ns);
 void cfn_line_leave(struct cfn_slot *s, uint32_t ticket, int64_t mono_ns);
 void cfn_line_reset(struct cfn_slot *s);
+int64_t cfn_effective_limit(struct cfn_slot *s, int64_t cap);
+bool cfn_sojourn_of(const char *name, int64_t now_ns, int64_t *sojourn_us);
+void cfn_sojourn_add(struct cfn_slot *s, int64_t sum_us, int64_t n);
+void cfn_adapt(struct cfn_slot *s, const cfn_flow_opts *f, int64_t mono_ns);
+int cfn_flow_get_in(cfn_bus *bus, const char *agent, cfn_flow_info *out);
+uint64_t cfn_sender_key_of(const char *agent, size_t n);
+void cfn_senders_add(struct cfn_slot *s, uint64_t key, int64_t mono_ns);
+int cfn_senders_get_in(cfn_bus *bus, const char *agent, cfn_sender_share *out, int cap);
 uint32_t cfn_line_bit(uint32_t ticket);
 enum { CFN_ADMIT = 0, CFN_ADMIT_PROBE = 1, CFN_REFUSE = 2 };
 int cfn_circuit_peek(struct cfn_slot *s, int64_t mono_ns, int64_t *retry_after_ns);

@@ -343,6 +343,7 @@ static int slot_find_in(struct cfn_region *r, const char *agent, bool create, ui
         atomic_store(&s->claimed, 0);
         atomic_store(&s->capacity, 0);
         atomic_store(&s->scan_ino, -1);
+        cfn_flow_clear(s);  /* a freed slot taken again: nothing of the agent it served before */
         uint32_t g = atomic_load(&s->gen);
         atomic_store_explicit(&s->state, SLOT_READY, memory_order_release);
         uint32_t won = dedupe(r, i, h, agent, n);

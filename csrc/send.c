@@ -70,7 +70,8 @@ int64_t cfn_capacity_for(struct cfn_slot *s, int64_t own)
 static int64_t send_limit(struct cfn_slot *s, const cfn_send_opts *o)
 {
     int64_t cap = cfn_capacity_for(s, o->capacity);
-    return o->priority == CFN_PRIORITY_HIGH ? cap + cfn_headroom(cap, o->headroom_pct) : cap;
+    return o->priority == CFN_PRIORITY_HIGH ? cap + cfn_headroom(cap, o->headroom_pct)
+                                            : cfn_effective_limit(s, cap);  /* the adaptive limit, if any */
 }
 
 /* Reserve one place: CAS count+1 while below capacity. 1 when the counter
@@ -469,16 +470,18 @@ static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const s
         cfn_pair_put(bus, p);
         return (int)seq;
     }
-    int64_t ts = cfn_now_ns() / 1000000000LL;
+    int64_t now_ns = cfn_now_ns(), ts = now_ns / 1000000000LL;
     char name[CFN_MSG_ID_MAX + 8] = "";
     char *buf = NULL;
     size_t len = 0;
     for (int attempt = 0;; attempt++) {
-        /* a high-priority id ends in -hi: consumers see it in the name, and a
-         * listing sorted by name is still in (timestamp, sequence) order */
+        /* The last part is 5 hex digits of the microsecond it was sent (so a
+         * consumer knows its age when it takes it) and 11 of chance; a
+         * high-priority id ends in -hi: consumers see it in the name, and a
+         * listing sorted by name is still in (timestamp, sequence) order. */
         bool high = o->priority == CFN_PRIORITY_HIGH;
-        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%016" PRIx64 "%s", ts, seq,
-                 cfn_random64(bus), high ? "-hi" : "");
+        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%05" PRIx64 "%011" PRIx64 "%s",
+                 ts, seq, (uint64_t)(now_ns % 1000000000LL / 1000), cfn_random64(bus) >> 20, high ? "-hi" : "");
         snprintf(name, sizeof name, "%s.json", res->msg_id);
         free(buf);
         buf = build_message(ef->agent, et->agent, ts, seq, res->msg_id, m, high, &len);
@@ -557,6 +560,7 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
     }
     if (o->priority == CFN_PRIORITY_HIGH)
         atomic_fetch_add_explicit(&s->high_sent, 1, memory_order_release);
+    cfn_senders_add(s, ef->sender_key, cfn_mono_ns());
     cfn_gate_release(et);
     return 0;
 }

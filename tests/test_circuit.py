@@ -253,3 +253,15 @@ def test_the_drop_in_says_whether_a_circuit_is_closed(make_bus, tmp_path: Path) 
     bus.send_message("alice", "bob", "t", 0)
     _open_from_another_process(60_000)
     assert run() == "open"
+
+
+def test_an_agent_made_again_starts_with_a_closed_circuit(make_bus) -> None:
+    bus = make_bus(**FAST_FAIL, breaker_cooldown_ms=60_000)
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", 0)
+    _open_from_another_process(60_000)
+    assert bus.circuit_status("bob").state == "open"
+    bus.cleanup_message_bus("bob")  # its slot is freed...
+    bus.init_message_bus("bob")     # ...and taken again
+    assert bus.circuit_status("bob").state == "closed" and bus.storage.top_senders("bob") == []
+    bus.send_message("alice", "bob", "t", 1)
