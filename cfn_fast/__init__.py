@@ -16,6 +16,7 @@ from cfn_fast.errors import (
     BackpressureTimeout,
     BusClosed,
     CfnError,
+    CircuitOpen,
     CfnOSError,
     ConfigError,
     InboxFull,
@@ -107,12 +108,15 @@ def cleanup_message_bus(agent_id: str) -> None:
     default_bus().cleanup_message_bus(agent_id)
 
 
-def send_message(from_agent: str, to_agent: str, msg_type: str, payload: "Payload") -> str:
-    return default_bus().send_message(from_agent, to_agent, msg_type, payload)
+def send_message(from_agent: str, to_agent: str, msg_type: str, payload: "Payload", *,
+                 priority: "Optional[str]" = None) -> str:
+    return default_bus().send_message(from_agent, to_agent, msg_type, payload, priority=priority)
 
 
-def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payload: "Payload") -> str:
-    return default_bus().send_with_backpressure(from_agent, to_agent, msg_type, payload)
+def send_with_backpressure(from_agent: str, to_agent: str, msg_type: str, payload: "Payload", *,
+                           timeout: "Optional[float]" = None, priority: "Optional[str]" = None) -> str:
+    return default_bus().send_with_backpressure(from_agent, to_agent, msg_type, payload, timeout=timeout,
+                                                priority=priority)
 
 
 def receive_messages(agent_id: str) -> "list[Message]":
@@ -158,6 +162,7 @@ def get_inbox_utilization(agent_id: str) -> int:
 __all__ = [
     "BackendUnavailable",
     "BackpressureTimeout",
+    "CircuitOpen",
     "BusClosed",
     "CfnError",
     "CfnOSError",

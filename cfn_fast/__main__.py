@@ -13,6 +13,12 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:1] == ["_native-sent"]:  # the native program's send, reported (native_sent.py)
+            from cfn_fast import native_sent
+
+            reported = native_sent.report(args[1:])
+            sys.stdout.flush()
+            return reported
         from cfn_fast import _fastpath
 
         code = _fastpath.run(args)

@@ -33,6 +33,7 @@ _CODES: dict[int, type[E.CfnError]] = {
     lib.CFN_E_UNSAFE: E.UnsafePath,
     lib.CFN_E_LOCKED: E.InboxLocked,
     lib.CFN_E_CLOSED: E.BusClosed,
+    lib.CFN_E_CIRCUIT: E.CircuitOpen,
 }
 
 _EINTR = -_errno.EINTR
@@ -63,6 +64,8 @@ def _reraise_interruption() -> None:
         _interrupted.exc = None
         raise exc
 
+PRIORITY_HIGH: int = lib.CFN_PRIORITY_HIGH
+
 BACKOFF_CODES = {
     "fixed": lib.CFN_BACKOFF_FIXED,
     "exponential": lib.CFN_BACKOFF_EXPONENTIAL,
@@ -75,7 +78,11 @@ def new_err() -> Any:
 
 
 def error_for(rc: int, err: Any) -> E.CfnError:
-    text = ffi.string(err.what).decode("utf-8", "replace") if err is not None else ""
+    return error_from(rc, ffi.string(err.what).decode("utf-8", "replace") if err is not None else "")
+
+
+def error_from(rc: int, text: str) -> E.CfnError:
+    """The exception of a C error code and its message."""
     cls = _CODES.get(rc)
     if cls is not None:
         return cls(text or cls.__doc__ or "cfn-fast error")
@@ -107,7 +114,8 @@ def agent_bytes(agent: object, role: str = "agent id") -> bytes:
 
 
 def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = None,
-             lock_timeout_ms: int = 10000) -> Handle:
+             lock_timeout_ms: int = 10000, flow: Optional[dict[str, int]] = None) -> Handle:
+    """A handle on the base folder; ``flow`` sets its consumers' cfn_flow_opts fields."""
     err = new_err()
     opts = ffi.new("cfn_bus_opts *", {"dir_mode": dir_mode, "gid": -1 if gid is None else gid,
                                       "lock_timeout_ms": lock_timeout_ms})
@@ -115,6 +123,10 @@ def open_bus(base_dir: str, create: bool, dir_mode: int, gid: Optional[int] = No
     if h == ffi.NULL:
         raise_for(err.code, err)
     lib.cfn_bus_set_probe(h, lib.cfn_py_probe)
+    rc = lib.cfn_bus_set_flow(h, ffi.new("cfn_flow_opts *", flow or {}), err)
+    if rc:
+        lib.cfn_bus_free(h)
+        raise_for(rc, err)
     # The finaliser frees the handle once no Python object refers to it, so a
     # thread still holding it after close() gets BusClosed, never freed memory.
     return ffi.gc(h, lib.cfn_bus_free)
@@ -173,13 +185,26 @@ class SendResult(NamedTuple):
     wakeups: int
     waited_ns: int
     outbox_copied: bool
+    circuit: int = 0  # 2: this send closed the recipient's half-open circuit
 
 
-def new_send_opts(**fields: int) -> Any:
-    opts = ffi.new("cfn_send_opts *")
+def new_send_opts(base: Any = None, **fields: int) -> Any:
+    """Send options: a copy of base (when given) with fields changed."""
+    opts = ffi.new("cfn_send_opts *", base[0]) if base is not None else ffi.new("cfn_send_opts *")
     for name, value in fields.items():
         setattr(opts, name, value)
     return opts
+
+
+def send_error(exc: E.CfnError, retries: int, waited_ns: int, locked: bool, deadline: bool, circuit: int,
+               retry_after_ns: int) -> E.CfnError:
+    """A failed send's exception with what its cfn_send_result says."""
+    exc.circuit = circuit
+    if isinstance(exc, E.InboxFull):
+        exc.set_retry_after(retry_after_ns / 1e9)
+    if isinstance(exc, E.BackpressureTimeout):
+        exc.retries, exc.waited_ns, exc.locked, exc.deadline = retries, waited_ns, locked, deadline
+    return exc
 
 
 def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts: Any) -> SendResult:
@@ -190,12 +215,8 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
         _reraise_interruption()
         rc = _resume_after_signal(h, sender, to, mtype, payload, opts, res, err)
     if rc:
-        exc = error_for(rc, err)
-        if isinstance(exc, E.BackpressureTimeout):
-            exc.retries = int(res.retries)
-            exc.waited_ns = int(res.waited_ns)
-            exc.locked = bool(res.locked)
-        raise exc
+        raise send_error(error_for(rc, err), int(res.retries), int(res.waited_ns), bool(res.locked),
+                         bool(res.deadline), int(res.circuit), int(res.retry_after_ns))
     return SendResult(
         ffi.string(res.msg_id).decode("ascii"),
         res.sequence,
@@ -204,6 +225,7 @@ def send(h: Handle, sender: bytes, to: bytes, mtype: bytes, payload: bytes, opts
         res.wakeups,
         res.waited_ns,
         bool(res.outbox_copied),
+        res.circuit,
     )
 
 
@@ -229,6 +251,63 @@ def _resume_after_signal(h: Handle, sender: bytes, to: bytes, mtype: bytes, payl
     res.retries += retries
     res.waited_ns += waited
     return rc
+
+
+class CircuitInfo(NamedTuple):
+    state: str          # "closed", "open" or "half-open"
+    failures: int       # closed: failed sends in a row
+    probes: int         # half-open: probes admitted in this round
+    probe_limit: int    # half-open: probes the round admits
+    retry_after: float  # open: seconds until probes go; half-open: until the round ends
+    rejected: int       # sends refused while open
+
+
+CIRCUIT_STATES = {lib.CFN_CIRCUIT_CLOSED: "closed", lib.CFN_CIRCUIT_OPEN: "open",
+                  lib.CFN_CIRCUIT_HALF_OPEN: "half-open"}
+
+
+def circuit_get(h: Handle, agent: bytes) -> CircuitInfo:
+    out = ffi.new("cfn_circuit_info *")
+    _checked(lib.cfn_circuit_get, h, agent, out)
+    return CircuitInfo(CIRCUIT_STATES.get(out.state, "closed"), out.failures, out.probes, out.probe_limit,
+                       out.retry_after_ns / 1e9, out.rejected)
+
+
+def circuit_reset(h: Handle, agent: bytes) -> str:
+    """Closes the circuit; the state it had."""
+    return CIRCUIT_STATES.get(_checked(lib.cfn_circuit_reset, h, agent), "closed")
+
+
+class FlowInfo(NamedTuple):
+    count: int  # type: ignore[assignment]  # messages and reservations; shadows tuple.count on purpose
+    capacity: int
+    limit: int          # the adaptive limit in force; 0: none
+    sojourn_ms: float   # mean age of what was taken in the last interval measured
+    drained: int        # places freed over the last second
+    waiting: int        # senders in the line for room
+    high_sent: int      # high-priority messages delivered, ever
+
+
+def flow_get(h: Handle, agent: bytes) -> FlowInfo:
+    out = ffi.new("cfn_flow_info *")
+    _checked(lib.cfn_flow_get, h, agent, out)
+    return FlowInfo(out.count, out.capacity, out.limit, out.sojourn_us / 1000, out.drained, out.waiting,
+                    out.high_sent)
+
+
+TOP_SENDERS: int = lib.CFN_TOP_SENDERS
+
+
+def senders_get(h: Handle, agent: bytes) -> list[tuple[int, int]]:
+    """The inbox's heaviest senders as (key, count), heaviest first."""
+    out = ffi.new("cfn_sender_share[]", TOP_SENDERS)
+    n = _checked(lib.cfn_senders_get, h, agent, out, TOP_SENDERS)
+    return [(int(out[i].key), int(out[i].count)) for i in range(n)]
+
+
+def sender_key(agent: bytes) -> int:
+    """The key an agent id has in the top-senders tables."""
+    return int(lib.cfn_sender_key(agent))
 
 
 def _checked(fn: Any, *args: Any) -> int:
@@ -525,4 +604,8 @@ COUNTERS: dict[str, int] = {
     "state_reattached": lib.CFN_CTR_STATE_REATTACHED,
     "slots_freed": lib.CFN_CTR_SLOTS_FREED,
     "outbox_pruned": lib.CFN_CTR_OUTBOX_PRUNED,
+    "circuit_opened": lib.CFN_CTR_CIRCUIT_OPENED,
+    "circuit_closed": lib.CFN_CTR_CIRCUIT_CLOSED,
+    "circuit_rejected": lib.CFN_CTR_CIRCUIT_REJECTED,
+    "sent_high": lib.CFN_CTR_SENT_HIGH,
 }

@@ -24,8 +24,7 @@ def run(argv: Sequence[str]) -> Optional[int]:
     values = commands.plain_values(cmd, args)
     if values is None:
         return None
-    names = [p.name for p in cmd.params if not p.option]
-    return commands.invoke(cmd, dict(zip(names, values)))
+    return commands.invoke(cmd, values)
 
 
 __all__ = ["run"]

@@ -130,20 +130,52 @@ def emit(store: Storage, alert_type: str, message: str, severity: str = "info",
     return True
 
 
+def top_senders(store: Storage, agent: str, n: int = 3) -> tuple[str, list[dict[str, Any]]]:
+    """Who filled the inbox: "; top senders: a 62%, b 30%" for an alert's
+    message, and the same as metadata. Empty when nothing is known."""
+    try:
+        top = store.top_senders(agent)[:n]
+    except (CfnError, OSError):
+        return "", []
+    if not top:
+        return "", []
+    return ("; top senders: " + ", ".join(f"{t.sender} {t.share:.0%}" for t in top),
+            [{"sender": t.sender, "share": t.share, "count": t.count} for t in top])
+
+
 def backpressure_failure(store: Storage, from_agent: str, to_agent: str, retries: Optional[int] = None) -> bool:
     """The inbox_overflow alert of a failed backpressure send (critical; at most
-    one per cooldown per recipient, whichever process fails). Never raises: it
-    runs while BackpressureTimeout is on its way to the caller."""
+    one per cooldown per recipient, whichever process fails), naming the
+    inbox's heaviest senders. Never raises: it runs while BackpressureTimeout
+    is on its way to the caller."""
     try:
         cfg = store.config
         tried = cfg.backpressure_max_retries if retries is None else retries
+        who, top = top_senders(store, to_agent)
         return emit(store, "inbox_overflow",
                     f"Send from {from_agent} to {to_agent} failed after {tried} retries: "
-                    f"inbox full ({cfg.max_inbox_size} messages)",
+                    f"inbox full ({cfg.max_inbox_size} messages){who}",
                     "critical",
-                    {"from": from_agent, "to": to_agent, "retries": tried, "max_size": cfg.max_inbox_size})
+                    {"from": from_agent, "to": to_agent, "retries": tried, "max_size": cfg.max_inbox_size,
+                     "top_senders": top})
     except (CfnError, OSError, ValueError):
         return False
+
+
+def circuit_opened(store: Storage, from_agent: str, to_agent: str, why: str) -> bool:
+    """The circuit_open alert (critical): sends to the inbox now fail at once. Never raises."""
+    cfg = store.config
+    return quietly(store, "circuit_open",
+                   f"Circuit of {to_agent} opened ({why}, last by {from_agent}): sends to it fail at once for "
+                   f"{cfg.breaker_cooldown_ms} ms, then {cfg.breaker_probes} probe(s) go",
+                   "critical", {"agent": to_agent, "from": from_agent, "why": why,
+                                "cooldown_ms": cfg.breaker_cooldown_ms, "probes": cfg.breaker_probes})
+
+
+def circuit_closed(store: Storage, agent: str, why: str) -> bool:
+    """The circuit_closed alert (info): the inbox takes sends again. Never raises."""
+    return quietly(store, "circuit_closed", f"Circuit of {agent} closed ({why}): it takes sends again",
+                   "info", {"agent": agent, "why": why})
 
 
 def quietly(store: Storage, alert_type: str, message: str, severity: str, metadata: Mapping[str, Any]) -> bool:
@@ -209,4 +241,5 @@ def summary(store: Storage, minutes: Optional[float] = None) -> dict[str, Any]:
     }
 
 
-__all__ = ["SEVERITIES", "backpressure_failure", "emit", "quietly", "summary"]
+__all__ = ["SEVERITIES", "backpressure_failure", "circuit_closed", "circuit_opened", "emit", "quietly", "summary",
+           "top_senders"]

@@ -12,11 +12,12 @@ the command line.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 from cfn_fast import alerts, storage
 from cfn_fast.codec import Message, Payload, decode_message, encode_payload, encode_type
-from cfn_fast.config import Config
+from cfn_fast.config import PRIORITIES, Config
 from cfn_fast.errors import BackpressureTimeout, CfnError, InvalidArgument, InvalidPayload
 from cfn_fast.storage import FileStorage, Storage
 
@@ -102,10 +103,12 @@ class MessageBus:
         """Removes the agent's folder and every message in it."""
         self.storage.remove_agent(agent_id)
 
-    def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload) -> str:
-        """Delivers one message; raises InboxFull at once when the inbox is full."""
-        return self.storage.deliver(from_agent, to_agent, encode_type(msg_type), self._payload(payload),
-                                    False).msg_id
+    def send_message(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload, *,
+                     priority: Optional[str] = None) -> str:
+        """Delivers one message; raises InboxFull at once when the inbox is full
+        (CircuitOpen when its circuit is). ``priority="high"`` (default
+        CFN_PRIORITY) may use the inbox's headroom, and consumers take it first."""
+        return self.deliver(from_agent, to_agent, msg_type, payload, False, priority=priority).msg_id
 
     def _payload(self, payload: Payload) -> bytes:
         """The payload's JSON text; with CFN_TEXT_PAYLOADS=1 (the drop-in's
@@ -128,29 +131,76 @@ class MessageBus:
         return self.storage.next_sequence(from_agent, to_agent)
 
     def send_with_backpressure(self, from_agent: str, to_agent: str, msg_type: str,
-                               payload: Payload) -> str:
+                               payload: Payload, *, timeout: Optional[float] = None,
+                               priority: Optional[str] = None) -> str:
         """Delivers one message, waiting for room while the inbox is full;
-        raises BackpressureTimeout after the last retry."""
-        return self.deliver(from_agent, to_agent, msg_type, payload).msg_id
+        raises BackpressureTimeout after the last retry. ``timeout`` (seconds)
+        bounds the whole call: a wait that cannot end before it is not
+        started, and the error's ``retry_after`` says when room is expected.
+        ``priority="high"`` draws on the inbox's headroom: it waits only when
+        that is full too."""
+        return self.deliver(from_agent, to_agent, msg_type, payload, timeout=timeout, priority=priority).msg_id
+
+    def _high(self, priority: Optional[str]) -> bool:
+        if priority is None:
+            return self.config.priority == "high"
+        if priority not in PRIORITIES:
+            raise InvalidArgument(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        return priority == "high"
 
     def deliver(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
-                backpressure: bool = True) -> storage.SendResult:
+                backpressure: bool = True, *, timeout: Optional[float] = None,
+                priority: Optional[str] = None) -> storage.SendResult:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
         waited_ns and outbox_copied."""
+        deadline = _deadline(timeout) if timeout is not None else 0
+        high = self._high(priority)
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
-            return self.storage.deliver(from_agent, to_agent, mtype, data, backpressure)
-        except BackpressureTimeout as e:
-            if backpressure and not e.locked:  # a locked inbox is not an overflow: the error says who holds it
-                alerts.backpressure_failure(self.storage, from_agent, to_agent, e.retries)
+            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline, high)
+        except CfnError as e:
+            self._on_failed_send(from_agent, to_agent, e, backpressure)
             raise
+        if res.circuit:
+            alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
+        return res
+
+    def _on_failed_send(self, from_agent: str, to_agent: str, e: CfnError, backpressure: bool) -> None:
+        # a locked inbox is not an overflow (the error says who holds it), nor is a caller's short deadline
+        if backpressure and type(e) is BackpressureTimeout and not e.locked and not e.deadline:
+            alerts.backpressure_failure(self.storage, from_agent, to_agent, e.retries)
+        if e.circuit:
+            alerts.circuit_opened(self.storage, from_agent, to_agent, f"{type(e).__name__}: {e}")
+
+    def flow_status(self, agent_id: str) -> storage.FlowInfo:
+        """The inbox's flow control as every process sees it: count, capacity,
+        the adaptive limit in force (0: none), the mean sojourn (ms) of what
+        consumers took in the last interval, the places it freed over the last
+        second, the senders waiting their turn, and high-priority sends."""
+        return self.storage.flow(agent_id)
+
+    def circuit_status(self, agent_id: str) -> storage.CircuitInfo:
+        """The inbox's circuit breaker, as every process sees it: state
+        ("closed", "open", "half-open"), failures in a row, probes, retry_after
+        (seconds until probes go, or until the half-open round ends) and the
+        sends it refused."""
+        return self.storage.circuit(agent_id)
+
+    def reset_circuit(self, agent_id: str) -> str:
+        """Closes the inbox's circuit at once, for every process; returns the
+        state it had (a circuit_closed alert says so when it was not closed)."""
+        was = self.storage.circuit_reset(agent_id)
+        if was != "closed":
+            alerts.circuit_closed(self.storage, agent_id, f"reset by an operator; it was {was}")
+        return was
 
     def send_batch(self, from_agent: str, to_agent: str, msg_type: str, payloads: Iterable[Payload],
-                   backpressure: bool = True) -> list[Union[str, CfnError]]:
+                   backpressure: bool = True, *, priority: Optional[str] = None) -> list[Union[str, CfnError]]:
         """Sends each payload in order (with backpressure unless told not to):
         each one's msg_id, or the error that refused it. A backend that can
         (Redis) delivers many in one step."""
+        high = self._high(priority)
         mtype = encode_type(msg_type)
         data: list[bytes] = []
         early: dict[int, CfnError] = {}
@@ -161,14 +211,15 @@ class MessageBus:
                 early[i] = e
                 data.append(b"")
         keep = [i for i in range(len(data)) if i not in early]
-        got = self.storage.deliver_many(from_agent, to_agent, mtype, [data[i] for i in keep], backpressure)
+        got = self.storage.deliver_many(from_agent, to_agent, mtype, [data[i] for i in keep], backpressure, high)
         out: list[Union[str, CfnError]] = [early.get(i, CfnError("not sent")) for i in range(len(data))]
         for i, r in zip(keep, got):
             if isinstance(r, CfnError):
-                if backpressure and isinstance(r, BackpressureTimeout) and not r.locked:
-                    alerts.backpressure_failure(self.storage, from_agent, to_agent, r.retries)
+                self._on_failed_send(from_agent, to_agent, r, backpressure)
                 out[i] = r
             else:
+                if r.circuit:
+                    alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
                 out[i] = r.msg_id
         return out
 
@@ -338,6 +389,15 @@ class MessageBus:
         """Sets the inbox's counter from a directory scan; with force, also
         returns claims of dead consumers and removes stale temporary files."""
         return self.storage.reconcile(agent_id, force)
+
+
+def _deadline(timeout: Optional[float]) -> int:
+    """The CLOCK_MONOTONIC ns (time.monotonic_ns) by which a call with this timeout must end; 0: none."""
+    if timeout is None:
+        return 0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 604_800:
+        raise InvalidArgument(f"timeout must be a number of seconds from 0 to 604800 (7 days), not {timeout!r}")
+    return time.monotonic_ns() + max(1, int(timeout * 1e9))
 
 
 def _max_arg(max_messages: Optional[int]) -> int:

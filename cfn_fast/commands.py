@@ -70,6 +70,7 @@ GROUPS: dict[str, str] = {
     "bus": "The message bus: inboxes, sending and receiving (message-bus.sh).",
     "metrics": "Metrics: JSONL lines in METRICS_FILE (metrics.sh), Prometheus exposition and plots.",
     "alerts": "Alerts: JSONL lines in ALERT_LOG_FILE, with a shared cooldown (alerting.sh).",
+    "circuit": "Circuit breakers: each inbox's, shared by every process that sends to it.",
 }
 
 _AGENT = Param("agent", "the agent id (letters, digits, '.', '_' and '-')", "agent")
@@ -77,6 +78,8 @@ _FROM = Param("sender", "the sending agent's id", "agent")
 _TO = Param("recipient", "the receiving agent's id; its inbox must exist", "agent")
 _TYPE = Param("type", "the message type, for example 'task'")
 _PAYLOAD = Param("payload", "the payload: one JSON value, checked strictly (RFC 8259)", "json")
+_PRIORITY = Param("priority", "high: may use the inbox's headroom, and is taken first [default: CFN_PRIORITY]",
+                  "choice", False, None, ("normal", "high"), option=True)
 
 COMMANDS: tuple[Command, ...] = (
     # -- rate limiting (rate-limiting.sh), at the top level -----------------
@@ -95,7 +98,7 @@ COMMANDS: tuple[Command, ...] = (
             "Send a message, waiting while the recipient's inbox is full; print its id.\n\n"
             "Retries BACKPRESSURE_MAX_RETRIES times, BACKPRESSURE_WAIT_MS apart (see "
             "BACKPRESSURE_BACKOFF), and exits 1 when the inbox stayed full throughout.",
-            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True, handler=h.send_backpressure),
+            (_FROM, _TO, _TYPE, _PAYLOAD, _PRIORITY), hot=True, handler=h.send_backpressure),
     Command(("monitor-overflow",), "monitor_inbox_overflow",
             "Watch every inbox, emit size metrics and overflow alerts; runs until signalled.",
             (Param("interval", "seconds between checks", "seconds", False, 5.0),), handler=h.monitor_overflow),
@@ -110,7 +113,12 @@ COMMANDS: tuple[Command, ...] = (
             (Param("interval", "seconds between checks [default: RATE_LIMIT_CHECK_INTERVAL]",
                    "seconds", False, None),), handler=h.monitor_rate_limit),
     Command(("get-stats",), "get_all_inbox_stats",
-            "Print a JSON array with one {agent, size, utilization, max_size} per inbox.", handler=h.get_stats),
+            "Print a JSON array with one {agent, size, utilization, max_size} per inbox.\n\n"
+            "With --senders, each also lists its heaviest senders and their shares (top_senders); "
+            "with --flow, its flow control: circuit, adaptive limit, sojourn, drain, waiting senders.",
+            (Param("senders", "add each inbox's heaviest senders", "flag", False, False, option=True),
+             Param("flow", "add each inbox's flow control", "flag", False, False, option=True)),
+            handler=h.get_stats),
     Command(("get-load",), "get_system_load",
             "Print the 1-minute load average per CPU, with two decimals.", handler=h.get_load),
     Command(("cleanup",), "cleanup_rate_limiting",
@@ -147,12 +155,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(("bus", "send"), "send_message",
             "Send a message and print its id; exit 1 when the inbox is missing or full.\n\n"
             "A full inbox never evicts a message: use send-backpressure to wait for room.",
-            (_FROM, _TO, _TYPE, _PAYLOAD), hot=True, handler=h.bus_send),
+            (_FROM, _TO, _TYPE, _PAYLOAD, _PRIORITY), hot=True, handler=h.bus_send),
     Command(("bus", "send-batch"), "send_batch",
             "Send one message per line of stdin (a JSON payload each), with backpressure.\n\n"
             "Prints each message id; a line that fails is reported on stderr with its line "
             "number and the others still go. Exits 1 when any line failed.",
-            (_FROM, _TO, _TYPE), handler=h.bus_send_batch),
+            (_FROM, _TO, _TYPE, _PRIORITY), handler=h.bus_send_batch),
     Command(("bus", "receive"), "receive_messages",
             "Print the inbox's messages as a JSON array, oldest first; removes nothing.",
             (_AGENT,), handler=h.bus_receive),
@@ -242,6 +250,18 @@ COMMANDS: tuple[Command, ...] = (
             (Param("hours", "keep this many hours", "count", False, 24, option=True),), handler=h.alerts_clear_old),
 )
 
+# -- flow control ------------------------------------------------------------------
+COMMANDS += (
+    Command(("circuit", "status"), "circuit_status",
+            "Print an inbox's circuit breaker as JSON; exit 0 when closed, 1 when open or half-open.\n\n"
+            "With no agent, a JSON array of every inbox's. Sends to an open circuit fail at once with "
+            "CircuitOpen, without touching the inbox, until its cooldown ends and probes go.",
+            (Param("agent", "only this agent's inbox", "agent", False),), handler=h.circuit_status),
+    Command(("circuit", "reset"), "reset_circuit",
+            "Close an inbox's circuit now, for every process (a circuit_closed alert says so).",
+            (_AGENT,), handler=h.circuit_reset),
+)
+
 BY_PATH: dict[tuple[str, ...], Command] = {c.path: c for c in COMMANDS}
 
 
@@ -256,27 +276,35 @@ def split(argv: Sequence[str]) -> tuple[Optional[Command], list[str]]:
     return BY_PATH.get((argv[0],)), list(argv[1:])
 
 
-def plain_values(cmd: Command, args: Sequence[str]) -> Optional[list[str]]:
-    """The argument values when ``args`` is a plain positional call of a hot
-    command (the right count, no options, choices respected); None otherwise,
-    and then click parses it and explains what is wrong. A JSON payload may
-    start with '-' (a negative number); click's side accepts that too."""
+def plain_values(cmd: Command, args: Sequence[str]) -> Optional[dict[str, str]]:
+    """The argument values by name when ``args`` is a plain call of a hot
+    command (the right count of positionals, choices respected, and choice
+    options given as ``--name value`` before them); None otherwise, and then
+    click parses it and explains what is wrong. A JSON payload may start with
+    '-' (a negative number); click's side accepts that too."""
     if not cmd.hot:
         return None
+    named: dict[str, str] = {}
+    options = {f"--{p.name.replace('_', '-')}": p for p in cmd.params if p.option and p.choices}
+    while len(args) >= 2 and args[0] in options:
+        p = options[args[0]]
+        if p.name in named or args[1] not in p.choices:
+            return None
+        named[p.name] = args[1]
+        args = args[2:]
     positional = [p for p in cmd.params if not p.option]
     required = sum(1 for p in positional if p.required)
     if not required <= len(args) <= len(positional):
         return None
-    values: list[str] = []
     for p, a in zip(positional, args):
         if a.startswith("-") and not (p.kind == "json" and a[1:2].isdigit()):
             return None
         if p.choices and a not in p.choices:
             return None
-        values.append(a)
+        named[p.name] = a
     for p in positional[len(args):]:
-        values.append(str(p.default))
-    return values
+        named[p.name] = str(p.default)
+    return named
 
 
 def invoke(cmd: Command, values: Mapping[str, Any]) -> int:

@@ -19,13 +19,17 @@ from typing import Mapping, NamedTuple, Optional, Union
 from cfn_fast.errors import ConfigError
 
 BACKOFFS = ("fixed", "exponential", "decorrelated")
+PRIORITIES = ("normal", "high")
+ADAPTIVE_MODES = ("off", "delay")
+# The settings whose value is one word of a list, by kind.
+CHOICES: dict[str, tuple[str, ...]] = {"backoff": BACKOFFS, "priority": PRIORITIES, "adaptive": ADAPTIVE_MODES}
 
 
 class Setting(NamedTuple):
     attr: str
     env: str
     default: Union[int, float, str, None]
-    kind: str  # "int", "float", "str", "path", "backoff", "bool", "group", "url", "secret"
+    kind: str  # "int", "float", "str", "path", "bool", "group", "url", "secret", or one of CHOICES
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     help: str = ""
@@ -126,6 +130,40 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("claim_timeout_ms", "CFN_CLAIM_TIMEOUT_MS", 30000, "int", 100, 86_400_000,
             "Redis backend: claims of a consumer that stopped renewing them (dead, or paused) return to the "
             "inbox after this many ms; 100 to 86400000 (a day)"),
+    # flow control (README: Flow control)
+    Setting("breaker_failures", "CFN_BREAKER_FAILURES", 5, "int", 0, 1000,
+            "failed sends in a row to one inbox that open its circuit (sends then fail at once with "
+            "CircuitOpen), 0 meaning never by count; 0 to 1000"),
+    Setting("breaker_failure_rate", "CFN_BREAKER_FAILURE_RATE", 0, "int", 0, 100,
+            "share of failed sends (%) over CFN_BREAKER_WINDOW_MS that opens an inbox's circuit, 0 meaning "
+            "never by rate; 0 to 100"),
+    Setting("breaker_window_ms", "CFN_BREAKER_WINDOW_MS", 10000, "int", 100, 3_600_000,
+            "the sliding window of the failure rate, ms; 100 to 3600000 (an hour)"),
+    Setting("breaker_min_calls", "CFN_BREAKER_MIN_CALLS", 10, "int", 1, 1_000_000,
+            "sends in the window before the failure rate counts; 1 to 1000000"),
+    Setting("breaker_cooldown_ms", "CFN_BREAKER_COOLDOWN_MS", 5000, "int", 1, 3_600_000,
+            "an opened circuit refuses sends this long, then lets probe sends through; 1 to 3600000 (an hour)"),
+    Setting("breaker_probes", "CFN_BREAKER_PROBES", 1, "int", 1, 63,
+            "probe sends a half-open circuit lets through: one success closes it, one failure opens it "
+            "again; 1 to 63"),
+    Setting("priority", "CFN_PRIORITY", "normal", "priority", None, None,
+            "the priority of sends that name none: normal, or high (they may use the inbox's headroom, "
+            "and consumers take them first)"),
+    Setting("priority_headroom_pct", "CFN_PRIORITY_HEADROOM_PCT", 10, "int", 0, 100,
+            "places above an inbox's capacity, in % of it (rounded up), that only high-priority sends may "
+            "fill; 0 to 100"),
+    Setting("priority_ratio", "CFN_PRIORITY_RATIO", 4, "int", 0, 1000,
+            "high-priority messages a consumer takes in a row while normal ones wait, 0 meaning no limit "
+            "(normal ones may starve); 0 to 1000"),
+    Setting("adaptive_limit", "CFN_ADAPTIVE_LIMIT", "off", "adaptive", None, None,
+            "off, or delay: consumers lower an inbox's effective limit while the age of the messages they "
+            "take stays above CFN_ADAPTIVE_TARGET_MS, and raise it back when it falls (every sender obeys it)"),
+    Setting("adaptive_target_ms", "CFN_ADAPTIVE_TARGET_MS", 50, "int", 1, 600_000,
+            "the queueing delay (a message's age when taken) the adaptive limit aims at, ms; 1 to 600000"),
+    Setting("adaptive_interval_ms", "CFN_ADAPTIVE_INTERVAL_MS", 100, "int", 10, 60_000,
+            "how often the adaptive limit moves, ms; 10 to 60000"),
+    Setting("adaptive_floor", "CFN_ADAPTIVE_FLOOR", 1, "int", 1, 1_000_000_000,
+            "the adaptive limit never goes below this many messages; 1 to 1000000000"),
 )
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -218,9 +256,9 @@ def _parse(s: Setting, raw: str) -> object:
         except ValueError:
             raise ConfigError(f"{s.env}={_short(raw)} is not a number") from None
         return _in_range(s, value, raw)  # 1e400 is inf: out of range
-    if s.kind == "backoff":
-        if text not in BACKOFFS:
-            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(BACKOFFS)}")
+    if s.kind in CHOICES:
+        if text not in CHOICES[s.kind]:
+            raise ConfigError(f"{s.env}={_short(raw)} is not one of {', '.join(CHOICES[s.kind])}")
         return text
     if s.kind == "bool":
         if text.lower() in _TRUE:
@@ -311,8 +349,8 @@ def _check(s: Setting, value: object) -> object:
         if value in (0, 1) and isinstance(value, int):  # True, False, 1 or 0, as the environment's 1 or 0
             return bool(value)
         raise ConfigError(f"{s.env}={_short(value)} is not a boolean (use True or False)")
-    if s.kind == "backoff":
-        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(BACKOFFS)}")
+    if s.kind in CHOICES:
+        raise ConfigError(f"{s.env}={_short(value)} is not one of {', '.join(CHOICES[s.kind])}")
     # path
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -366,6 +404,19 @@ class Config:
     redis_password: Optional[str]
     redis_timeout_ms: int
     claim_timeout_ms: int
+    breaker_failures: int
+    breaker_failure_rate: int
+    breaker_window_ms: int
+    breaker_min_calls: int
+    breaker_cooldown_ms: int
+    breaker_probes: int
+    priority: str
+    priority_headroom_pct: int
+    priority_ratio: int
+    adaptive_limit: str
+    adaptive_target_ms: int
+    adaptive_interval_ms: int
+    adaptive_floor: int
     _unset: frozenset[str]  # file settings that follow base_dir
 
     def __init__(self, **values: object) -> None:
@@ -445,4 +496,4 @@ class Config:
         return 0o660 if self.group is not None else 0o600
 
 
-__all__ = ["BACKOFFS", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]
+__all__ = ["ADAPTIVE_MODES", "BACKOFFS", "CHOICES", "PRIORITIES", "Config", "SETTINGS", "Setting", "URL_SCHEMES", "default_path", "redact_url"]

@@ -9,6 +9,21 @@ from __future__ import annotations
 class CfnError(Exception):
     """Base of every cfn-fast error."""
 
+    # A failed send that opened its recipient's circuit breaker says so here (1).
+    circuit: int = 0
+
+
+class _RetryAfter:
+    retry_after: float = 0.0
+    args: tuple[object, ...]
+
+    def set_retry_after(self, seconds: float) -> None:
+        """Sets retry_after and says it at the end of the message (the one
+        line the command line prints)."""
+        if seconds > 0:
+            self.retry_after = seconds
+            self.args = (f"{self.args[0] if self.args else ''}; retry after {seconds:.3g} s",)
+
 
 class ConfigError(CfnError, ValueError):
     """A configuration value (usually an environment variable) is invalid."""
@@ -38,24 +53,39 @@ class InboxNotFound(CfnError, FileNotFoundError):
     """The agent has no inbox (init_message_bus was never run for it)."""
 
 
-class InboxFull(CfnError, BlockingIOError):
-    """The inbox holds MAX_INBOX_SIZE messages; a plain send never evicts."""
+class InboxFull(_RetryAfter, CfnError, BlockingIOError):
+    """The inbox holds MAX_INBOX_SIZE messages; a plain send never evicts.
+    ``retry_after`` is when a place is expected, in seconds: from the inbox's
+    drain over the last second, or the base retry wait when nothing drained
+    in it."""
 
 
 class BackpressureTimeout(InboxFull, TimeoutError):
-    """send_with_backpressure gave up: the inbox stayed full through every retry.
+    """send_with_backpressure gave up: the inbox stayed full through every retry,
+    or it could not have room before the call's deadline (``timeout=``).
     ``retries`` and ``waited_ns`` say how long it tried; ``locked`` is True when
-    its budget ran out waiting for the inbox's lock rather than for room."""
+    its budget ran out waiting for the inbox's lock rather than for room (then
+    ``retry_after`` is 0: nothing is known of when the lock goes); ``deadline``
+    is True when the call's ``timeout`` ended it rather than its retries."""
 
     retries: int = 0
     waited_ns: int = 0
     locked: bool = False
+    deadline: bool = False  # the call's own timeout ended it, not its retries or budget
 
 
 class InboxLocked(CfnError, TimeoutError):
     """Another process held the inbox's .lock (or a sequence lock) past
     LOCK_TIMEOUT_MS: a stalled bash sender, say. The message names the file
     and, where the kernel tells, the holder."""
+
+
+class CircuitOpen(BackpressureTimeout):
+    """The recipient's circuit breaker is open: its last sends failed (see
+    CFN_BREAKER_*), so every process's sends to it fail at once, without
+    touching the inbox, until ``retry_after`` seconds from now, when a probe
+    send goes. It derives from BackpressureTimeout (and so InboxFull): code
+    written for an inbox that stays full handles it as one."""
 
 
 class BusClosed(CfnError):
@@ -90,6 +120,7 @@ __all__ = [
     "BusClosed",
     "CfnError",
     "CfnOSError",
+    "CircuitOpen",
     "ConfigError",
     "InboxFull",
     "InboxLocked",

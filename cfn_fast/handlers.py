@@ -58,15 +58,15 @@ def get_utilization(agent: str) -> int:
     return EXIT_OK
 
 
-def send_backpressure(sender: str, recipient: str, type: str, payload: str) -> int:
+def send_backpressure(sender: str, recipient: str, type: str, payload: str, priority: Optional[str] = None) -> int:
     with new_bus() as bus:
-        out(bus.send_with_backpressure(sender, recipient, type, payload))
+        out(bus.send_with_backpressure(sender, recipient, type, payload, priority=priority))
     return EXIT_OK
 
 
-def bus_send(sender: str, recipient: str, type: str, payload: str) -> int:
+def bus_send(sender: str, recipient: str, type: str, payload: str, priority: Optional[str] = None) -> int:
     with new_bus() as bus:
-        msg_id = bus.send_message(sender, recipient, type, payload)
+        msg_id = bus.send_message(sender, recipient, type, payload, priority=priority)
     out(msg_id)
     log("MESSAGE-BUS", f"Sent message: {sender} -> {recipient} [{type}] ({msg_id})")
     return EXIT_OK
@@ -131,7 +131,7 @@ def _stdin_batches() -> Any:
             return
 
 
-def bus_send_batch(sender: str, recipient: str, type: str) -> int:
+def bus_send_batch(sender: str, recipient: str, type: str, priority: Optional[str] = None) -> int:
     """One process for thousands of sends: each stdin line is one payload."""
     from cfn_fast import progress
 
@@ -142,7 +142,7 @@ def bus_send_batch(sender: str, recipient: str, type: str) -> int:
         # bytes straight through: C checks each payload, nothing is decoded twice
         for batch, size in _stdin_batches():
             advance(size)
-            results = bus.send_batch(sender, recipient, type, [p for _, p in batch])
+            results = bus.send_batch(sender, recipient, type, [p for _, p in batch], priority=priority)
             for (number, _), r in zip(batch, results):
                 if isinstance(r, CfnError):
                     failed += 1
@@ -267,10 +267,10 @@ def monitor_rate_limit(interval: Optional[float]) -> int:
     return EXIT_OK
 
 
-def get_stats() -> int:
+def get_stats(senders: bool = False, flow: bool = False) -> int:
     from cfn_fast import monitors
 
-    out(_dump(monitors.get_all_inbox_stats()))
+    out(_dump(monitors.get_all_inbox_stats(senders=senders, flow=flow)))
     return EXIT_OK
 
 
@@ -433,6 +433,28 @@ def alerts_clear_old(hours: int) -> int:
     with new_bus() as bus:
         kept, removed = checks.clear_old_alerts(bus.storage, hours)
     log("ALERTING", f"Cleared {removed} alerts older than {hours}h ({kept} kept)")
+    return EXIT_OK
+
+
+def _circuit_json(agent: str, c: Any) -> dict[str, Any]:
+    return {"agent": agent, "state": c.state, "failures": c.failures, "probes": c.probes,
+            "probe_limit": c.probe_limit, "retry_after": round(c.retry_after, 3), "rejected": c.rejected}
+
+
+def circuit_status(agent: Optional[str]) -> int:
+    with new_bus() as bus:
+        if agent is not None:
+            c = bus.circuit_status(agent)
+            out(_dump(_circuit_json(agent, c)))
+            return EXIT_OK if c.state == "closed" else EXIT_NO
+        out(_dump([_circuit_json(a, bus.circuit_status(a)) for a in bus.list_agents()]))
+    return EXIT_OK
+
+
+def circuit_reset(agent: str) -> int:
+    with new_bus() as bus:
+        was = bus.reset_circuit(agent)
+    log("CIRCUIT", f"Circuit of {agent} reset to closed (it was {was})")
     return EXIT_OK
 
 

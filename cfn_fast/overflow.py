@@ -21,10 +21,14 @@ if TYPE_CHECKING:
 HIGH_UTILIZATION = 80  # percent: above it, inbox_high_utilization (warning)
 
 
-def get_all_inbox_stats(*, bus: Optional["MessageBus"] = None) -> list[dict[str, Any]]:
+def get_all_inbox_stats(*, bus: Optional["MessageBus"] = None, senders: bool = False,
+                        flow: bool = False) -> list[dict[str, Any]]:
     """``{"agent","size","utilization","max_size"}`` for every agent folder with
     an inbox, sorted by agent, from the shared counters (no directory scans
-    once an inbox is tracked)."""
+    once an inbox is tracked). With ``senders``, each also has "top_senders":
+    its heaviest senders, ``{"sender","share","count"}``, heaviest first. With
+    ``flow``, "flow": its flow control (circuit, adaptive limit, sojourn,
+    drain, waiting senders, high-priority sends)."""
     b = resolve(bus)
     agents = b.list_agents()
     own = b.config.max_inbox_size
@@ -41,7 +45,12 @@ def get_all_inbox_stats(*, bus: Optional["MessageBus"] = None) -> list[dict[str,
             except InboxNotFound:  # removed since the listing
                 continue
         cap = _capacity(cap, own)
-        out.append({"agent": agent, "size": size, "utilization": size * 100 // cap, "max_size": cap})
+        row: dict[str, Any] = {"agent": agent, "size": size, "utilization": size * 100 // cap, "max_size": cap}
+        if senders:
+            row["top_senders"] = [t._asdict() for t in b.storage.top_senders(agent)]
+        if flow:
+            row["flow"] = flow_row(b, agent)
+        out.append(row)
     return out
 
 
@@ -50,6 +59,16 @@ def _capacity(inbox: int, own: int) -> int:
     one its sends are refused at, whatever this monitor's MAX_INBOX_SIZE);
     that setting only when the inbox has none recorded."""
     return inbox if inbox > 0 else own
+
+
+def flow_row(bus: "MessageBus", agent: str) -> dict[str, Any]:
+    """An inbox's flow control as get-stats --flow shows it."""
+    f, c = bus.storage.flow(agent), bus.storage.circuit(agent)
+    cap = f.capacity or bus.config.max_inbox_size
+    return {"circuit": c.state, "circuit_retry_after": round(c.retry_after, 3), "limit": f.limit or cap,
+            "capacity": cap, "high_headroom": -(-cap * bus.config.priority_headroom_pct // 100),
+            "sojourn_ms": round(f.sojourn_ms, 3), "drained_per_s": f.drained, "waiting": f.waiting,
+            "high_sent": f.high_sent}
 
 
 class PassResult(NamedTuple):
@@ -177,6 +196,7 @@ class OverflowMonitor:
         gone = self._gone
         out: list[bytes] = []
         hot: list[tuple[str, int, int, int]] = []
+        limited: list[tuple[str, Any]] = []
         n = 0
         for s in self.bus.storage.slots(reuse=True):
             size = s.count
@@ -195,17 +215,48 @@ class OverflowMonitor:
                 metrics.write_lines(b.storage, b"".join(out), len(out))
             except CfnError as e:
                 report("metrics", e, self.errors)
+        if b.config.adaptive_limit == "delay":  # the adaptive limits, as metric lines and an alert
+            for s in self.bus.storage.slots(reuse=True):
+                if s.count < 0 or (gone and s.agent in gone):
+                    continue
+                try:
+                    f = b.storage.flow(s.agent)
+                except CfnError as e:
+                    report("flow", e, self.errors)
+                    continue
+                if metrics_on and f.limit:
+                    out_flow = b"".join((
+                        metrics.format_metric("inbox.limit", f.limit, "count", {"agent": s.agent}),
+                        metrics.format_metric("inbox.sojourn_ms", round(f.sojourn_ms, 3), "milliseconds",
+                                              {"agent": s.agent})))
+                    try:
+                        metrics.write_lines(b.storage, out_flow, 2)
+                    except CfnError as e:
+                        report("metrics", e, self.errors)
+                if f.limit and f.capacity and f.limit * 2 <= f.capacity:
+                    limited.append((s.agent, f))
         sent_alerts = 0
+        for agent, f in limited:
+            try:
+                sent_alerts += alerts.emit(
+                    b.storage, "inbox_delay_high",
+                    f"Inbox of {agent} is held to {f.limit} of its {f.capacity} places: messages waited "
+                    f"{f.sojourn_ms:.0f} ms on average (target {b.config.adaptive_target_ms} ms)",
+                    "warning", {"agent": agent, "limit": f.limit, "capacity": f.capacity,
+                                "sojourn_ms": round(f.sojourn_ms, 3), "target_ms": b.config.adaptive_target_ms})
+            except CfnError as e:
+                report("alerts", e, self.errors)
         for agent, size, cap, util in hot:
-            meta = {"agent": agent, "size": size, "max_size": cap, "utilization": util}
+            who, top = alerts.top_senders(b.storage, agent)
+            meta = {"agent": agent, "size": size, "max_size": cap, "utilization": util, "top_senders": top}
             try:
                 if util >= 100:
                     sent = alerts.emit(b.storage, "inbox_overflow",
-                                       f"Inbox of {agent} is full: {size}/{cap} messages ({util}%)",
+                                       f"Inbox of {agent} is full: {size}/{cap} messages ({util}%){who}",
                                        "critical", meta)
                 else:
                     sent = alerts.emit(b.storage, "inbox_high_utilization",
-                                       f"Inbox of {agent} is at {util}% of capacity ({size}/{cap} messages)",
+                                       f"Inbox of {agent} is at {util}% of capacity ({size}/{cap} messages){who}",
                                        "warning", meta)
                 sent_alerts += sent
             except CfnError as e:

@@ -5,7 +5,8 @@ Every inbox script takes the same KEYS (redis_storage.inbox_keys):
 
   1 i   HASH  the inbox's meta: cap, resv (places reserved for woken senders),
               its share of the shared counters; exists while the inbox does
-  2 q   ZSET  the inbox: msg_ids, score 0, so ordered by name = (timestamp, sequence)
+  2 q   ZSET  the inbox: msg_ids, score 0 (-1 for a high-priority one, whose id
+              ends in -hi), so ordered by priority, then by name = (timestamp, sequence)
   3 b   HASH  msg_id -> the message's bytes (in the inbox or claimed)
   4 v   HASH  msg_id -> "<expiry ms>|<consumer>": read by a consumer, not yet taken
   5 c   HASH  msg_id -> consumer holding the claim
@@ -28,10 +29,39 @@ local KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR =
 local P = string.sub(KI, 1, -2)
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1])
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1]), tonumber(t[2])
+end
+-- The capacity normal sends may fill now: the adaptive limit (meta 'lim')
+-- while fresh ('limu', ms), else the capacity.
+local function eff_cap(cap, now)
+  local m = redis.call('HMGET', KI, 'lim', 'limu')
+  local lim = tonumber(m[1] or '0')
+  if lim > 0 and lim < cap and tonumber(m[2] or '0') > now then return lim end
+  return cap
+end
+-- A message's age in us from its id: msg-<sec>-<seq>-<5 hex: the microsecond it was sent>...
+local function sojourn_of(id, now)
+  local sec, us = string.match(id, '^msg%-(%d+)%-%d+%-(%x%x%x%x%x)')
+  if not sec then return nil end
+  us = tonumber(us, 16)
+  if us > 999999 then return nil end
+  local age = now * 1000 - (tonumber(sec) * 1000000 + us)
+  if age < 0 then age = 0 end
+  return age
+end
+local function sojourn_add(sum, n)
+  if n > 0 then
+    redis.call('HINCRBY', KI, 'sjs', math.floor(sum))
+    redis.call('HINCRBY', KI, 'sjn', n)
+  end
 end
 local function held()
   return redis.call('ZCARD', KQ) + redis.call('HLEN', KC)
+end
+-- A message's score in the inbox: -1 for a high-priority one (its id ends in -hi), else 0.
+local function score(id)
+  if string.sub(id, -3) == '-hi' then return -1 end
+  return 0
 end
 -- Claims whose consumer's lease ran out go back to the inbox.
 local function recover(now)
@@ -45,12 +75,178 @@ local function recover(now)
   for j = 1, #all, 2 do
     if gone[all[j + 1]] then
       redis.call('HDEL', KC, all[j])
-      redis.call('ZADD', KQ, 0, all[j])
+      redis.call('ZADD', KQ, score(all[j]), all[j])
       n = n + 1
     end
   end
   if n > 0 then redis.call('HINCRBY', KI, 'recovered', n) end
   return n
+end
+-- Places freed per second (server clock), the current second and the one
+-- before, in the meta hash ('dr0', 'dr1': "<second>:<places>"): retry_after.
+local function drained(n, now)
+  if n <= 0 then return end
+  local sec = math.floor(now / 1000)
+  local f = 'dr' .. (sec % 2)
+  local v = redis.call('HGET', KI, f)
+  local c = 0
+  if v then
+    local bar = string.find(v, ':', 1, true)
+    if tonumber(string.sub(v, 1, bar - 1)) == sec then c = tonumber(string.sub(v, bar + 1)) end
+  end
+  redis.call('HSET', KI, f, sec .. ':' .. (c + n))
+end
+-- When `need` more places will have been freed at the drain rate of the last
+-- second, in ms from now; -1 when nothing drained in it.
+local function eta_ms(need, now)
+  if need <= 0 then return 0 end
+  local sec = math.floor(now / 1000)
+  local rate = 0
+  for back = 0, 1 do
+    local v = redis.call('HGET', KI, 'dr' .. ((sec - back) % 2))
+    if v then
+      local bar = string.find(v, ':', 1, true)
+      if tonumber(string.sub(v, 1, bar - 1)) == sec - back then
+        local c = tonumber(string.sub(v, bar + 1))
+        if back == 0 then rate = rate + c else rate = rate + c * (1000 - now % 1000) / 1000 end
+      end
+    end
+  end
+  if rate <= 0 then return -1 end
+  return math.floor(need * 1000 / rate)
+end
+-- The circuit breaker (the file backend's slot word, as fields of the meta
+-- hash): cbs state (0 closed, 1 open, 2 half-open), cbf failures in a row, cbu
+-- until (ms: open, when probes may go; half-open, when the round must have
+-- reported), cbk probe limit, cbp probes admitted; circuit_rejected (and
+-- circuit_opened, circuit_closed) its share of the shared counters; cbw0 and
+-- cbw1 the failure rate's window buckets ("<index>:<calls>:<failures>").
+-- cfg: the sender's settings, "failures,rate %,window ms,min calls,cooldown ms,probes,headroom %".
+local function cb_cfg(text)
+  local t = {}
+  for x in string.gmatch(text, '[^,]+') do t[#t + 1] = tonumber(x) end
+  return t
+end
+-- 0 admitted, 1 admitted as a probe, or -(ms until it admits) refused.
+local function cb_admit(now, cfg)
+  local m = redis.call('HMGET', KI, 'cbs', 'cbu', 'cbk', 'cbp')
+  local st = tonumber(m[1] or '0')
+  if st ~= 1 and st ~= 2 then return 0 end
+  local left = tonumber(m[2] or '0') - now
+  if left > 3601000 then left = 0 end
+  local limit = tonumber(m[3] or '0')
+  if limit < 1 then limit = cfg[6] end
+  if st == 2 and left > 0 and tonumber(m[4] or '0') < limit then
+    redis.call('HINCRBY', KI, 'cbp', 1)
+    return 1
+  end
+  if left <= 0 then
+    redis.call('HSET', KI, 'cbs', 2, 'cbp', 1, 'cbk', limit, 'cbu', now + cfg[5])
+    return 1
+  end
+  redis.call('HINCRBY', KI, 'circuit_rejected', 1)
+  return -left
+end
+local function cb_window(failed, now, cfg)
+  local win = cfg[3]
+  local idx = math.floor(now / win)
+  local f = 'cbw' .. (idx % 2)
+  local calls, fails = 0, 0
+  local v = redis.call('HGET', KI, f)
+  if v then
+    local a, b, c = string.match(v, '^(%d+):(%d+):(%d+)$')
+    if tonumber(a) == idx then calls, fails = tonumber(b), tonumber(c) end
+  end
+  calls = calls + 1
+  if failed then fails = fails + 1 end
+  redis.call('HSET', KI, f, idx .. ':' .. calls .. ':' .. fails)
+  if not failed then return false end
+  local pcalls, pfails = 0, 0
+  local pv = redis.call('HGET', KI, 'cbw' .. ((idx - 1) % 2))
+  if pv then
+    local a, b, c = string.match(pv, '^(%d+):(%d+):(%d+)$')
+    if tonumber(a) == idx - 1 then
+      local share = (win - now % win) / win
+      pcalls, pfails = tonumber(b) * share, tonumber(c) * share
+    end
+  end
+  calls, fails = calls + pcalls, fails + pfails
+  return calls >= cfg[4] and fails * 100 >= cfg[2] * calls
+end
+-- What a finished send tells the circuit: 1 it opened it, 2 it closed it, else 0.
+local function cb_record(failed, now, cfg)
+  local rate = false
+  if cfg[2] > 0 then rate = cb_window(failed, now, cfg) end
+  local m = redis.call('HMGET', KI, 'cbs', 'cbf')
+  local st = tonumber(m[1] or '0')
+  if not failed then
+    if st == 2 then
+      redis.call('HSET', KI, 'cbs', 0, 'cbf', 0)
+      redis.call('HINCRBY', KI, 'circuit_closed', 1)
+      return 2
+    end
+    if st ~= 1 and tonumber(m[2] or '0') > 0 then redis.call('HSET', KI, 'cbf', 0) end
+    return 0
+  end
+  if st == 1 then return 0 end
+  local f = 0
+  if st ~= 2 then f = redis.call('HINCRBY', KI, 'cbf', 1) end
+  if st == 2 or (cfg[1] > 0 and f >= cfg[1]) or rate then
+    redis.call('HSET', KI, 'cbs', 1, 'cbf', 0, 'cbu', now + cfg[5], 'cbk', cfg[6], 'cbp', 0)
+    redis.call('HINCRBY', KI, 'circuit_opened', 1)
+    return 1
+  end
+  return 0
+end
+-- Once an interval (the meta 'adt', ms), the adaptive limit moves as the C
+-- core's cfn_adapt moves it (never below the last second's drain times the
+-- target, plus its square root). spec: "target ms,interval ms,floor"; "" when off.
+local function adapt(now, spec)
+  if spec == '' then return end
+  local t = cb_cfg(spec)
+  local at = tonumber(redis.call('HGET', KI, 'adt') or '0')
+  if at > 0 and now - at < t[2] and now >= at then return end
+  redis.call('HSET', KI, 'adt', now)
+  if at == 0 then return end
+  local m = redis.call('HMGET', KI, 'sjs', 'sjn', 'cap')
+  redis.call('HDEL', KI, 'sjs', 'sjn')
+  local n, cap = tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  if n <= 0 or cap < 1 then return end
+  local mean = tonumber(m[1] or '0') / n
+  redis.call('HSET', KI, 'sju', math.floor(mean))
+  local lim = eff_cap(cap, now)
+  local g = math.max(0.5, math.min(1.0, t[1] * 1000 / math.max(mean, 1)))
+  local nxt = lim + math.floor(math.sqrt(lim))
+  if g < 1 then nxt = lim * g end
+  if nxt > lim and held() < lim / 2 then nxt = lim end
+  local e = eta_ms(1000, now)  -- 1,000 places at the last second's drain: the drain, per second
+  if e > 0 then
+    local drains = math.floor(1000 * t[1] / e)
+    drains = drains + math.floor(math.sqrt(drains))
+    if drains > nxt then nxt = drains end
+  end
+  nxt = math.max(math.max(t[3], 1), math.min(cap, math.floor(nxt)))
+  redis.call('HSET', KI, 'lim', nxt, 'limu', now + math.max(10 * t[2], 1000))
+end
+-- The inbox's heaviest senders: a sorted set (<inbox>hh) of sender -> count,
+-- halved every 10 s (the window in the meta hash's 'hhw'); the 16 heaviest kept.
+local function senders_add(who, n, now)
+  local hk = P .. 'hh'
+  local win = math.floor(now / 10000)
+  local was = tonumber(redis.call('HGET', KI, 'hhw') or '-1')
+  if was ~= win then
+    redis.call('HSET', KI, 'hhw', win)
+    if was >= 0 then
+      local f = 0.5 ^ math.max(0, math.min(win - was, 30))
+      local all = redis.call('ZRANGE', hk, 0, -1, 'WITHSCORES')
+      for j = 1, #all, 2 do
+        local sc = math.floor(tonumber(all[j + 1]) * f)
+        if sc < 1 then redis.call('ZREM', hk, all[j]) else redis.call('ZADD', hk, sc, all[j]) end
+      end
+    end
+  end
+  redis.call('ZINCRBY', hk, n, who)
+  if redis.call('ZCARD', hk) > 32 then redis.call('ZREMRANGEBYRANK', hk, 0, -17) end
 end
 -- Hands free places to waiting senders, first come first served: each gets a
 -- reservation (so no newcomer takes its place) and a push on its wake list.
@@ -65,7 +261,7 @@ local function dispatch(now, ttl)
     end
   end
   if redis.call('LLEN', KW) == 0 then return end
-  local cap = tonumber(redis.call('HGET', KI, 'cap') or '0')
+  local cap = eff_cap(tonumber(redis.call('HGET', KI, 'cap') or '0'), now)
   local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
   local n = held()
   while n + resv < cap do
@@ -104,16 +300,28 @@ end
 
 # ARGV: sender, recipient, escaped type, payload, token, own capacity,
 #       backpressure (0/1), final (0/1), waiter deadline (ms from now),
-#       reservation ttl (ms), metric lines per event (0/1), id suffix, outbox bound
-# -> {0, msg_id, seq, ts, copied (1/0; -1: the sender's keys were not passed),
-#     outbox copies pruned} delivered | {1, cap} full | {2} no inbox
+#       reservation ttl (ms), metric lines per event (0/1), id hex,
+#       breaker settings (cb_cfg), admitted already (0/1: an earlier step of
+#       this send passed the circuit), a final failure counts (0/1), high
+#       priority (0/1: it may fill the headroom, and waits in no queue), outbox bound
+# -> {0, msg_id, seq, ts, circuit, copied (1/0; -1: the sender's keys were not
+#     passed), outbox copies pruned} delivered | {1, cap, eta ms or -1, circuit} full
+#    | {2} no inbox | {3, ms} circuit open for that long
 DELIVER = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {2} end
 local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
 local ttl, ml = tonumber(ARGV[10]), tonumber(ARGV[11])
+local cfg = cb_cfg(ARGV[13])
+local high = ARGV[16] == '1'
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
-local now, sec = now_ms()
+local now, sec, usec = now_ms()
+local limit = eff_cap(cap, now)
+if high then limit = cap + math.ceil(cap * cfg[7] / 100) end
+if ARGV[14] ~= '1' then
+  local adm = cb_admit(now, cfg)
+  if adm < 0 then return {3, -adm} end
+end
 dispatch(now, ttl)
 local ok = false
 if tok ~= '' and redis.call('HDEL', KR, tok) == 1 then
@@ -121,7 +329,7 @@ if tok ~= '' and redis.call('HDEL', KR, tok) == 1 then
   ok = true
 else
   local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
-  ok = held() + resv < cap and redis.call('LLEN', KW) == 0
+  ok = held() + resv < limit and (high or redis.call('LLEN', KW) == 0)
 end
 if not ok then
   if not bp then
@@ -139,98 +347,147 @@ if not ok then
       redis.call('RPUSH', KW, tok)
     end
   end
-  return {1, cap}
+  local circuit = 0
+  if final and ARGV[15] == '1' then circuit = cb_record(true, now, cfg) end
+  local ahead = held() + tonumber(redis.call('HGET', KI, 'resv') or '0') - limit + 1
+  if not high then ahead = ahead + redis.call('LLEN', KW) end
+  return {1, cap, eta_ms(ahead, now), circuit, limit - cap}
 end
 if tok ~= '' and redis.call('HDEL', KWD, tok) == 1 then redis.call('LREM', KW, 1, tok) end
 local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
-local id = string.format('msg-%d-%010d-%s', sec, seq, tok ~= '' and tok or ARGV[12])
+local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(tok ~= '' and tok or ARGV[12], 1, 11))
+local pri = ''
+if high then id = id .. '-hi'; pri = '",\n  "priority": "high' end
 local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
   '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": ' .. seq ..
-  ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n'
-redis.call('ZADD', KQ, 0, id)
+  ',\n  "type": "' .. ARGV[3] .. pri .. '",\n  "payload": ' .. ARGV[4] .. ',\n  "requires_ack": false\n}\n'
+redis.call('ZADD', KQ, score(id), id)
 redis.call('HSET', KB, id, body)
 redis.call('HINCRBY', KI, 'sent', 1)
+if high then redis.call('HINCRBY', KI, 'sent_high', 1) end
+senders_add(ARGV[1], 1, now)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
 end
-if #KEYS < 14 then return {0, id, seq, sec, -1, 0} end
-if not has_outbox() then return {0, id, seq, sec, 0, 0} end
-return {0, id, seq, sec, 1, copy_out(id, body, tonumber(ARGV[13]))}
+local circuit = cb_record(false, now, cfg)
+if #KEYS < 14 then return {0, id, seq, sec, circuit, -1, 0} end
+if not has_outbox() then return {0, id, seq, sec, circuit, 0, 0} end
+return {0, id, seq, sec, circuit, 1, copy_out(id, body, tonumber(ARGV[17]))}
 """
 
 # Many payloads of one sender, as far as room allows, in one step.
-# ARGV: sender, recipient, escaped type, own capacity, reservation ttl, outbox bound,
-#       then (hex, payload) pairs -> {delivered count, id, seq, ts, id, seq, ts, ...,
-#       copied (1/0/-1, as DELIVER's), outbox copies pruned}; -1: no inbox
+# ARGV: sender, recipient, escaped type, own capacity, reservation ttl, breaker
+#       settings (cb_cfg), high priority (0/1), outbox bound, then (hex, payload) pairs
+# -> {delivered count, circuit, id, seq, ts, id, seq, ts, ..., copied (1/0/-1, as
+#     DELIVER's), outbox copies pruned}; {-1}: no inbox; {-2, ms}: circuit open
 DELIVER_MANY = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
 local own, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cfg = cb_cfg(ARGV[6])
 local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
-local now, sec = now_ms()
+local now, sec, usec = now_ms()
+local adm = cb_admit(now, cfg)
+if adm < 0 then return {-2, -adm} end
 dispatch(now, ttl)
+local high = ARGV[7] == '1'
 local room = 0
-if redis.call('LLEN', KW) == 0 then
-  room = cap - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
+if high then
+  room = cap + math.ceil(cap * cfg[7] / 100) - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
+elseif redis.call('LLEN', KW) == 0 then
+  room = eff_cap(cap, now) - held() - tonumber(redis.call('HGET', KI, 'resv') or '0')
 end
-local out = {0}
+local out = {0, 0}
 local n = 0
 local copy, pruned = has_outbox(), 0
 local head = '",\n  "to": "' .. ARGV[2] .. '",\n  "timestamp": ' .. sec .. ',\n  "sequence": '
 local mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "payload": '
-for j = 7, #ARGV, 2 do
+local suffix = ''
+if high then
+  suffix = '-hi'
+  mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "priority": "high",\n  "payload": '
+end
+for j = 9, #ARGV, 2 do
   if n >= room then break end
   local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
-  local id = string.format('msg-%d-%010d-%s', sec, seq, ARGV[j])
+  local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(ARGV[j], 1, 11)) .. suffix
   local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
     head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n'
-  redis.call('ZADD', KQ, 0, id)
+  redis.call('ZADD', KQ, score(id), id)
   redis.call('HSET', KB, id, body)
-  if copy then pruned = pruned + copy_out(id, body, tonumber(ARGV[6])) end
+  if copy then pruned = pruned + copy_out(id, body, tonumber(ARGV[8])) end
   n = n + 1
   out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
 end
 out[1] = n
-if n > 0 then redis.call('HINCRBY', KI, 'sent', n) end
+if n > 0 then
+  redis.call('HINCRBY', KI, 'sent', n)
+  if high then redis.call('HINCRBY', KI, 'sent_high', n) end
+  senders_add(ARGV[1], n, now)
+  out[2] = cb_record(false, now, cfg)
+end
 out[#out + 1] = (#KEYS < 14) and -1 or (copy and 1 or 0)
 out[#out + 1] = pruned
 return out
 """
 
-# ARGV: how many (-1 all), consumer, visibility (ms), claim (0/1)
+# ARGV: how many (-1 all), consumer, visibility (ms), claim (0/1), priority
+#       ratio (high messages in a row while normal ones wait; 0: no limit)
 # -> {count, id, body, id, body, ...}; {-1}: no inbox
 READ = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
 local want, me, ttl, claim = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local ratio = tonumber(ARGV[5] or '0')
 local now = now_ms()
 recover(now)
-local ids = {}
-local start = 0
-while want < 0 or #ids < want do
-  local chunk = redis.call('ZRANGE', KQ, start, start + 255)
-  if #chunk == 0 then break end
-  start = start + #chunk
-  for _, id in ipairs(chunk) do
-    local r = redis.call('HGET', KV, id)
-    local free = true
-    if r then
-      local bar = string.find(r, '|', 1, true)
-      free = tonumber(string.sub(r, 1, bar - 1)) < now or string.sub(r, bar + 1) == me
-    end
-    if free then
-      ids[#ids + 1] = id
-      if want >= 0 and #ids >= want then break end
+-- up to `want` messages of one score (priority) that no other consumer is reading, oldest first
+local function pick(sc)
+  local got = {}
+  local start = 0
+  while want < 0 or #got < want do
+    local chunk = redis.call('ZRANGEBYSCORE', KQ, sc, sc, 'LIMIT', start, 256)
+    if #chunk == 0 then break end
+    start = start + #chunk
+    for _, id in ipairs(chunk) do
+      local r = redis.call('HGET', KV, id)
+      local free = true
+      if r then
+        local bar = string.find(r, '|', 1, true)
+        free = tonumber(string.sub(r, 1, bar - 1)) < now or string.sub(r, bar + 1) == me
+      end
+      if free then
+        got[#got + 1] = id
+        if want >= 0 and #got >= want then break end
+      end
     end
   end
+  return got
 end
+-- high-priority ones first, but no more than `ratio` in a row (the inbox's
+-- run, 'hirun') while normal ones wait
+local hi, lo = pick(-1), pick(0)
+local run = tonumber(redis.call('HGET', KI, 'hirun') or '0')
+local ids = {}
+local i, j = 1, 1
+while (want < 0 or #ids < want) and (i <= #hi or j <= #lo) do
+  if i <= #hi and (j > #lo or ratio <= 0 or run < ratio) then
+    ids[#ids + 1] = hi[i]; i = i + 1; run = run + 1
+  else
+    ids[#ids + 1] = lo[j]; j = j + 1; run = 0
+  end
+end
+if #hi > 0 or #lo > 0 then redis.call('HSET', KI, 'hirun', run) end
 local out = {#ids}
 if #ids == 0 then return out end
+local ssum, sn = 0, 0
 for _, id in ipairs(ids) do
   if claim then
     redis.call('ZREM', KQ, id)
     redis.call('HDEL', KV, id)
     redis.call('HSET', KC, id, me)
+    local age = sojourn_of(id, now)
+    if age then ssum = ssum + age; sn = sn + 1 end
   else
     redis.call('HSET', KV, id, (now + ttl) .. '|' .. me)
   end
@@ -238,6 +495,7 @@ end
 if claim then
   redis.call('HINCRBY', KCN, me, #ids)
   redis.call('ZADD', KL, now + ttl, me)
+  sojourn_add(ssum, sn)
 end
 for j = 1, #ids, 512 do
   local part = {}
@@ -251,10 +509,12 @@ end
 return out
 """
 
-# Every message, oldest first, nothing changed. -> {count, id, body, ...}; {-1}: no inbox
+# Every message, oldest first (whatever its priority, as files are listed), nothing changed.
+# -> {count, id, body, ...}; {-1}: no inbox
 PEEK = r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+table.sort(ids)
 local out = {#ids}
 for j = 1, #ids, 512 do
   local part = {}
@@ -270,18 +530,21 @@ return out
 
 # Deletes messages for good: from the inbox (the ZREM decides which consumer
 # has it: exactly one) or from this consumer's claims (an ack).
-# ARGV: consumer, from claims (0/1), reservation ttl, how many to release, released ids..., ids...
+# ARGV: consumer, from claims (0/1), reservation ttl, adaptive limit (adapt's
+#       spec, "" when off), how many to release, released ids..., ids...
 # -> {flag per id}; {-1}: no inbox
 TAKE = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return {-1} end
-local me, claims, ttl, nrel = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
-for j = 5, 4 + nrel do
+local me, claims, ttl, spec, nrel = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+for j = 6, 5 + nrel do
   local r = redis.call('HGET', KV, ARGV[j])
   if r and string.sub(r, string.find(r, '|', 1, true) + 1) == me then redis.call('HDEL', KV, ARGV[j]) end
 end
 local out = {}
 local n = 0
-for j = 5 + nrel, #ARGV do
+local tnow = now_ms()
+local ssum, sn = 0, 0
+for j = 6 + nrel, #ARGV do
   local id = ARGV[j]
   local ok = 0
   if claims then
@@ -292,6 +555,8 @@ for j = 5 + nrel, #ARGV do
   elseif redis.call('ZREM', KQ, id) == 1 then
     redis.call('HDEL', KV, id)
     ok = 1
+    local age = sojourn_of(id, tnow)
+    if age then ssum = ssum + age; sn = sn + 1 end
   end
   if ok == 1 then redis.call('HDEL', KB, id); n = n + 1 end
   out[#out + 1] = ok
@@ -304,7 +569,11 @@ if n > 0 then
       redis.call('ZREM', KL, me)
     end
   end
-  dispatch(now_ms(), ttl)
+  local now = now_ms()
+  drained(n, now)
+  sojourn_add(ssum, sn)
+  adapt(now, spec)
+  dispatch(now, ttl)
 end
 return out
 """
@@ -325,7 +594,7 @@ local n = 0
 for _, id in ipairs(ids) do
   if redis.call('HGET', KC, id) == me then
     redis.call('HDEL', KC, id)
-    redis.call('ZADD', KQ, 0, id)
+    redis.call('ZADD', KQ, score(id), id)
     n = n + 1
   end
 end
@@ -441,8 +710,64 @@ for _, t in ipairs(toks) do
   redis.call('RPUSH', k, '1')
   redis.call('PEXPIRE', k, 1000)
 end
-redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x')
+redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x', P .. 'hh')
 return vals
+"""
+
+# The inbox's heaviest senders, heaviest first, counts halved for the windows
+# since the last send: -> {sender, count, sender, count, ...}
+SENDERS = _PRELUDE + r"""
+local win = math.floor(now_ms() / 10000)
+local was = tonumber(redis.call('HGET', KI, 'hhw') or tostring(win))
+local f = 0.5 ^ math.max(0, math.min(win - was, 30))
+local all = redis.call('ZREVRANGE', P .. 'hh', 0, 7, 'WITHSCORES')
+local out = {}
+for j = 1, #all, 2 do
+  local c = math.floor(tonumber(all[j + 1]) * f)
+  if c > 0 then out[#out + 1] = all[j]; out[#out + 1] = c end
+end
+return out
+"""
+
+# The inbox's flow state: -> {held, cap, limit (0: none), sojourn us, drained over the last second,
+#                             waiting senders, high-priority sent}; {-1}: no inbox
+FLOW = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return {-1} end
+local now = now_ms()
+local m = redis.call('HMGET', KI, 'cap', 'sju', 'sent_high')
+local cap = tonumber(m[1] or '0')
+local lim = eff_cap(cap, now)
+if lim >= cap then lim = 0 end
+local drained = 0
+local e = eta_ms(1000, now)
+if e > 0 then drained = math.floor(1000 * 1000 / e) end
+return {held(), cap, lim, tonumber(m[2] or '0'), drained, redis.call('LLEN', KW), tonumber(m[3] or '0')}
+"""
+
+# The inbox's circuit: -> {state, failures, probes, probe limit, ms left, refused}
+CIRCUIT = _PRELUDE + r"""
+local m = redis.call('HMGET', KI, 'cbs', 'cbf', 'cbp', 'cbk', 'cbu', 'circuit_rejected')
+local st = tonumber(m[1] or '0')
+local left = 0
+if st == 1 or st == 2 then
+  left = tonumber(m[5] or '0') - now_ms()
+  if left < 0 or left > 3601000 then left = 0 end
+else
+  st = 0
+end
+return {st, tonumber(m[2] or '0'), tonumber(m[3] or '0'), tonumber(m[4] or '0'), left, tonumber(m[6] or '0')}
+"""
+
+# Closes the inbox's circuit: -> the state it had
+CIRCUIT_RESET = _PRELUDE + r"""
+local st = tonumber(redis.call('HGET', KI, 'cbs') or '0')
+if redis.call('EXISTS', KI) == 1 then
+  redis.call('HSET', KI, 'cbs', 0, 'cbf', 0, 'cbp', 0)
+  redis.call('HDEL', KI, 'cbw0', 'cbw1')
+  if st == 1 or st == 2 then redis.call('HINCRBY', KI, 'circuit_closed', 1) end
+end
+if st == 1 or st == 2 then return st end
+return 0
 """
 
 # The shared alert cooldown: KEYS the entry, the counters; ARGV cooldown ms -> 1 go ahead, 0 inside it
@@ -452,5 +777,5 @@ redis.call('HINCRBY', KEYS[2], 'alerts_suppressed', 1)
 return 0
 """
 
-__all__ = ["CAPACITY", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
-           "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SIZE", "TAKE"]
+__all__ = ["CAPACITY", "CIRCUIT", "CIRCUIT_RESET", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "FLOW", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
+           "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SENDERS", "SIZE", "TAKE"]

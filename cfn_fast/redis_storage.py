@@ -33,6 +33,7 @@ from cfn_fast.errors import (
     BackendUnavailable,
     BackpressureTimeout,
     CfnError,
+    CircuitOpen,
     ConfigError,
     InboxFull,
     InboxNotFound,
@@ -40,13 +41,14 @@ from cfn_fast.errors import (
     InvalidMessageType,
     PayloadTooLarge,
 )
-from cfn_fast.storage import FileStorage, RateSettings, ReconcileResult, Record, SendResult, SlotInfo
+from cfn_fast.storage import CircuitInfo, FileStorage, RateSettings, ReconcileResult, Record, SendResult, SlotInfo
 
 _INBOX = (b"i", b"q", b"b", b"v", b"c", b"cn", b"l", b"s", b"w", b"wd", b"r")
 # The shared counters an inbox's own scripts keep (in its meta hash, so a send
 # is one step in one slot); the others live in the global hash.
 _INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpressure_success",
-                   "backpressure_failure", "recovered", "quarantined", "metrics")
+                   "backpressure_failure", "recovered", "quarantined", "metrics", "circuit_opened",
+                   "circuit_closed", "circuit_rejected")
 _TRIM = b" \t\r\n"
 _BATCH = 256           # payloads per batch step
 _BATCH_BYTES = 4 << 20  # and at most this much payload per step
@@ -128,6 +130,10 @@ class RedisStorage:
         self._budget_ns = (c.backpressure_max_total_ms * 1_000_000 if c.backpressure_max_total_ms
                            else c.backpressure_wait_ms * 1_000_000 * max(0, c.backpressure_max_retries))
         self._timed = c.backpressure_max_total_ms > 0 or c.backpressure_wait_ms > 0
+        self._cb = (f"{c.breaker_failures},{c.breaker_failure_rate},{c.breaker_window_ms},{c.breaker_min_calls},"
+                    f"{c.breaker_cooldown_ms},{c.breaker_probes},{c.priority_headroom_pct}")
+        self._adapt = (f"{c.adaptive_target_ms},{c.adaptive_interval_ms},{c.adaptive_floor}"
+                       if c.adaptive_limit == "delay" else "")
         errors = redis.exceptions
         self._unavailable: tuple[type[BaseException], ...] = (
             errors.ConnectionError, errors.TimeoutError, getattr(errors, "ClusterDownError", errors.ConnectionError),
@@ -386,7 +392,8 @@ class RedisStorage:
             self._okeys[(sender, to)] = out
         return out
 
-    def _copied(self, sender: str, to: str, etype: bytes, data: bytes, r: list[Any], at: int) -> bool:
+    def _copied(self, sender: str, to: str, etype: bytes, data: bytes, r: list[Any], at: int,
+                high: bool = False) -> bool:
         """Whether the send's outbox copy was made: by the script itself
         (r[at] is 1 or 0, r[at + 1] the copies its bound pruned), or, when it
         could not reach the sender's keys (-1: another Cluster slot), now."""
@@ -395,14 +402,16 @@ class RedisStorage:
             if r[at + 1]:
                 self.counter_add("outbox_pruned", int(r[at + 1]))
             return copied == 1
-        return self._copy_out(sender, to, etype, data, r[1], int(r[2]), int(r[3]))
+        return self._copy_out(sender, to, etype, data, r[1], int(r[2]), int(r[3]), high)
 
-    def _copy_out(self, sender: str, to: str, etype: bytes, data: bytes, mid: bytes, seq: int, ts: int) -> bool:
+    def _copy_out(self, sender: str, to: str, etype: bytes, data: bytes, mid: bytes, seq: int, ts: int,
+                  high: bool = False) -> bool:
         if not self._has_outbox(sender):
             return False
+        pri = b'",\n  "priority": "high' if high else b""
         body = (b'{\n  "version": "1.1",\n  "msg_id": "%s",\n  "from": "%s",\n  "to": "%s",\n  "timestamp": %d,\n'
-                b'  "sequence": %d,\n  "type": "%s",\n  "payload": %s,\n  "requires_ack": false\n}\n'
-                % (mid, sender.encode(), to.encode(), ts, seq, etype, data))
+                b'  "sequence": %d,\n  "type": "%s%s",\n  "payload": %s,\n  "requires_ack": false\n}\n'
+                % (mid, sender.encode(), to.encode(), ts, seq, etype, pri, data))
         k = self._ikeys(sender)
         pruned = self._run("OUTBOX", [k[0][:-1] + b"o", k[0][:-1] + b"ob"], [mid, body, self.config.outbox_max])
         if pruned:
@@ -415,28 +424,46 @@ class RedisStorage:
         keys = self._ikeys(self._agent(to, "recipient"))
         return int(self._do(self._c().hincrby, keys[_INBOX.index(b"s")], sender, 1))
 
-    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
+                deadline_ns: int = 0, high: bool = False) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
         keys = self._send_keys(sender, to)
         cap = self.config.max_inbox_size
         tok = os.urandom(8).hex()
         if not backpressure:
             r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok,
-                                            self.config.outbox_max])
+                                            self._cb, 0, 0, 1 if high else 0, self.config.outbox_max])
             if r[0] == 1:
-                raise InboxFull(f"inbox of '{to}' is full ({r[1]} messages)")
-            if r[0] == 2:
-                raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
-            copied = self._copied(sender, to, etype, data, r, 4)
-            return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied)
-        return self._deliver_waiting(sender, to, etype, data, keys, tok)
+                head = f", and its {int(r[4])} places of high-priority headroom" if int(r[4]) else ""
+                e = InboxFull(f"inbox of '{to}' is full ({r[1]} messages{head})")
+                e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
+                raise e
+            self._refused(r, to)
+            copied = self._copied(sender, to, etype, data, r, 5, high)
+            return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied, int(r[4]))
+        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns, high)
+
+    @staticmethod
+    def _refused(r: list[Any], to: str) -> None:
+        """Raises what a DELIVER step's answer says, when it refused for want of an inbox or an open circuit."""
+        if r[0] == 2:
+            raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+        if r[0] == 3:
+            e = CircuitOpen(f"circuit of '{to}' is open: sends to it fail at once for {int(r[1])} ms more")
+            e.set_retry_after(int(r[1]) / 1000)
+            raise e
+
+    def _retry_after_ns(self, eta_ms: int) -> int:
+        """The server's estimate of when room comes, or (nothing drained in the
+        last second) the base retry wait, as the C core says it."""
+        return eta_ms * 1_000_000 if eta_ms >= 0 else self._next_wait(0, 0, 0, fixed=True)[0]
 
     def _deliver_waiting(self, sender: str, to: str, etype: bytes, data: bytes, keys: list[bytes],
-                         tok: str) -> SendResult:
+                         tok: str, deadline_ns: int, high: bool = False) -> SendResult:
         """send_with_backpressure: the C loop's rules (retries, backoff, total
-        budget), waiting on the server: a full inbox queues this sender's
-        token, and a consumer that frees a place hands it to the first in the
-        queue and pushes on its wake list, which this sender BLPOPs."""
+        budget, deadline), waiting on the server: a full inbox queues this
+        sender's token, and a consumer that frees a place hands it to the first
+        in the queue and pushes on its wake list, which this sender BLPOPs."""
         cfg = self.config
         cap = cfg.max_inbox_size
         ml = 1 if self._metric_on() else 0
@@ -444,25 +471,48 @@ class RedisStorage:
         retries = wakeups = waited = prev = 0
         wake = keys[0][:-1] + b"k:" + tok.encode()
         margin = 2 * cfg.redis_timeout_ms + 1000
+        doomed = ""  # why this send gives up at its next (final) step, when it must
+        admitted = False  # its first step passed the circuit: later steps are the same send
         while True:
             left = self._budget_ns - waited
-            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0)
+            now = time.monotonic_ns()
+            if deadline_ns and now >= deadline_ns and not doomed:
+                doomed = f"inbox of '{to}' stayed full until the send's deadline ({(now - start) // 1_000_000} ms, " \
+                         f"{retries} retries)"
+            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed)
+            wait_left = left if not deadline_ns else min(left, deadline_ns - now)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
-                                            max(0, left) // 1_000_000 + margin, self._ttl, ml, tok,
-                                            cfg.outbox_max])
+                                            max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok,
+                                            self._cb, 1 if admitted else 0, 0 if doomed else 1,
+                                            1 if high else 0, cfg.outbox_max])
+            admitted = True
             if r[0] == 0:
                 self._bp_metric("backpressure.send.success", sender, to, "retries", retries)
-                copied = self._copied(sender, to, etype, data, r, 4)
-                return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied)
-            if r[0] == 2:
-                raise InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                if r[4]:
+                    self._bp_metric("circuit.closed", sender, to, "retries", retries)
+                copied = self._copied(sender, to, etype, data, r, 5, high)
+                return SendResult(r[1].decode(), r[2], r[3], retries, wakeups, waited, copied, int(r[4]))
+            self._refused(r, to)
+            eta = int(r[2]) * 1_000_000 if int(r[2]) >= 0 else -1
             if final:
                 self._bp_metric("backpressure.send.failure", sender, to, "retries", retries)
-                e = BackpressureTimeout(f"inbox of '{to}' stayed full after {retries} retries "
+                e = BackpressureTimeout(doomed or f"inbox of '{to}' stayed full after {retries} retries "
                                         f"({(time.monotonic_ns() - start) // 1_000_000} ms)")
-                e.retries, e.waited_ns = retries, waited
+                e.retries, e.waited_ns, e.deadline, e.circuit = retries, waited, bool(doomed), int(r[3])
+                if e.circuit:
+                    self._bp_metric("circuit.opened", sender, to, "retries", retries)
+                e.set_retry_after(self._retry_after_ns(int(r[2])) / 1e9)
                 raise e
             w, prev = self._next_wait(retries, prev, left if self._timed else 0)
+            if deadline_ns:
+                # a wait that cannot end before the deadline is not started (the C loop's rule)
+                dl_left = deadline_ns - time.monotonic_ns()
+                expect = eta if eta >= 0 else w
+                if expect > dl_left:
+                    doomed = (f"inbox of '{to}' cannot have room before the send's deadline (room expected in "
+                              f"{expect // 1_000_000} ms, {max(0, dl_left) // 1_000_000} ms left)")
+                    continue
+                w = min(w, dl_left)
             self._bp_metric("backpressure.wait", sender, to, "retry", retries + wakeups + 1)
             if w <= 0:
                 retries += 1  # BACKPRESSURE_WAIT_MS=0: retry at once, as the original
@@ -474,7 +524,7 @@ class RedisStorage:
             else:
                 retries += 1
 
-    def _next_wait(self, retries: int, prev: int, left: int) -> tuple[int, int]:
+    def _next_wait(self, retries: int, prev: int, left: int, fixed: bool = False) -> tuple[int, int]:
         """The next wait in ns and the new ``prev`` (the C core's next_wait_ns)."""
         cfg = self.config
         base_ms = cfg.backpressure_wait_ms
@@ -483,7 +533,9 @@ class RedisStorage:
                 storage.rate_fresh(rs, int(cfg.rate_limit_check_interval * 3000), time.time_ns()):
             base_ms = rs.wait_ms
         base = w = base_ms * 1_000_000
-        if cfg.backpressure_backoff == "exponential":
+        if fixed:
+            pass
+        elif cfg.backpressure_backoff == "exponential":
             w = base << min(retries, 40)
         elif cfg.backpressure_backoff == "decorrelated" and base > 0:
             hi = min(prev * 3 if prev > 0 else base, base * 32)
@@ -523,7 +575,7 @@ class RedisStorage:
             pool.release(conn)
 
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
-                     backpressure: bool) -> list[Union[SendResult, CfnError]]:
+                     backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]:
         """Each payload's SendResult, or the error that refused it, in order.
         As many as fit go in one server step per batch; the rest wait as
         deliver does, one by one, until room comes."""
@@ -552,7 +604,7 @@ class RedisStorage:
                 k = 16 * len(chunk)
                 chunk.append((i, d, rnd[k:k + 16]))
                 size += len(d)
-            args: list[Any] = [sender, to, etype, cap, self._ttl, self.config.outbox_max]
+            args: list[Any] = [sender, to, etype, cap, self._ttl, self._cb, 1 if high else 0, self.config.outbox_max]
             for _, d, h in chunk:
                 args += [h, d]
             try:
@@ -563,24 +615,29 @@ class RedisStorage:
                 pos += len(chunk)
                 continue
             if r[0] < 0:
-                missing = InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                refused: CfnError = InboxNotFound(f"agent '{to}' has no inbox (run init for it first)")
+                if r[0] == -2:
+                    try:
+                        self._refused([3, r[1]], to)
+                    except CircuitOpen as e:
+                        refused = e
                 for i, _ in todo[pos:]:
-                    out[i] = missing
+                    out[i] = refused
                 break
             n = int(r[0])
-            inline, pruned = int(r[1 + 3 * n]), int(r[2 + 3 * n])
+            inline, pruned = int(r[2 + 3 * n]), int(r[3 + 3 * n])
             if pruned:
                 self.counter_add("outbox_pruned", pruned)
             for j in range(n):
                 i, d, _ = chunk[j]
-                mid, seq, ts = r[1 + 3 * j], int(r[2 + 3 * j]), int(r[3 + 3 * j])
-                copied = inline == 1 if inline >= 0 else self._copy_out(sender, to, etype, d, mid, seq, ts)
-                out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied)
+                mid, seq, ts = r[2 + 3 * j], int(r[3 + 3 * j]), int(r[4 + 3 * j])
+                copied = inline == 1 if inline >= 0 else self._copy_out(sender, to, etype, d, mid, seq, ts, high)
+                out[i] = SendResult(mid.decode(), seq, ts, 0, 0, 0, copied, int(r[1]) if j == 0 else 0)
             pos += n
             if n < len(chunk):  # full: the next one waits (or fails) as a single send does
                 i, d = todo[pos]
                 try:
-                    out[i] = self.deliver(sender, to, mtype, d, backpressure)
+                    out[i] = self.deliver(sender, to, mtype, d, backpressure, 0, high)
                 except CfnError as e:
                     out[i] = e
                 pos += 1
@@ -652,7 +709,8 @@ class RedisStorage:
             claim = mode == storage.READ_CLAIM
             self._c()
             ttl = self.config.claim_timeout_ms if claim else self._ttl
-            r = self._run("READ", keys, [max_messages, self.consumer, ttl, 1 if claim else 0])
+            r = self._run("READ", keys, [max_messages, self.consumer, ttl, 1 if claim else 0,
+                                         self.config.priority_ratio])
         if r[0] < 0:
             raise InboxNotFound(f"agent '{agent}' has no inbox (run init for it first)")
         recs = self._records(r)
@@ -673,7 +731,8 @@ class RedisStorage:
         if not ids and not rel:
             return [], None
         self._c()
-        r = self._run("TAKE", keys, [self.consumer, 1 if claims else 0, self._ttl, len(rel), *rel, *ids])
+        r = self._run("TAKE", keys, [self.consumer, 1 if claims else 0, self._ttl, self._adapt, len(rel), *rel,
+                                     *ids])
         if r and r[0] == -1 and len(ids) + len(rel) > 0 and len(r) == 1 and ids:
             raise InboxNotFound(f"agent '{agent}' has no inbox")
         taken = [bool(x) for x in r]
@@ -779,6 +838,26 @@ class RedisStorage:
             return True
         return bool(self._run("COOLDOWN", [self._g + b"cd:" + key.hex().encode(), self._g + b"ctr"],
                               [max(1, cooldown_ns // 1_000_000)]))
+
+    # -- flow control ----------------------------------------------------------------------------------
+    def circuit(self, agent: str) -> CircuitInfo:
+        r = self._run("CIRCUIT", self._ikeys(self._agent(agent)), [])
+        states = ("closed", "open", "half-open")
+        return CircuitInfo(states[int(r[0])], int(r[1]), int(r[2]) if r[0] == 2 else 0,
+                           int(r[3]) if r[0] == 2 else 0, int(r[4]) / 1000, int(r[5]))
+
+    def flow(self, agent: str) -> storage.FlowInfo:
+        r = self._run("FLOW", self._ikeys(self._agent(agent)), [])
+        if r[0] == -1:
+            return storage.FlowInfo(-1, 0, 0, 0.0, 0, 0, 0)
+        return storage.FlowInfo(int(r[0]), int(r[1]), int(r[2]), int(r[3]) / 1000, int(r[4]), int(r[5]), int(r[6]))
+
+    def top_senders(self, agent: str) -> list[storage.SenderShare]:
+        r = self._run("SENDERS", self._ikeys(self._agent(agent)), [])
+        return storage.shares([(r[j].decode(), int(r[j + 1])) for j in range(0, len(r), 2)])
+
+    def circuit_reset(self, agent: str) -> str:
+        return ("closed", "open", "half-open")[int(self._run("CIRCUIT_RESET", self._ikeys(self._agent(agent)), []))]
 
     # -- telemetry files: this host's -------------------------------------------------------------------
     def metrics_write(self, data: bytes, nlines: int) -> bool:

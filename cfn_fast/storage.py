@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any, Optional, Protocol, Union
+from typing import Any, NamedTuple, Optional, Protocol, Union
 
 from cfn_fast import _core
 from cfn_fast.config import Config
@@ -26,6 +26,8 @@ ReconcileResult = _core.ReconcileResult
 Record = _core.Record
 SlotInfo = _core.SlotInfo
 RateSettings = _core.RateSettings
+CircuitInfo = _core.CircuitInfo
+FlowInfo = _core.FlowInfo
 
 READ_PEEK = _core.READ_PEEK
 READ_NEXT = _core.READ_NEXT
@@ -58,6 +60,19 @@ COUNTERS: dict[str, int] = {**_core.COUNTERS,
 assert max(COUNTERS.values()) < _core.COUNTER_SLOTS, "shared counter table overflows the state file's"
 
 
+class SenderShare(NamedTuple):
+    """One of an inbox's heaviest senders: its count over the last windows
+    (halved every 10 s) and its share of the counted messages."""
+    sender: str
+    count: int  # type: ignore[assignment]  # shadows tuple.count on purpose, as _core's tuples do
+    share: float
+
+
+def shares(counts: list[tuple[str, int]]) -> list[SenderShare]:
+    total = sum(c for _, c in counts) or 1
+    return [SenderShare(who, c, round(c / total, 4)) for who, c in counts]
+
+
 def agent_bytes(agent: object, role: str = "agent id") -> bytes:
     """An agent id for the core (type, NUL and ASCII checked here; characters by C)."""
     return _core.agent_bytes(agent, role)
@@ -71,6 +86,14 @@ def check_agent(agent: str, role: str = "agent id") -> None:
 def check_json(data: bytes) -> None:
     """Raises InvalidPayload unless data is JSON every reader returns intact (the send policy)."""
     _core.check_json(data)
+
+
+def send_failure(rc: int, what: str, retries: int, waited_ns: int, locked: bool, deadline: bool, circuit: int,
+                 retry_after_ns: int) -> CfnError:
+    """The exception a send that failed in C raises, from its result's parts
+    (a send the native program made, reported by native_sent.py)."""
+    return _core.send_error(_core.error_from(rc, what), retries, waited_ns, locked, deadline, circuit,
+                            retry_after_ns)
 
 
 def json_escape(text: bytes) -> bytes:
@@ -121,10 +144,11 @@ class Storage(Protocol):
     def has_inbox(self, agent: str) -> bool: ...
     def has_agent(self, agent: str) -> bool: ...  # an inbox, or anything else kept for the agent
     # sending, counting
-    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult: ...
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
+                deadline_ns: int = 0, high: bool = False) -> SendResult: ...
     def next_sequence(self, sender: str, to: str) -> int: ...
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
-                     backpressure: bool) -> list[Union[SendResult, CfnError]]: ...
+                     backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]: ...
     def size(self, agent: str) -> int: ...
     def capacity(self, agent: str, own: int) -> int: ...
     def count_files(self, agent: str, box: str) -> int: ...
@@ -143,6 +167,11 @@ class Storage(Protocol):
     def rate_publish(self, s: RateSettings) -> None: ...
     def rate_read(self) -> Optional[RateSettings]: ...
     def cooldown_try(self, key: bytes, now_ns: int, cooldown_ns: int) -> Optional[bool]: ...
+    # flow control
+    def circuit(self, agent: str) -> CircuitInfo: ...
+    def circuit_reset(self, agent: str) -> str: ...
+    def top_senders(self, agent: str) -> list[SenderShare]: ...
+    def flow(self, agent: str) -> FlowInfo: ...
     # telemetry files
     def metrics_write(self, data: bytes, nlines: int) -> bool: ...
     def open_log(self, path: str) -> int: ...
@@ -168,9 +197,14 @@ class FileStorage:
             capacity=c.max_inbox_size, wait_ms=c.backpressure_wait_ms, max_total_ms=c.backpressure_max_total_ms,
             max_payload=c.max_message_bytes, stale_after_ms=self.stale_after_ms, outbox_max=c.outbox_max,
             backoff=_core.BACKOFF_CODES[c.backpressure_backoff], fsync=1 if c.fsync else 0,
-            file_mode=c.file_mode, dir_mode=c.dir_mode)
+            file_mode=c.file_mode, dir_mode=c.dir_mode, breaker_failures=c.breaker_failures,
+            breaker_rate_pct=c.breaker_failure_rate, breaker_min_calls=c.breaker_min_calls,
+            breaker_probes=c.breaker_probes, breaker_window_ms=c.breaker_window_ms,
+            breaker_cooldown_ms=c.breaker_cooldown_ms, headroom_pct=c.priority_headroom_pct)
         self._plain = _core.new_send_opts(max_retries=-1, **common)
         self._backpressure = _core.new_send_opts(max_retries=c.backpressure_max_retries, **common)
+        self._plain_high = _core.new_send_opts(self._plain, priority=_core.PRIORITY_HIGH)
+        self._backpressure_high = _core.new_send_opts(self._backpressure, priority=_core.PRIORITY_HIGH)
 
     @property
     def stale_after_ms(self) -> int:
@@ -188,7 +222,12 @@ class FileStorage:
             if self._handle is None:
                 cfg = self.config
                 try:
-                    h = _core.open_bus(self.base_dir, create, cfg.dir_mode, cfg.group, cfg.lock_timeout_ms)
+                    h = _core.open_bus(self.base_dir, create, cfg.dir_mode, cfg.group, cfg.lock_timeout_ms,
+                                       dict(priority_ratio=cfg.priority_ratio,
+                                            adaptive=1 if cfg.adaptive_limit == "delay" else 0,
+                                            adaptive_target_ms=cfg.adaptive_target_ms,
+                                            adaptive_interval_ms=cfg.adaptive_interval_ms,
+                                            adaptive_floor=cfg.adaptive_floor))
                 except CfnOSError as e:
                     if create or e.errno != errno.ENOENT:
                         raise
@@ -283,19 +322,27 @@ class FileStorage:
 
     # -- sending and counting ----------------------------------------------------
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
-                     backpressure: bool) -> list[Union[SendResult, CfnError]]:
+                     backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]:
         """deliver for each payload, in order: its result or the error that refused it."""
         out: list[Union[SendResult, CfnError]] = []
         for p in payloads:
             try:
-                out.append(self.deliver(sender, to, mtype, p, backpressure))
+                out.append(self.deliver(sender, to, mtype, p, backpressure, 0, high))
             except CfnError as e:
                 out.append(e)
         return out
 
-    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool) -> SendResult:
+    def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
+                deadline_ns: int = 0, high: bool = False) -> SendResult:
+        """One send; deadline_ns (CLOCK_MONOTONIC, as time.monotonic_ns) bounds the whole call; a
+        high-priority one may use the inbox's headroom."""
         s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
-        opts = self._backpressure if backpressure else self._plain
+        if high:
+            opts = self._backpressure_high if backpressure else self._plain_high
+        else:
+            opts = self._backpressure if backpressure else self._plain
+        if deadline_ns:
+            opts = _core.new_send_opts(opts, deadline_ns=deadline_ns)
         return _core.send(self._need(to), s, t, mtype, payload, opts)
 
     def next_sequence(self, sender: str, to: str) -> int:
@@ -391,6 +438,42 @@ class FileStorage:
         h = self._h()
         return None if h is None else _core.cooldown_try(h, key, now_ns, cooldown_ns)
 
+    # -- flow control ------------------------------------------------------------------
+    def circuit(self, agent: str) -> CircuitInfo:
+        """The inbox's circuit breaker as every process sees it."""
+        a = agent_bytes(agent)
+        h = self._h()
+        return _core.CircuitInfo("closed", 0, 0, 0, 0.0, 0) if h is None else _core.circuit_get(h, a)
+
+    def circuit_reset(self, agent: str) -> str:
+        """Closes the inbox's circuit; the state it had."""
+        a = agent_bytes(agent)
+        h = self._h()
+        return "closed" if h is None else _core.circuit_reset(h, a)
+
+    def flow(self, agent: str) -> FlowInfo:
+        """The inbox's flow-control state: count, capacity, adaptive limit, sojourn, drain, line."""
+        a = agent_bytes(agent)
+        h = self._h()
+        return _core.FlowInfo(-1, 0, 0, 0.0, 0, 0, 0) if h is None else _core.flow_get(h, a)
+
+    def top_senders(self, agent: str) -> list[SenderShare]:
+        """The inbox's heaviest senders, heaviest first, named: the shared
+        table holds keys, and each sender has a folder (its sequences) whose
+        name has one; a key no folder has is shown as "?<key>"."""
+        a = agent_bytes(agent)
+        h = self._h()
+        got = [] if h is None else _core.senders_get(h, a)
+        if not got:
+            return []
+        names: dict[int, str] = {}
+        for name in self.list_names():
+            try:
+                names[_core.sender_key(name.encode("ascii"))] = name
+            except UnicodeEncodeError:
+                continue
+        return shares([(names.get(k, f"?{k:010x}"), c) for k, c in got])
+
     # -- telemetry files ---------------------------------------------------------------
     def metrics_write(self, data: bytes, nlines: int) -> bool:
         """Appends whole metric lines (creating the base folder on first use);
@@ -422,4 +505,4 @@ def _rmtree(path: str) -> None:
         pass
 
 
-__all__ = ["COUNTERS", "FileStorage", "Storage"]
+__all__ = ["COUNTERS", "FileStorage", "SenderShare", "Storage"]

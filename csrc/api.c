@@ -233,3 +233,46 @@ int64_t cfn_metrics_write(cfn_bus *bus, const char *data, size_t len, int64_t nl
     return n;
 }
 
+
+int cfn_circuit_get(cfn_bus *bus, const char *agent, cfn_circuit_info *out, cfn_err *err)
+{
+    memset(out, 0, sizeof *out);
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_circuit_get_in(bus, agent, out);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_circuit_reset(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_circuit_reset_in(bus, agent);
+    cfn_leave(bus);
+    return rc;
+}
+
+int cfn_senders_get(cfn_bus *bus, const char *agent, cfn_sender_share *out, int cap, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int n = cfn_senders_get_in(bus, agent, out, cap);
+    cfn_leave(bus);
+    return n;
+}
+
+uint64_t cfn_sender_key(const char *agent)
+{
+    return cfn_sender_key_of(agent, strlen(agent));
+}
+
+int cfn_flow_get(cfn_bus *bus, const char *agent, cfn_flow_info *out, cfn_err *err)
+{
+    memset(out, 0, sizeof *out);
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_flow_get_in(bus, agent, out);
+    cfn_leave(bus);
+    return rc;
+}

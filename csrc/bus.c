@@ -125,11 +125,8 @@ static void ent_close(struct cfn_ent *e)
     if (ob >= 0) (void)close(ob);
     if (e->claimfd >= 0) (void)close(e->claimfd);
     e->claimfd = -1;
-    for (size_t i = 0; i < e->list_n; i++)
-        free(e->list[i]);
-    free(e->list);
-    e->list = NULL;
-    e->list_n = e->list_next = 0;
+    cfn_listing_free(e);
+    e->high_run = 0;
     e->agentfd = e->inboxfd = e->lockfd = -1;
     e->slot_region = NULL;
     e->used = false;
@@ -267,6 +264,14 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *o, cf
 int cfn_bus_set_probe(cfn_bus *bus, cfn_probe_fn probe)
 {
     bus->probe = probe;  /* set right after open, before any call waits */
+    return 0;
+}
+
+int cfn_bus_set_flow(cfn_bus *bus, const cfn_flow_opts *o, cfn_err *err)
+{
+    if (o->priority_ratio < 0 || o->adaptive_target_ms < 0 || o->adaptive_interval_ms < 0 || o->adaptive_floor < 0)
+        return cfn_fail(err, CFN_E_BADARG, "flow settings must not be negative");
+    bus->flow = *o;  /* set right after open, before any other call */
     return 0;
 }
 
@@ -434,6 +439,7 @@ static int ent_open(cfn_bus *bus, struct cfn_ent *e, const char *agent, bool nee
     e->tmpfs = cfn_is_tmpfs(e->inboxfd);
 done:
     snprintf(e->agent, sizeof e->agent, "%s", agent);
+    e->sender_key = cfn_sender_key_of(agent, strlen(agent));
     return 0;
 }
 

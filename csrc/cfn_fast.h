@@ -27,7 +27,8 @@ enum {
     CFN_E_BADARG = -1010,    /* an option out of range */
     CFN_E_UNSAFE = -1011,    /* symlink, wrong owner or wrong file kind */
     CFN_E_LOCKED = -1012,    /* another process held a lock past the call's budget */
-    CFN_E_CLOSED = -1013     /* the handle was closed */
+    CFN_E_CLOSED = -1013,    /* the handle was closed */
+    CFN_E_CIRCUIT = -1014    /* the recipient's circuit is open: refused without touching the inbox */
 };
 
 enum {
@@ -38,7 +39,8 @@ enum {
     CFN_SLOTS = 16384,       /* inbox slots in one state file */
     CFN_COUNTERS = 64,       /* shared event counters */
     CFN_COOLDOWNS = 1024,    /* shared alert cooldown entries */
-    CFN_LAYOUT_VERSION = 2,
+    CFN_TOP_SENDERS = 8,     /* heaviest senders an inbox keeps count of */
+    CFN_LAYOUT_VERSION = 3,
     CFN_JSON_INT_DIGITS = 4300,  /* longest integer a payload may hold (Python's int limit) */
     CFN_JSON_PAYLOAD_DEPTH = 256,/* deepest nesting of a payload */
     CFN_JSON_FILE_DEPTH = 257    /* a message file: the payload inside its envelope */
@@ -53,6 +55,9 @@ enum {
 };
 
 enum { CFN_BACKOFF_FIXED = 0, CFN_BACKOFF_EXPONENTIAL = 1, CFN_BACKOFF_DECORRELATED = 2 };
+
+/* A send's priority (cfn_send_opts.priority). */
+enum { CFN_PRIORITY_NORMAL = 0, CFN_PRIORITY_HIGH = 1 };
 
 /* Indexes of the shared event counters (cfn_counter_*). */
 enum {
@@ -74,8 +79,15 @@ enum {
     CFN_CTR_STATE_REATTACHED = 15, /* state file replaced or removed under a process, re-mapped */
     CFN_CTR_SLOTS_FREED = 16,    /* inbox slots of removed agents freed */
     CFN_CTR_OUTBOX_PRUNED = 17,  /* outbox copies removed to keep OUTBOX_MAX */
-    CFN_CTR_FIRST_FREE = 18      /* 18..CFN_COUNTERS-1: free for later use */
+    CFN_CTR_CIRCUIT_OPENED = 18, /* circuits opened (tripped, or a probe failed) */
+    CFN_CTR_CIRCUIT_CLOSED = 19, /* circuits closed again (a probe succeeded, or a reset) */
+    CFN_CTR_CIRCUIT_REJECTED = 20, /* sends refused by an open circuit */
+    CFN_CTR_SENT_HIGH = 21,      /* high-priority messages delivered */
+    CFN_CTR_FIRST_FREE = 22      /* 22..CFN_COUNTERS-1: free for later use */
 };
+
+/* A recipient's circuit (cfn_circuit_info.state). */
+enum { CFN_CIRCUIT_CLOSED = 0, CFN_CIRCUIT_OPEN = 1, CFN_CIRCUIT_HALF_OPEN = 2 };
 
 /* How cfn_read_messages reads: every message, leaving the files (PEEK); the
  * next ones from this handle's listing, leaving the files for cfn_take to
@@ -115,6 +127,19 @@ typedef struct {
     uint32_t file_mode;             /* mode of message files (0600) */
     uint32_t dir_mode;              /* mode of created folders (0700) */
     int64_t outbox_max;             /* OUTBOX_MAX: copies kept in the outbox; 0 unbounded */
+    int64_t deadline_ns;            /* CLOCK_MONOTONIC time the whole call must end by; 0: none */
+    /* the recipient's circuit breaker: what this sender counts as tripping it.
+     * An open circuit refuses every sender, whatever its own settings. */
+    int32_t breaker_failures;       /* consecutive failed sends that open it; 0: never by count */
+    int32_t breaker_rate_pct;       /* failure rate (%) over the window that opens it; 0: never by rate */
+    int32_t breaker_min_calls;      /* sends in the window before the rate counts */
+    int32_t breaker_probes;         /* sends a half-open circuit admits (1 to 63; 0: 1) */
+    int64_t breaker_window_ms;      /* the rate's sliding window */
+    int64_t breaker_cooldown_ms;    /* an opened circuit refuses this long, then admits probes */
+    /* the priority lane: a high-priority send may fill the inbox past its
+     * capacity by headroom_pct % of it (rounded up); a normal one never */
+    int32_t priority;               /* CFN_PRIORITY_* */
+    int32_t headroom_pct;           /* 0 to 100 */
 } cfn_send_opts;
 
 typedef struct {
@@ -126,6 +151,11 @@ typedef struct {
     int64_t waited_ns;              /* time spent waiting in total */
     int32_t outbox_copied;          /* 1 when the sender's outbox got a copy */
     int32_t locked;                 /* 1 when the send failed waiting for a lock, not for room */
+    int32_t deadline;               /* 1 when the call's own deadline ended it, not its retries */
+    int32_t circuit;                /* this send moved the recipient's circuit: 1 opened it, 2 closed it */
+    int64_t retry_after_ns;         /* refused for want of room: when a place is expected, from the
+                                     * inbox's drain over the last second (the base retry wait
+                                     * when nothing drained in it); else 0 */
 } cfn_send_result;
 
 typedef struct {
@@ -156,6 +186,25 @@ typedef struct {
     char agent[136];
 } cfn_slot_info;
 
+/* One of an inbox's heaviest senders: the key of its id (cfn_sender_key)
+ * and its count, halved every CFN_SENDERS_HALF_LIFE_MS since. */
+typedef struct {
+    uint64_t key;
+    int64_t count;
+} cfn_sender_share;
+
+enum { CFN_SENDERS_HALF_LIFE_MS = 10000 };
+
+/* A recipient's circuit breaker as every process sees it (cfn_circuit_get). */
+typedef struct {
+    int32_t state;                  /* CFN_CIRCUIT_* */
+    int32_t failures;               /* closed: consecutive failed sends */
+    int32_t probes;                 /* half-open: sends admitted in this round */
+    int32_t probe_limit;            /* half-open: sends the round admits */
+    int64_t retry_after_ns;         /* open: until probes go; half-open: until the round ends */
+    int64_t rejected;               /* sends refused while it was open, since the slot was made */
+} cfn_circuit_info;
+
 /* Live rate-limit settings, shared by every process on the base folder. */
 typedef struct {
     int64_t batch_size;
@@ -164,6 +213,26 @@ typedef struct {
     int64_t updated_ns;             /* CLOCK_REALTIME of the update; 0 never */
     int64_t interval_ms;            /* the publisher's check interval */
 } cfn_rate_settings;
+
+/* What a handle's consumers do (cfn_bus_set_flow); all zero until set. */
+typedef struct {
+    int32_t priority_ratio;         /* high messages taken in a row while normal ones wait; 0: no limit */
+    int32_t adaptive;               /* 1: adapt each inbox's effective limit to its queueing delay */
+    int64_t adaptive_target_ms;     /* the sojourn (age when taken) the limit aims at */
+    int64_t adaptive_interval_ms;   /* how often the limit moves */
+    int64_t adaptive_floor;         /* the limit never goes below this */
+} cfn_flow_opts;
+
+/* An inbox's flow-control state as every process sees it (cfn_flow_get). */
+typedef struct {
+    int64_t count;                  /* messages and reservations; -1 when never counted */
+    int64_t capacity;               /* 0: not known yet */
+    int64_t limit;                  /* the effective limit the delay set, in force now; 0: none */
+    int64_t sojourn_us;             /* mean age of the messages taken in the last interval measured */
+    int64_t drained;                /* places freed over the last second */
+    int64_t waiting;                /* senders in the line for room */
+    int64_t high_sent;              /* high-priority messages delivered, ever */
+} cfn_flow_info;
 
 /* --- handle ------------------------------------------------------------- */
 /* opts->gid >= 0 opens the bus to that group (CFN_GROUP): new folders dir_mode
@@ -179,6 +248,8 @@ cfn_bus *cfn_bus_open(const char *base_dir, int flags, const cfn_bus_opts *opts,
  * signal came between two system calls, not during one. NULL: no probe. */
 typedef int (*cfn_probe_fn)(void);
 int cfn_bus_set_probe(cfn_bus *bus, cfn_probe_fn probe);
+/* Sets the handle's consumer settings (right after open, before other calls). */
+int cfn_bus_set_flow(cfn_bus *bus, const cfn_flow_opts *opts, cfn_err *err);
 void cfn_bus_close(cfn_bus *bus);
 void cfn_bus_free(cfn_bus *bus);
 
@@ -215,6 +286,23 @@ int cfn_send(cfn_bus *bus, const char *from, const char *to,
 /* Advances the sender->recipient sequence as a send does, and returns the new
  * number (the original's get_next_sequence). */
 int64_t cfn_next_sequence(cfn_bus *bus, const char *from, const char *to, cfn_err *err);
+
+/* The recipient's circuit, and a reset of it to closed (returns the state it
+ * had). A circuit opens after breaker_failures failed sends in a row, or a
+ * failure rate over the window: a backpressure send whose retries or budget
+ * ran out (not its caller's deadline), a lock held past its wait, a failed
+ * write. A plain send refused because the inbox is full is not a failure. */
+int cfn_circuit_get(cfn_bus *bus, const char *agent, cfn_circuit_info *out, cfn_err *err);
+int cfn_circuit_reset(cfn_bus *bus, const char *agent, cfn_err *err);
+
+int cfn_flow_get(cfn_bus *bus, const char *agent, cfn_flow_info *out, cfn_err *err);
+
+/* The inbox's heaviest senders over the last windows (a space-saving table:
+ * a newcomer takes the least-counted entry, so a count may include that
+ * entry's past), heaviest first; returns how many (at most cap). */
+int cfn_senders_get(cfn_bus *bus, const char *agent, cfn_sender_share *out, int cap, cfn_err *err);
+/* The key an agent id has in those tables (40 bits of its hash; never 0). */
+uint64_t cfn_sender_key(const char *agent);
 
 /* --- counting ----------------------------------------------------------- */
 /* The inbox's size from the shared counter, healed by a scan first when the

@@ -271,13 +271,34 @@ static int blob_build(struct recs *r, cfn_blob *out, cfn_err *err)
     return 0;
 }
 
+/* A high-priority message's name: its id ends in -hi. */
+static bool is_high(const char *name)
+{
+    size_t n = strlen(name);
+    return n > 8 && memcmp(name + n - 8, "-hi.json", 8) == 0;
+}
+
+void cfn_listing_free(struct cfn_ent *e)
+{
+    for (size_t i = 0; i < e->list_n; i++)
+        free(e->list[i]);
+    for (size_t i = 0; i < e->hlist_n; i++)
+        free(e->hlist[i]);
+    free(e->list);
+    free(e->hlist);
+    e->list = e->hlist = NULL;
+    e->list_n = e->list_next = e->hlist_n = e->hlist_next = 0;
+}
+
 /* Reads the inbox's names into e's listing, oldest first by (timestamp,
- * sequence). Our ids carry the key in the name; a foreign file is read for
- * it, and one that is not a message is quarantined here. */
+ * sequence), the high-priority ones apart. Our ids carry the key in the
+ * name; a foreign file is read for it, and one that is not a message is
+ * quarantined here. */
 static int listing_refill(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, int64_t max_bytes, int64_t *bad,
                           bool gated, cfn_err *err)
 {
     struct recs r = {0};
+    int64_t high_seen = atomic_load_explicit(&s->high_sent, memory_order_acquire);  /* before the read */
     int rc = cfn_scan_dir(e->inboxfd, names_cb, &r, err, "inbox");
     if (rc) {
         recs_free(&r);
@@ -302,23 +323,47 @@ static int listing_refill(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, i
     r.n = keep;
     if (r.n > 1)
         qsort(r.v, r.n, sizeof *r.v, rec_cmp);  /* qsort(NULL, 0, ...) is undefined */
-    char **names = malloc((r.n ? r.n : 1) * sizeof *names);
-    if (!names) {
+    size_t nhigh = 0;
+    for (size_t i = 0; i < r.n; i++)
+        nhigh += is_high(r.v[i].name);
+    char **names = malloc((r.n - nhigh ? r.n - nhigh : 1) * sizeof *names);
+    char **high = malloc((nhigh ? nhigh : 1) * sizeof *high);
+    if (!names || !high) {
+        free(names);
+        free(high);
         recs_free(&r);
         return cfn_fail(err, -ENOMEM, "listing the inbox of '%s'", e->agent);
     }
+    cfn_listing_free(e);
     for (size_t i = 0; i < r.n; i++) {
-        names[i] = r.v[i].name;  /* ownership moves to the listing */
+        if (is_high(r.v[i].name))
+            high[e->hlist_n++] = r.v[i].name;  /* ownership moves to the listing */
+        else
+            names[e->list_n++] = r.v[i].name;
         r.v[i].name = NULL;
     }
-    for (size_t i = 0; i < e->list_n; i++)
-        free(e->list[i]);
-    free(e->list);
     e->list = names;
-    e->list_n = r.n;
-    e->list_next = 0;
+    e->hlist = high;
+    e->list_high = high_seen;
     free(r.v);
     return 0;
+}
+
+/* The next name of the listing: high-priority ones first, but no more than
+ * the handle's priority_ratio of them in a row while normal ones wait, so a
+ * steady stream of high messages never starves the others. NULL: used up. */
+static const char *listing_next(cfn_bus *bus, struct cfn_ent *e)
+{
+    bool high = e->hlist_next < e->hlist_n, normal = e->list_next < e->list_n;
+    int ratio = bus->flow.priority_ratio;
+    if (high && (!normal || ratio <= 0 || e->high_run < ratio)) {
+        e->high_run++;
+        return e->hlist[e->hlist_next++];
+    }
+    if (!normal)
+        return NULL;
+    e->high_run = 0;
+    return e->list[e->list_next++];
 }
 
 /* Takes up to max names from the listing (reading the inbox again only when
@@ -338,18 +383,23 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
     bool refilled = false;
     *listing_empty = false;
     while (max < 0 || (int64_t)r->n < max) {
-        if (e->list_next >= e->list_n) {
+        /* read the inbox again when the listing is used up, or when high
+         * messages came since it was read (they go first) */
+        bool used_up = e->list_next >= e->list_n && e->hlist_next >= e->hlist_n;
+        if (used_up || (!refilled && atomic_load_explicit(&s->high_sent, memory_order_acquire) != e->list_high)) {
             if (refilled)
                 break;
             if ((rc = listing_refill(bus, e, s, max_bytes, bad, gated, err)) != 0)
                 break;
             refilled = true;
-            if (e->list_n == 0) {
+            if (e->list_n == 0 && e->hlist_n == 0) {
                 *listing_empty = true;
                 break;
             }
         }
-        const char *name = e->list[e->list_next++];
+        const char *name = listing_next(bus, e);
+        if (!name)
+            break;
         int dfd = e->inboxfd;
         if (claim) {
             if (renameat(e->inboxfd, name, e->claimfd, name) != 0) {
@@ -359,6 +409,9 @@ static int read_listed(cfn_bus *bus, struct cfn_ent *e, struct cfn_slot *s, bool
             }
             atomic_fetch_add(&s->claimed, 1);  /* after the rename: never more files than counted */
             dfd = e->claimfd;
+            int64_t age;
+            if (cfn_sojourn_of(name, cfn_now_ns(), &age))
+                cfn_sojourn_add(s, age, 1);
         }
         if ((rc = recs_push(r, name, strlen(name))) != 0) {
             rc = cfn_fail(err, rc, "allocating for a message");
@@ -526,10 +579,15 @@ int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names
         goto out;
     }
     int dfd = from == CFN_FROM_CLAIMS ? e->claimfd : e->inboxfd;
+    int64_t now = cfn_now_ns(), sojourn_sum = 0, sojourn_n = 0, age;
     FOR_NAMES(names, names_len, i, name, {
         if (unlinkat(dfd, name, 0) == 0) {
             taken[i] = 1;
             done++;
+            if (from == CFN_FROM_INBOX && cfn_sojourn_of(name, now, &age)) {
+                sojourn_sum += age;
+                sojourn_n++;
+            }
         } else if (errno != ENOENT) {
             failed++;
             if (!first_rc)
@@ -542,6 +600,10 @@ int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names
     cfn_slot_sub(s, done);
     cfn_gate_release(e);
     if (done) {
+        int64_t mono = cfn_mono_ns();
+        cfn_drain_add(s, done, mono);
+        cfn_sojourn_add(s, sojourn_sum, sojourn_n);  /* a claim's was measured when it was claimed */
+        cfn_adapt(s, &bus->flow, mono);
         cfn_slot_wake(s, (int)(done > INT32_MAX ? INT32_MAX : done));
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_CONSUMED, done);
     }
@@ -585,6 +647,7 @@ int64_t cfn_put_back_in(cfn_bus *bus, const char *agent, const char *names, size
             if (done) {
                 pthread_mutex_lock(&e->list_mu);
                 e->list_next = e->list_n;  /* read the inbox again: they are back in it */
+                e->hlist_next = e->hlist_n;
                 pthread_mutex_unlock(&e->list_mu);
             }
         }

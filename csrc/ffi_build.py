@@ -14,7 +14,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["api.c", "bus.c", "consume.c", "json.c", "logfile.c", "metrics.c", "region.c", "scan.c", "send.c",
+SOURCES = ["api.c", "bus.c", "consume.c", "flow.c", "json.c", "logfile.c", "metrics.c", "region.c", "scan.c", "send.c",
            "util.c"]
 
 

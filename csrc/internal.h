@@ -26,7 +26,7 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2, "32-bit atomics must be lock-free in s
 #define CFN_HEADER_SIZE 4096
 #define CFN_COOLDOWN_OFF 4096
 #define CFN_SLOTS_OFF 32768
-#define CFN_SLOT_SIZE 256
+#define CFN_SLOT_SIZE 512
 #define CFN_TMPFS_DIRENT 20              /* tmpfs adds this to a folder's size per entry */
 #define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 
@@ -55,8 +55,42 @@ struct cfn_slot {
     _Atomic int64_t scan_dirsize;   /* the folder's st_size then (tmpfs: 20 bytes an entry) */
     _Atomic int64_t reserved[2];
     char agent[136];
+    /* ---- flow control (flow.c): the second half of the slot, layout 3 ---- */
+    /* places freed (taken or acked) per second of CLOCK_MONOTONIC, the current
+     * second and the one before: second << 40 | places. retry_after comes from it. */
+    _Atomic uint64_t drain[2];
+    /* the circuit breaker: state:2 | probe limit:6 | probes:6 | failures:10 |
+     * until:40, until being CLOCK_MONOTONIC ms (open: when probes may go;
+     * half-open: when this round of probes has to have reported). Every
+     * transition is one CAS of this word. */
+    _Atomic uint64_t circuit;
+    /* the failure rate's sliding window: per bucket, window index:24 | failures:20 | calls:20 */
+    _Atomic uint64_t circuit_win[2];
+    _Atomic int64_t circuit_rejected;  /* sends refused while open */
+    /* high-priority messages delivered: a consumer holding a listing of the
+     * inbox reads it again when this moved, so they go first */
+    _Atomic int64_t high_sent;
+    /* fair wake: senders that found the inbox full wait their turn in a line
+     * of tickets; only the head waits for room (on wake_seq) */
+    _Atomic uint32_t line_next;     /* the next ticket handed out */
+    _Atomic uint32_t line_head;     /* futex word: the ticket whose turn it is */
+    _Atomic int64_t line_beat_ns;   /* CLOCK_MONOTONIC: the head's last sign of life */
+    _Atomic uint64_t line_gone;     /* bit t % 64: ticket t left before its turn */
+    /* the adaptive limit: set by consumers from the sojourn of what they take */
+    _Atomic int64_t limit;          /* the effective limit of normal sends; 0: none */
+    _Atomic int64_t limit_until_ns; /* CLOCK_MONOTONIC: it lapses then, unless set again */
+    _Atomic int64_t sojourn_sum_us; /* this interval's samples: their sum and number */
+    _Atomic int64_t sojourn_n;
+    _Atomic int64_t sojourn_us;     /* the mean of the last interval measured */
+    _Atomic int64_t adapt_ns;       /* CLOCK_MONOTONIC: when this interval began */
+    /* overload attribution: the heaviest senders (space-saving, 8 entries on
+     * one cache line), each key:40 | count:24, counts halved every window */
+    _Atomic uint64_t senders[CFN_TOP_SENDERS];
+    _Atomic uint64_t senders_window;  /* the window the counts are of */
+    _Atomic int64_t flow_reserved2[7];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
+_Static_assert(offsetof(struct cfn_slot, senders) % 64 == 0, "the top senders share one cache line");
 
 struct cfn_cooldown {
     _Atomic uint64_t key;           /* hash of "type\0subject"; 0 empty */
@@ -125,8 +159,13 @@ struct cfn_ent {
     pthread_mutex_t list_mu;
     char **list;
     size_t list_n, list_next;
+    char **hlist;                   /* the high-priority names, oldest first, taken before list's */
+    size_t hlist_n, hlist_next;
+    int64_t list_high;              /* the slot's high_sent when the listing was read */
+    int high_run;                   /* high messages taken in a row since the last normal one */
     int claimfd;
     bool outbox_tmpfs;              /* the outbox is on tmpfs: its size counts its entries */
+    uint64_t sender_key;            /* cfn_sender_key of the agent: its entry in inboxes' top senders */
     int64_t outbox_missing_ns;      /* CLOCK_MONOTONIC when the outbox was last found missing */
     int64_t outbox_sends;           /* sends since the outbox was last measured (not tmpfs) */
 };
@@ -170,6 +209,7 @@ struct cfn_bus {
     uint32_t dir_mode;
     int64_t lock_timeout_ms;        /* longest wait for a lock another process holds */
     cfn_probe_fn probe;             /* asked while waiting whether to give up (Python's signals) */
+    cfn_flow_opts flow;             /* this handle's consumer settings */
     /* this handle's consumer identity: claims live in <agent>/.claims/<consumer_id>/
      * and are its own while it holds <base>/.consumers/<consumer_id>.lock */
     pthread_mutex_t consumer_mu;
@@ -233,6 +273,8 @@ int cfn_pid_alive(pid_t pid, uint64_t start_ticks);
 uint64_t cfn_proc_start_ticks(pid_t pid);
 int cfn_futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 void cfn_futex_wake(_Atomic uint32_t *addr, int n);
+int cfn_futex_wait_bits(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns, uint32_t bits);
+void cfn_futex_wake_bits(_Atomic uint32_t *addr, uint32_t bits);
 int cfn_write_all(int fd, const char *buf, size_t len);
 void cfn_lock_holder(int fd, char *out, size_t cap);
 int cfn_flock_until(cfn_bus *bus, int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
@@ -265,6 +307,38 @@ void cfn_region_rate_publish(struct cfn_region *r, const cfn_rate_settings *s);
 void cfn_region_rate_read(struct cfn_region *r, cfn_rate_settings *out);
 int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_len, int64_t now_ns,
                             int64_t cooldown_ns);
+
+/* flow.c: flow control in the slot */
+void cfn_flow_clear(struct cfn_slot *s);
+void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
+int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
+int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);
+int64_t cfn_headroom(int64_t cap, int32_t pct);
+uint32_t cfn_line_join(struct cfn_slot *s, int64_t mono_ns);
+int cfn_line_turn(struct cfn_slot *s, uint32_t ticket);
+bool cfn_line_clear(struct cfn_slot *s, int64_t mono_ns);
+int64_t cfn_line_ahead(struct cfn_slot *s, const uint32_t *ticket);
+void cfn_line_beat(struct cfn_slot *s, int64_t mono_ns);
+void cfn_line_leave(struct cfn_slot *s, uint32_t ticket, int64_t mono_ns);
+void cfn_line_reset(struct cfn_slot *s);
+int64_t cfn_effective_limit(struct cfn_slot *s, int64_t cap);
+bool cfn_sojourn_of(const char *name, int64_t now_ns, int64_t *sojourn_us);
+void cfn_sojourn_add(struct cfn_slot *s, int64_t sum_us, int64_t n);
+void cfn_adapt(struct cfn_slot *s, const cfn_flow_opts *f, int64_t mono_ns);
+int cfn_flow_get_in(cfn_bus *bus, const char *agent, cfn_flow_info *out);
+uint64_t cfn_sender_key_of(const char *agent, size_t n);
+void cfn_senders_add(struct cfn_slot *s, uint64_t key, int64_t mono_ns);
+int cfn_senders_get_in(cfn_bus *bus, const char *agent, cfn_sender_share *out, int cap);
+uint32_t cfn_line_bit(uint32_t ticket);
+enum { CFN_ADMIT = 0, CFN_ADMIT_PROBE = 1, CFN_REFUSE = 2 };
+int cfn_circuit_peek(struct cfn_slot *s, int64_t mono_ns, int64_t *retry_after_ns);
+int cfn_circuit_admit(struct cfn_slot *s, const cfn_send_opts *o, int64_t mono_ns, int64_t *retry_after_ns);
+int cfn_circuit_record(struct cfn_slot *s, const cfn_send_opts *o, bool failed, int64_t mono_ns);
+void cfn_circuit_read(struct cfn_slot *s, int64_t mono_ns, cfn_circuit_info *out);
+int cfn_circuit_clear(struct cfn_slot *s);
+struct cfn_slot *cfn_slot_lookup(cfn_bus *bus, const char *agent);
+int cfn_circuit_get_in(cfn_bus *bus, const char *agent, cfn_circuit_info *out);
+int cfn_circuit_reset_in(cfn_bus *bus, const char *agent);
 
 /* bus.c: the handle, calls in flight, the consumer identity, the folder caches */
 void cfn_bus_fork_check(cfn_bus *bus);
@@ -312,6 +386,7 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
                 cfn_err *err);
 
 /* consume.c: reading, taking, claims, clearing */
+void cfn_listing_free(struct cfn_ent *e);
 int cfn_read_messages_in(cfn_bus *bus, const char *agent, int mode, int64_t max, int64_t max_bytes,
                          cfn_blob *out, cfn_err *err);
 int64_t cfn_take_in(cfn_bus *bus, const char *agent, int from, const char *names, size_t names_len,

@@ -271,6 +271,7 @@ static bool slot_free(struct cfn_region *r, struct cfn_slot *s)
     s->agent[0] = '\0';
     atomic_store_explicit(&s->state, SLOT_TOMB, memory_order_release);
     cfn_waiters_reset(s);
+    cfn_line_reset(s);
     cfn_slot_wake(s, INT32_MAX);
     atomic_fetch_add_explicit(&r->hdr->counters[CFN_CTR_SLOTS_FREED], 1, memory_order_relaxed);
     return true;
@@ -345,6 +346,7 @@ static int slot_find_in(struct cfn_region *r, const char *agent, bool create, ui
         atomic_store(&s->claimed, 0);
         atomic_store(&s->capacity, 0);
         atomic_store(&s->scan_ino, -1);
+        cfn_flow_clear(s);  /* a freed slot taken again: nothing of the agent it served before */
         uint32_t g = atomic_load(&s->gen);
         atomic_store_explicit(&s->state, SLOT_READY, memory_order_release);
         uint32_t won = dedupe(r, i, h, agent, n);

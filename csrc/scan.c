@@ -306,6 +306,7 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
          * sleepers never uncount themselves, so the count starts over and the
          * live ones count themselves in again when they go back to sleep. */
         cfn_waiters_reset(s);
+        cfn_line_reset(s);  /* killed ticket holders go with it; the live ones take new tickets */
         cfn_slot_wake(s, INT32_MAX);
     }
 unlock:

@@ -41,8 +41,12 @@ static int opts_check(const cfn_send_opts *o, cfn_err *err)
                         (long long)CFN_PAYLOAD_MAX, o->max_payload);
     if (o->backoff < CFN_BACKOFF_FIXED || o->backoff > CFN_BACKOFF_DECORRELATED)
         return cfn_fail(err, CFN_E_BADARG, "unknown backoff %d", (int)o->backoff);
-    if (o->outbox_max < 0 || o->stale_after_ms < 0)
-        return cfn_fail(err, CFN_E_BADARG, "outbox limit and staleness must not be negative");
+    if (o->outbox_max < 0 || o->stale_after_ms < 0 || o->deadline_ns < 0)
+        return cfn_fail(err, CFN_E_BADARG, "outbox limit, staleness and deadline must not be negative");
+    if (o->priority != CFN_PRIORITY_NORMAL && o->priority != CFN_PRIORITY_HIGH)
+        return cfn_fail(err, CFN_E_BADARG, "unknown priority %d", (int)o->priority);
+    if (o->headroom_pct < 0 || o->headroom_pct > 100)
+        return cfn_fail(err, CFN_E_BADARG, "high-priority headroom must be 0 to 100 %%, not %d", (int)o->headroom_pct);
     return 0;
 }
 
@@ -59,6 +63,15 @@ int64_t cfn_capacity_for(struct cfn_slot *s, int64_t own)
         if (atomic_compare_exchange_weak(&s->capacity, &cap, own))
             return own;
     }
+}
+
+/* How far this send may fill the inbox: its capacity, and for a
+ * high-priority send the headroom above it too. */
+static int64_t send_limit(struct cfn_slot *s, const cfn_send_opts *o)
+{
+    int64_t cap = cfn_capacity_for(s, o->capacity);
+    return o->priority == CFN_PRIORITY_HIGH ? cap + cfn_headroom(cap, o->headroom_pct)
+                                            : cfn_effective_limit(s, cap);  /* the adaptive limit, if any */
 }
 
 /* Reserve one place: CAS count+1 while below capacity. 1 when the counter
@@ -188,9 +201,9 @@ struct msg {
  * payload embedded as the caller gave it. Bash readers grep these lines
  * (head -n 1 of '"timestamp":'), so the envelope must come before the payload. */
 static char *build_message(const char *from, const char *to, int64_t ts, int64_t seq, const char *id,
-                           const struct msg *m, size_t *len)
+                           const struct msg *m, bool high, size_t *len)
 {
-    size_t cap = 256 + strlen(from) + strlen(to) + strlen(id) + 6 * m->type_len + m->payload_len;
+    size_t cap = 288 + strlen(from) + strlen(to) + strlen(id) + 6 * m->type_len + m->payload_len;
     char *buf = malloc(cap);
     if (!buf)
         return NULL;
@@ -200,9 +213,13 @@ static char *build_message(const char *from, const char *to, int64_t ts, int64_t
                      id, from, to, ts, seq);
     size_t o = (size_t)n;
     o += cfn_json_escape(buf + o, m->type, m->type_len);
-    static const char mid[] = "\",\n  \"payload\": ";
-    memcpy(buf + o, mid, sizeof mid - 1);  /* the original's space after the colon included */
-    o += sizeof mid - 1;
+    /* a high-priority message says so in a field of its own, before the
+     * payload (bash readers take the envelope's lines from the top) */
+    static const char mid[] = "\",\n  \"payload\": ", mid_high[] = "\",\n  \"priority\": \"high\",\n  \"payload\": ";
+    const char *sep = high ? mid_high : mid;
+    size_t sep_len = high ? sizeof mid_high - 1 : sizeof mid - 1;
+    memcpy(buf + o, sep, sep_len);  /* the original's space after the colon included */
+    o += sep_len;
     memcpy(buf + o, m->payload, m->payload_len);
     o += m->payload_len;
     static const char tail[] = ",\n  \"requires_ack\": false\n}\n";
@@ -453,16 +470,21 @@ static int deliver(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const s
         cfn_pair_put(bus, p);
         return (int)seq;
     }
-    int64_t ts = cfn_now_ns() / 1000000000LL;
+    int64_t now_ns = cfn_now_ns(), ts = now_ns / 1000000000LL;
     char name[CFN_MSG_ID_MAX + 8] = "";
     char *buf = NULL;
     size_t len = 0;
     for (int attempt = 0;; attempt++) {
-        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%016" PRIx64, ts, seq,
-                 cfn_random64(bus));
+        /* The last part is 5 hex digits of the microsecond it was sent (so a
+         * consumer knows its age when it takes it) and 11 of chance; a
+         * high-priority id ends in -hi: consumers see it in the name, and a
+         * listing sorted by name is still in (timestamp, sequence) order. */
+        bool high = o->priority == CFN_PRIORITY_HIGH;
+        snprintf(res->msg_id, sizeof res->msg_id, "msg-%" PRId64 "-%010" PRId64 "-%05" PRIx64 "%011" PRIx64 "%s",
+                 ts, seq, (uint64_t)(now_ns % 1000000000LL / 1000), cfn_random64(bus) >> 20, high ? "-hi" : "");
         snprintf(name, sizeof name, "%s.json", res->msg_id);
         free(buf);
-        buf = build_message(ef->agent, et->agent, ts, seq, res->msg_id, m, &len);
+        buf = build_message(ef->agent, et->agent, ts, seq, res->msg_id, m, high, &len);
         if (!buf) {
             rc = cfn_fail(err, -ENOMEM, "allocating a %zu-byte message", m->payload_len);
             break;
@@ -500,10 +522,9 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
         return err ? err->code : CFN_E_NOSLOT;
     }
     int64_t gen = atomic_load(&s->reconcile_gen);
-    int64_t cap = cfn_capacity_for(s, o->capacity);
     /* Files the counter does not know (a bash sender wrote since the last
      * scan) are counted before any place is given out. */
-    int r = cfn_inbox_drift(et, s, NULL) > 0 ? 1 : reserve(s, cap);
+    int r = cfn_inbox_drift(et, s, NULL) > 0 ? 1 : reserve(s, send_limit(s, o));
     if (r == CFN_E_FULL && o->max_retries >= 0 && healed_recently) {
         /* A backpressure sender goes straight to its wait when the inbox was
          * scanned within the last wait interval: under load the inbox is full
@@ -525,7 +546,7 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
             cfn_gate_release(et);
             return err ? err->code : CFN_E_NOSLOT;
         }
-        if (reserve(s, cfn_capacity_for(s, o->capacity)) != 0) {
+        if (reserve(s, send_limit(s, o)) != 0) {
             cfn_gate_release(et);
             return CFN_E_FULL;
         }
@@ -537,6 +558,9 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
         cfn_slot_wake(s, 1);
         return rc;
     }
+    if (o->priority == CFN_PRIORITY_HIGH)
+        atomic_fetch_add_explicit(&s->high_sent, 1, memory_order_release);
+    cfn_senders_add(s, ef->sender_key, cfn_mono_ns());
     cfn_gate_release(et);
     return 0;
 }
@@ -572,6 +596,42 @@ static int64_t next_wait_ns(cfn_bus *bus, const cfn_send_opts *o, int64_t retrie
     return w < left ? w : left;
 }
 
+/* A send the recipient's open circuit refuses: counted, and said with when
+ * probes go (ra, ns). */
+static int circuit_refusal(cfn_bus *bus, struct cfn_slot *s, const char *to, int64_t ra, cfn_send_result *res,
+                           cfn_err *err)
+{
+    atomic_fetch_add_explicit(&s->circuit_rejected, 1, memory_order_relaxed);
+    cfn_region_counter_add(cfn_reg(bus), CFN_CTR_CIRCUIT_REJECTED, 1);
+    res->retry_after_ns = ra;
+    return cfn_fail(err, CFN_E_CIRCUIT, "circuit of '%s' is open: sends to it fail at once for %" PRId64
+                    " ms more", to, (ra + 999999) / 1000000);
+}
+
+/* A failure as the circuit counts it: the inbox did not take the message
+ * within the sender's own budget (a full inbox through every retry, a lock
+ * held past its wait) or could not be written. Not one: a plain send refused
+ * because the inbox is full (backpressure at work), the caller's deadline or
+ * interruption, bad input, a missing inbox. */
+static bool send_failed(int rc, const cfn_send_result *res)
+{
+    if (rc == CFN_E_TIMEOUT)
+        return !res->deadline;
+    if (rc == CFN_E_LOCKED)
+        return true;
+    return rc < 0 && rc > -1000 && rc != -EINTR && rc != -ENOENT && rc != -ENOMEM;
+}
+
+/* The base retry wait in ns, as the next wait would start from (no backoff):
+ * the retry_after of a full inbox that drained nothing in the last second. */
+static int64_t retry_wait_ns(cfn_bus *bus, const cfn_send_opts *o)
+{
+    int64_t prev = 0;
+    cfn_send_opts base = *o;
+    base.backoff = CFN_BACKOFF_FIXED;
+    return next_wait_ns(bus, &base, 0, &prev, INT64_MAX);
+}
+
 int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type, size_t type_len,
                 const char *payload, size_t payload_len, const cfn_send_opts *o, cfn_send_result *res,
                 cfn_err *err)
@@ -587,6 +647,13 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     if ((int64_t)payload_len > o->max_payload)
         return cfn_fail(err, CFN_E_TOOBIG, "payload is %zu bytes, over the limit of %" PRId64 " (MAX_MESSAGE_BYTES)",
                         payload_len, o->max_payload);
+    /* An open circuit refuses first, before the payload is read or the inbox
+     * touched (its slot is found in the mapping, no system call): that is
+     * what makes it cheap for every sender to obey. */
+    struct cfn_slot *cs = cfn_slot_lookup(bus, to);
+    int64_t ra = 0;
+    if (cs && cfn_circuit_peek(cs, cfn_mono_ns(), &ra) == CFN_REFUSE)
+        return circuit_refusal(bus, cs, to, ra, res, err);
     if ((rc = cfn_check_json(payload, payload_len, err)) != 0)
         return rc;
     while (payload_len && strchr(" \t\r\n", payload[payload_len - 1])) payload_len--;
@@ -602,6 +669,13 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         cfn_ent_put(bus, et);
         return rc;
     }
+    /* the admission proper: a half-open circuit counts its probes */
+    cs = cfn_ent_slot(bus, et, NULL);
+    if (cs && cfn_circuit_admit(cs, o, cfn_mono_ns(), &ra) == CFN_REFUSE) {
+        cfn_ent_put(bus, ef);
+        cfn_ent_put(bus, et);
+        return circuit_refusal(bus, cs, to, ra, res, err);
+    }
 
     bool backpressure = o->max_retries >= 0;
     /* The budget bounds time spent waiting (for room or for a lock), not time
@@ -612,20 +686,35 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
     bool timed = o->max_total_ms > 0 || o->wait_ms > 0;
     int64_t start = cfn_mono_ns(), prev_ns = 0, last_heal = INT64_MIN / 2;
     int64_t heal_every = cfn_mul_sat(o->wait_ms > 10 ? o->wait_ms : 10, 1000000);
+    /* fair wake: a normal send that finds the inbox full (or others waiting
+     * for it) takes a ticket and waits its turn; a high-priority one passes */
+    bool fair = o->priority != CFN_PRIORITY_HIGH, queued = false;
+    uint32_t ticket = 0;
+    struct cfn_slot *ls = NULL;  /* the slot whose line holds the ticket */
     for (;;) {
         struct cfn_slot *s = cfn_ent_slot(bus, et, err);
         if (!s) {
             rc = err ? err->code : CFN_E_NOSLOT;
             break;
         }
+        if (queued && ls != s) {  /* the state file was replaced under us: its line is another */
+            cfn_line_leave(ls, ticket, cfn_mono_ns());
+            queued = false;
+        }
+        if (queued && cfn_line_turn(s, ticket) < 0)
+            ticket = cfn_line_join(s, cfn_mono_ns());  /* passed over while it went quiet: to the back */
         uint32_t seen = atomic_load_explicit(&s->wake_seq, memory_order_acquire);
         int64_t t0 = cfn_mono_ns();
+        /* a turn to try: the head of the line, or a newcomer finding nobody waiting */
+        bool my_turn = !fair || (queued ? cfn_line_turn(s, ticket) == 1 : cfn_line_clear(s, t0));
         int64_t lock_deadline = cfn_deadline(bus->lock_timeout_ms);
         if (backpressure && timed && t0 + (budget_ns - res->waited_ns) < lock_deadline)
             lock_deadline = cfn_add_sat(t0, budget_ns - res->waited_ns);
+        if (o->deadline_ns > 0 && o->deadline_ns < lock_deadline)
+            lock_deadline = o->deadline_ns;
         bool healed = t0 - last_heal < heal_every ||
                       cfn_now_ns() - atomic_load(&s->reconcile_ns) < heal_every;
-        rc = try_send(bus, ef, et, &m, o, lock_deadline, healed, res, err);
+        rc = my_turn ? try_send(bus, ef, et, &m, o, lock_deadline, healed, res, err) : CFN_E_FULL;
         if (rc == -ENOENT || rc == CFN_E_NOINBOX) {
             /* the cached inbox was removed and maybe made again: look once more */
             cfn_ent_drop(bus, et);
@@ -643,34 +732,78 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             res->waited_ns += cfn_mono_ns() - t0;
             res->locked = 1;
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_LOCK_TIMEOUTS, 1);
-            if (backpressure && timed && res->waited_ns >= budget_ns) {
+            bool past_deadline = o->deadline_ns > 0 && cfn_mono_ns() >= o->deadline_ns;
+            if ((backpressure && timed && res->waited_ns >= budget_ns) || past_deadline) {
                 char why[sizeof err->what] = "";
                 if (err)
                     memcpy(why, err->what, sizeof why);
-                rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's wait budget (%" PRId64 " ms) ran out waiting for a "
-                              "lock: %s", budget_ns / 1000000, why);
+                res->deadline = past_deadline;
+                if (past_deadline)
+                    rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's deadline passed waiting for a lock: %s", why);
+                else
+                    rc = cfn_fail(err, CFN_E_TIMEOUT, "the send's wait budget (%" PRId64 " ms) ran out waiting "
+                                  "for a lock: %s", budget_ns / 1000000, why);
             }
             break;
         }
         if (rc != CFN_E_FULL)
             break;
-        last_heal = healed ? last_heal : t0;
+        last_heal = healed || !my_turn ? last_heal : t0;
+        int64_t cap = cfn_capacity_for(s, o->capacity), limit = send_limit(s, o);
+        int64_t now = cfn_mono_ns();
+        int64_t count = atomic_load(&s->count);
+        int64_t ahead = fair ? cfn_line_ahead(s, queued ? &ticket : NULL) : 0;
+        int64_t eta = cfn_eta_ns(s, (count > limit - 1 ? count - limit + 1 : 0) + ahead, now);
+        res->retry_after_ns = eta >= 0 ? eta : retry_wait_ns(bus, o);
         if (!backpressure) {
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_SEND_FULL, 1);
-            rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to,
-                          cfn_capacity_for(s, o->capacity));
+            if (count < limit)
+                rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full: %" PRId64 " sender(s) wait their turn "
+                              "for room in it", to, ahead);
+            else if (limit > cap)
+                rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages, and its %" PRId64
+                              " places of high-priority headroom)", to, cap, limit - cap);
+            else
+                rc = cfn_fail(err, CFN_E_FULL, "inbox of '%s' is full (%" PRId64 " messages)", to, cap);
             break;
         }
         int64_t left = budget_ns - res->waited_ns;
+        int64_t dl_left = o->deadline_ns > 0 ? o->deadline_ns - now : INT64_MAX;
         if (res->retries >= o->max_retries || (timed && left <= 0)) {
             rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed full after %" PRId64 " retries (%" PRId64 " ms)",
-                          to, res->retries, (cfn_mono_ns() - start) / 1000000);
+                          to, res->retries, (now - start) / 1000000);
+            break;
+        }
+        if (dl_left <= 0) {
+            res->deadline = 1;
+            rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' stayed full until the send's deadline (%" PRId64
+                          " ms, %" PRId64 " retries)", to, (now - start) / 1000000, res->retries);
             break;
         }
         int64_t w = next_wait_ns(bus, o, res->retries, &prev_ns, timed ? left : 0);
+        if (o->deadline_ns > 0) {
+            /* A wait that cannot end before the deadline is not started: room is
+             * expected when the drain rate says (or, with no drain in the last
+             * second, at the end of the next retry wait). */
+            int64_t expect = eta >= 0 ? eta : w;
+            if (expect > dl_left) {
+                res->deadline = 1;
+                rc = cfn_fail(err, CFN_E_TIMEOUT, "inbox of '%s' cannot have room before the send's deadline "
+                              "(room expected in %" PRId64 " ms, %" PRId64 " ms left)", to, expect / 1000000,
+                              dl_left / 1000000);
+                break;
+            }
+            if (w > dl_left)
+                w = dl_left;
+        }
         /* every wait is a backpressure event, whether a timeout or a consumer ends it */
         cfn_region_counter_add(cfn_reg(bus), CFN_CTR_BP_WAIT, 1);
         emit_bp_metric(bus, "backpressure.wait", from, to, "retry", res->retries + res->wakeups + 1);
+        if (fair && !queued) {
+            ticket = cfn_line_join(s, now);
+            ls = s;
+            queued = true;
+        }
         if (w <= 0) {
             res->retries++;  /* BACKPRESSURE_WAIT_MS=0: retry at once, as the original */
             sched_yield();
@@ -680,14 +813,36 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         int64_t w0 = cfn_mono_ns(), probed = w0;
         int wr;
         /* in slices of at most 50 ms, asking the probe between them: a signal
-         * that came just before the wait began must not wait out an hour */
+         * that came just before the wait began must not wait out an hour. The
+         * head waits for room (wake_seq), beating; the others for their turn
+         * (the line's word, on their ticket's bit), passing over a quiet head. */
         for (;;) {
             int64_t slice = w - (cfn_mono_ns() - w0);
             if (slice > 50000000LL)
                 slice = 50000000LL;
-            wr = cfn_futex_wait(&s->wake_seq, seen, slice);
-            if (wr != -ETIMEDOUT || cfn_mono_ns() - w0 >= w)
+            int turn = queued ? cfn_line_turn(s, ticket) : 1;
+            if (turn < 0) {
+                wr = -ETIMEDOUT;  /* passed over: it joins again at the top of the loop */
                 break;
+            }
+            if (turn == 1) {
+                if (queued)
+                    cfn_line_beat(s, cfn_mono_ns());
+                wr = cfn_futex_wait(&s->wake_seq, seen, slice);
+            } else {
+                uint32_t h = atomic_load_explicit(&s->line_head, memory_order_acquire);
+                wr = cfn_line_turn(s, ticket) != 0 ? 0
+                     : cfn_futex_wait_bits(&s->line_head, h, slice, cfn_line_bit(ticket));
+                if (wr == 0 && cfn_line_turn(s, ticket) != 1)
+                    wr = -EAGAIN;  /* another's turn moved: not ours yet */
+                if (wr != 0)
+                    (void)cfn_line_clear(s, cfn_mono_ns());
+            }
+            if (wr == 0 || wr == -EINTR || cfn_mono_ns() - w0 >= w) {
+                if (wr == -EAGAIN)
+                    wr = -ETIMEDOUT;
+                break;
+            }
             if (cfn_probe_says_stop(bus, &probed)) {
                 wr = -EINTR;
                 break;
@@ -708,7 +863,19 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
             break;
         }
     }
+    if (queued)
+        cfn_line_leave(ls, ticket, cfn_mono_ns());  /* the head passes the turn on; others leave their place */
+    if (rc != CFN_E_FULL && !(rc == CFN_E_TIMEOUT && !res->locked))
+        res->retry_after_ns = 0;  /* said only of a send refused for want of room */
     struct cfn_region *r = cfn_reg(bus);
+    if (cs && (rc == 0 || send_failed(rc, res))) {
+        res->circuit = cfn_circuit_record(cs, o, rc != 0, cfn_mono_ns());
+        if (res->circuit) {
+            cfn_region_counter_add(r, res->circuit == 1 ? CFN_CTR_CIRCUIT_OPENED : CFN_CTR_CIRCUIT_CLOSED, 1);
+            emit_bp_metric(bus, res->circuit == 1 ? "circuit.opened" : "circuit.closed", from, to, "retries",
+                           res->retries);
+        }
+    }
     if (backpressure && rc == 0) {
         cfn_region_counter_add(r, CFN_CTR_BP_SUCCESS, 1);
         emit_bp_metric(bus, "backpressure.send.success", from, to, "retries", res->retries);
@@ -716,8 +883,11 @@ int cfn_send_in(cfn_bus *bus, const char *from, const char *to, const char *type
         cfn_region_counter_add(r, CFN_CTR_BP_FAILURE, 1);
         emit_bp_metric(bus, "backpressure.send.failure", from, to, "retries", res->retries);
     }
-    if (rc == 0)
+    if (rc == 0) {
         cfn_region_counter_add(r, CFN_CTR_SENT, 1);
+        if (o->priority == CFN_PRIORITY_HIGH)
+            cfn_region_counter_add(r, CFN_CTR_SENT_HIGH, 1);
+    }
     cfn_ent_put(bus, ef);
     if (et)
         cfn_ent_put(bus, et);

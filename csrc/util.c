@@ -163,6 +163,23 @@ void cfn_futex_wake(_Atomic uint32_t *addr, int n)
     (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, n, NULL, NULL, 0);  /* a wake that finds nobody is fine */
 }
 
+/* cfn_futex_wait, woken only by a wake whose bits meet these (FUTEX_WAIT_BITSET:
+ * a line's waiters each wait on the bit of their ticket). */
+int cfn_futex_wait_bits(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns, uint32_t bits)
+{
+    int64_t until = cfn_add_sat(cfn_mono_ns(), timeout_ns < 0 ? 0 : timeout_ns);
+    struct timespec ts = {.tv_sec = until / 1000000000LL, .tv_nsec = until % 1000000000LL};
+    long r = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET, expected, &ts, NULL, bits);
+    if (r == 0 || errno == EAGAIN)
+        return 0;
+    return errno == EINTR ? -EINTR : -ETIMEDOUT;
+}
+
+void cfn_futex_wake_bits(_Atomic uint32_t *addr, uint32_t bits)
+{
+    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_BITSET, INT32_MAX, NULL, NULL, bits);
+}
+
 int cfn_write_all(int fd, const char *buf, size_t len)
 {
     while (len > 0) {

@@ -53,9 +53,16 @@ def test_the_hot_commands_are_the_ones_the_issue_names():
 
 
 @pytest.mark.parametrize("cmd", HOT, ids=lambda c: " ".join(c.path))
-def test_every_hot_command_has_a_handler_and_only_positional_arguments(cmd):
+def test_every_hot_command_has_a_handler_and_only_arguments_the_fast_path_parses(cmd):
     assert callable(cmd.handler) and cmd.handler.__module__ == "cfn_fast.handlers"
-    assert not any(p.option for p in cmd.params)
+    assert all(p.choices for p in cmd.params if p.option)  # positionals, and --name CHOICE options
+
+
+def test_a_hot_call_with_a_choice_option_runs_on_the_fast_path(agents, capsys):
+    assert _fastpath.run(["bus", "send", "--priority", "high", "alice", "bob", "task", "1"]) == 0
+    assert capsys.readouterr().out.strip().endswith("-hi")
+    assert _fastpath.run(["bus", "send", "--priority", "urgent", "alice", "bob", "task", "1"]) is None
+    assert _fastpath.run(["bus", "send", "alice", "bob", "task", "1", "--priority", "high"]) is None
 
 
 @pytest.mark.parametrize("name", sorted(HOT_CALLS))

@@ -237,7 +237,10 @@ def test_monitor_alert_severities_as_the_seed(make_bus, n, expect):
     got = [(a["alert"], a["severity"]) for a in alert_lines()]
     assert got == ([] if expect is None else [expect])
     if expect:
-        assert alert_lines()[0]["metadata"] == {"agent": "dst", "size": n, "max_size": 10, "utilization": n * 10}
+        meta = alert_lines()[0]["metadata"]
+        top = meta.pop("top_senders")  # who filled it (its count halves at a 10 s boundary: not compared)
+        assert meta == {"agent": "dst", "size": n, "max_size": 10, "utilization": n * 10}
+        assert [(t["sender"], t["share"]) for t in top] == [("src", 1.0)]
 
 
 @pytest.mark.parametrize("extra", [0, 40])  # per-agent reads, and one slots() call past 32 inboxes
@@ -256,7 +259,8 @@ def test_utilization_is_of_the_inboxs_own_capacity_not_the_monitors(make_bus, ex
     assert utils["tiny"] == 100
     (alert,) = alert_lines()
     assert alert["alert"] == "inbox_overflow"
-    assert alert["metadata"] == {"agent": "tiny", "size": 4, "max_size": 4, "utilization": 100}
+    assert alert["metadata"] == {"agent": "tiny", "size": 4, "max_size": 4, "utilization": 100,
+                                 "top_senders": [{"sender": "src", "share": 1.0, "count": 4}]}
     by = {s["agent"]: s for s in cfn_fast.get_all_inbox_stats(bus=monitor)}
     assert by["tiny"] == {"agent": "tiny", "size": 4, "utilization": 100, "max_size": 4}
     assert all(by[f"x{i:02d}"]["max_size"] == 1000 for i in range(extra))

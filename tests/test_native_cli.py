@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import pytest
 
 import native_entry as ne
-from cfn_fast import Config, MessageBus, commands, telemetry
+from cfn_fast import BackpressureTimeout, Config, MessageBus, commands, telemetry
 from native_entry import ENTRIES, HANDED_OVER, HANDOVER, argv, child_env, handed_over, handover_stub, \
     native_program, normal, tree
 
@@ -285,6 +285,18 @@ PARITY: list[tuple[str, list[str], Setup, dict]] = [
     ("a damaged state file", ["bus", "send", "alice", "bob", "task", "{}"], state_file_damaged, {}),
     ("a metrics file that is a folder", ["send-backpressure", "alice", "bob", "task", "{}"], empty_inboxes,
      {"METRICS_FILE": "/"}),
+    # flow control: the priority lane's headroom (a third of 3 rounded up: one place), its settings
+    ("high-priority send into the headroom", ["bus", "send", "alice", "bob", "task", "{}"], three_in_bob,
+     {"CFN_PRIORITY": "high", "CFN_PRIORITY_HEADROOM_PCT": "34"}),
+    ("high-priority send, no headroom", ["bus", "send", "alice", "bob", "task", "{}"], three_in_bob,
+     {"CFN_PRIORITY": "high", "CFN_PRIORITY_HEADROOM_PCT": "0"}),
+    ("high-priority backpressure send", ["send-backpressure", "alice", "bob", "task", "{}"], three_in_bob,
+     {"CFN_PRIORITY": "high"}),
+    ("a priority that is not one", ["bus", "send", "alice", "bob", "task", "{}"], empty_inboxes,
+     {"CFN_PRIORITY": "urgent"}),
+    ("an adaptive mode that is not one", ["get-size", "bob"], three_in_bob, {"CFN_ADAPTIVE_LIMIT": "fast"}),
+    ("a breaker setting out of range", ["bus", "send", "alice", "bob", "task", "{}"], empty_inboxes,
+     {"CFN_BREAKER_PROBES": "64"}),
 ]
 
 
@@ -550,3 +562,87 @@ def test_cfn_fsync_makes_a_native_delivery_durable(workdir, base, tmp_path, fsyn
                        env=child_env({"CFN_FSYNC": fsync}), capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert re.findall(r"\b(fsync|fdatasync|sync|syncfs)\(", trace.read_text()) == ["fsync"] * calls
+
+
+# -- flow control: the priority lane natively; what needs an alert, reported by Python -----
+
+def test_a_high_priority_send_never_starts_python(bus, stub):
+    env, log = stub
+    bus.init_message_bus("alice")
+    for i in range(3):
+        bus.send_message("alice", "bob", "task", {"i": i})
+    r = ne.run(NATIVE, "bus", "send", "alice", "bob", "task", "{}",
+               env={**env, "MAX_INBOX_SIZE": "3", "CFN_PRIORITY": "high"})
+    assert r.returncode == 0, r.stderr
+    assert handed_over(log) is None
+    assert r.stdout.strip().endswith(b"-hi")
+
+
+def circuit_env(**more: str) -> dict[str, str]:
+    return {"CFN_BREAKER_FAILURES": "1", "BACKPRESSURE_WAIT_MS": "1", "BACKPRESSURE_MAX_RETRIES": "1", **more}
+
+
+def bob_circuit_open(base: Path) -> None:
+    """bob full and its circuit opened by a failed backpressure send (outcome()
+    gives the environment back after the setup)."""
+    three_in_bob(base)
+    os.environ.update(circuit_env(CFN_BREAKER_COOLDOWN_MS=os.environ.get("CFN_BREAKER_COOLDOWN_MS", "5000")))
+    with MessageBus(config=Config.from_env()) as b:
+        with pytest.raises(BackpressureTimeout):
+            b.send_with_backpressure("alice", "bob", "task", {})
+        assert b.circuit_status("bob").state == "open"
+        forget_metrics(b)
+
+
+def bob_circuit_half_open_with_room(base: Path) -> None:
+    os.environ["CFN_BREAKER_COOLDOWN_MS"] = "1"
+    bob_circuit_open(base)
+    with MessageBus(config=Config.from_env()) as b:
+        b.consume_messages("bob", max_messages=1)
+        time.sleep(0.01)  # past the 1 ms cool-down: the next send is the probe
+        forget_metrics(b)
+
+
+def later(o: tuple[int, bytes, bytes, dict[str, bytes]]) -> tuple[int, bytes, bytes, dict[str, bytes]]:
+    """An outcome with the times an open circuit names (ms left, retry after) blanked."""
+    def blank(data: bytes) -> bytes:
+        data = re.sub(rb"for \d+ ms more", b"for <n> ms more", data)
+        return re.sub(rb"retry after [0-9.e+-]+ s", b"retry after <s> s", data)
+    return o[0], o[1], blank(o[2]), {k: blank(v) for k, v in o[3].items()}
+
+
+def test_an_open_circuit_refuses_alike(workdir, base):
+    args = ["bus", "send", "alice", "bob", "task", "{}"]
+    got = {e: later(outcome(e, args, bob_circuit_open, circuit_env(), workdir, base)) for e in ENTRIES}
+    assert got[NATIVE] == got["python"]
+    code, out, err, _ = got[NATIVE]
+    assert (code, out) == (1, b"")
+    assert err.startswith(b"cfn-fast bus send: circuit of 'bob' is open") and err.count(b"\n") == 1, err
+
+
+def test_a_send_that_opens_the_circuit_alerts_alike(workdir, base):
+    """The failed backpressure send's inbox_overflow alert (naming bob's heaviest
+    sender), the circuit_open alert, then the error line: the native program
+    hands the finished send to Python for them, and nothing is sent twice."""
+    args = ["send-backpressure", "alice", "bob", "task", "{}"]
+    got = {e: later(outcome(e, args, three_in_bob, circuit_env(), workdir, base)) for e in ENTRIES}
+    assert got[NATIVE] == got["python"]
+    code, out, err, files = got[NATIVE]
+    assert code == 1 and out == b""
+    lines = err.splitlines()
+    assert [ln.split(b"]")[2].split(b":")[0].strip() for ln in lines[:2]] == [b"inbox_overflow", b"circuit_open"]
+    assert b"top senders: alice 100%" in lines[0]
+    assert lines[2].startswith(b"cfn-fast send-backpressure: ")
+    assert sum(1 for k in files if "/bob/inbox/" in k and k.endswith(".json")) == 3
+
+
+def test_a_probe_that_closes_the_circuit_alerts_alike(workdir, base):
+    args = ["bus", "send", "alice", "bob", "task", "{}"]
+    env = circuit_env(CFN_BREAKER_COOLDOWN_MS="1")
+    got = {e: later(outcome(e, args, bob_circuit_half_open_with_room, env, workdir, base)) for e in ENTRIES}
+    assert got[NATIVE] == got["python"]
+    code, out, err, files = got[NATIVE]
+    assert code == 0 and out.startswith(b"msg-") and out.count(b"\n") == 1
+    assert b"circuit_closed: Circuit of bob closed (a probe send from alice got through)" in err
+    assert b"[MESSAGE-BUS] Sent message: alice -> bob [task]" in err
+    assert sum(1 for k in files if "/bob/inbox/" in k and k.endswith(".json")) == 3

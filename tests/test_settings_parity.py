@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import native_entry as ne
 from cfn_fast import Config, MessageBus, _fastpath
-from cfn_fast.config import SETTINGS, Setting
+from cfn_fast.config import CHOICES, SETTINGS, Setting
 from cfn_fast.errors import ConfigError
 from test_settings import BY_ENV, GOOD, bad_values, companions
 
@@ -107,7 +107,12 @@ def test_the_native_table_is_generated_from_the_settings():
     for i, s in enumerate(SETTINGS):
         assert f"CLI_SET_{s.attr.upper()} = {i}," in header
         row = next(ln for ln in header.splitlines() if ln.startswith(f'    {{"{s.env}", '))
-        assert f"CLI_KIND_{s.kind.upper()}" in row
+        if s.kind in CHOICES:  # a word out of a list: its words are the row's
+            assert "CLI_KIND_CHOICE" in row and f"CLI_CHOICES_{s.kind.upper()}" in row
+            words = ", ".join(f'"{w}"' for w in CHOICES[s.kind])
+            assert f"CLI_CHOICES_{s.kind.upper()}[] = {{{words}, NULL}};" in header
+        else:
+            assert f"CLI_KIND_{s.kind.upper()}" in row
         if s.maximum is not None:
             assert repr(float(s.maximum)) in row
 

@@ -28,7 +28,7 @@ LAYERS: dict[str, float] = {
     "telemetry": 11, "monitors": 11, "snapshot": 11,
     "demo": 12, "handlers": 12, "exporter": 12, "top": 12, "plot": 12, "progress": 12,
     "commands": 13,
-    "_fastpath": 14, "cli": 14,
+    "_fastpath": 14, "cli": 14, "native_sent": 14,
     "__main__": 15,
 }
 

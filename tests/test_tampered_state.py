@@ -13,7 +13,7 @@ import pytest
 
 from cfn_fast import InboxFull, MessageBus
 
-SLOTS_OFF, SLOT_SIZE, AGENT_OFF = 32768, 256, 120
+SLOTS_OFF, SLOT_SIZE, AGENT_OFF = 32768, 512, 120
 FIELD = {"count": 24, "claimed": 32, "capacity": 56}
 
 

@@ -19,7 +19,7 @@
 #include "cfn_fast.h"
 
 enum {
-    CLI_KIND_INT, CLI_KIND_FLOAT, CLI_KIND_STR, CLI_KIND_PATH, CLI_KIND_BACKOFF, CLI_KIND_BOOL, CLI_KIND_GROUP,
+    CLI_KIND_INT, CLI_KIND_FLOAT, CLI_KIND_STR, CLI_KIND_PATH, CLI_KIND_CHOICE, CLI_KIND_BOOL, CLI_KIND_GROUP,
     CLI_KIND_URL, CLI_KIND_SECRET   /* the Redis backend's: when set, the call is Python's */
 };
 
@@ -31,8 +31,9 @@ struct cli_setting {
     double min_f, max_f;            /* the same bounds as Python's floats */
     long long default_i;            /* int and bool defaults */
     double default_f;               /* float defaults */
-    const char *default_s;          /* str, path and backoff defaults; NULL if none */
+    const char *default_s;          /* str, path and choice defaults; NULL if none */
     const char *in_base;            /* unset: this file in the base folder (".cfn-metrics.jsonl") */
+    const char *const *choices;     /* a choice's words (config.CHOICES), NULL-terminated */
 };
 
 struct cli_param {
@@ -64,7 +65,7 @@ struct cli_errdoc {
 struct cli_config {
     int64_t ival[CLI_SET_COUNT];    /* int and bool values; a group's gid, -1 without one */
     double fval[CLI_SET_COUNT];     /* float values */
-    const char *sval[CLI_SET_COUNT];/* path, str and backoff values */
+    const char *sval[CLI_SET_COUNT];/* path, str and choice values */
     char *owned[CLI_SET_COUNT];     /* paths made here (files in the base folder) */
     int backoff;                    /* CFN_BACKOFF_* */
 };
@@ -89,9 +90,5 @@ int cli_fail_text(const char *where, const char *cls, const char *text, int exit
 void cli_log(const char *tag, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* The exit code of an error class, by name (CfnError, CfnOSError, InboxNotFound, ...). */
 int cli_exit_for_class(const char *cls);
-
-/* alert.c: telemetry.alert_backpressure_failure */
-void cli_alert_backpressure_failure(cfn_bus *bus, const struct cli_config *c, const char *from,
-                                    const char *to, int64_t retries);
 
 #endif

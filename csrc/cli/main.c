@@ -430,6 +430,37 @@ static char *json_string(const char *text)
     return out;
 }
 
+/* A send whose report needs Python (an alert): its result handed to
+ * `python -m cfn_fast _native-sent` (cfn_fast/native_sent.py), which reports
+ * it as the Python command would have. The send is not made again. */
+static int sent_in_python(const struct run *r, bool backpressure, int rc, const cfn_err *err,
+                          const cfn_send_result *res)
+{
+    const char *const *v = r->call->values;
+    char num[6][24];
+    snprintf(num[0], sizeof num[0], "%d", rc);
+    snprintf(num[1], sizeof num[1], "%lld", (long long)res->retries);
+    snprintf(num[2], sizeof num[2], "%lld", (long long)res->waited_ns);
+    snprintf(num[3], sizeof num[3], "%d", (int)res->circuit);
+    snprintf(num[4], sizeof num[4], "%lld", (long long)res->retry_after_ns);
+    snprintf(num[5], sizeof num[5], "%d", backpressure ? 1 : 0);
+    char *argv[] = {(char *)CLI_PROG, "_native-sent", (char *)r->call->where, num[0], (char *)err->what,
+                    num[1], num[2], res->locked ? "1" : "0", res->deadline ? "1" : "0", num[3], num[4], num[5],
+                    (char *)v[0], (char *)v[1], (char *)v[2], rc ? "" : (char *)res->msg_id, NULL};
+    (void)fflush(stdout);
+    return handover((int)(sizeof argv / sizeof argv[0]) - 1, argv);
+}
+
+/* fail(), with what _RetryAfter.set_retry_after adds to the line */
+static int fail_retry_after(const struct run *r, int rc, const cfn_err *err, int64_t retry_after_ns)
+{
+    cfn_err more = *err;
+    size_t used = strnlen(more.what, sizeof more.what);
+    /* Python's f"{seconds:.3g}" is C's %.3g */
+    snprintf(more.what + used, sizeof more.what - used, "; retry after %.3g s", (double)retry_after_ns / 1e9);
+    return fail(r, rc, &more);
+}
+
 static int send(struct run *r, bool backpressure)
 {
     const struct cli_config *c = &r->cfg;
@@ -460,6 +491,14 @@ static int send(struct run *r, bool backpressure)
         .file_mode = cli_file_mode(c),
         .dir_mode = cli_dir_mode(c),
         .outbox_max = c->ival[CLI_SET_OUTBOX_MAX],
+        .breaker_failures = (int32_t)c->ival[CLI_SET_BREAKER_FAILURES],
+        .breaker_rate_pct = (int32_t)c->ival[CLI_SET_BREAKER_FAILURE_RATE],
+        .breaker_min_calls = (int32_t)c->ival[CLI_SET_BREAKER_MIN_CALLS],
+        .breaker_probes = (int32_t)c->ival[CLI_SET_BREAKER_PROBES],
+        .breaker_window_ms = c->ival[CLI_SET_BREAKER_WINDOW_MS],
+        .breaker_cooldown_ms = c->ival[CLI_SET_BREAKER_COOLDOWN_MS],
+        .priority = strcmp(c->sval[CLI_SET_PRIORITY], "high") == 0 ? CFN_PRIORITY_HIGH : CFN_PRIORITY_NORMAL,
+        .headroom_pct = (int32_t)c->ival[CLI_SET_PRIORITY_HEADROOM_PCT],
     };
     const char *args[4] = {v[0], v[1], v[2], v[3]};
     char *text = NULL;
@@ -476,9 +515,13 @@ static int send(struct run *r, bool backpressure)
     free(text);
     if (interrupted)
         return CLI_EXIT_NO;
+    /* MessageBus.deliver's alerts: a backpressure send that gave up (naming
+     * the inbox's heaviest senders), a circuit this send opened or closed */
+    if (res.circuit || (rc && backpressure && rc == CFN_E_TIMEOUT && !res.locked && !res.deadline))
+        return sent_in_python(r, backpressure, rc, &err, &res);
     if (rc) {
-        if (backpressure && rc == CFN_E_TIMEOUT && !res.locked)  /* MessageBus.deliver */
-            cli_alert_backpressure_failure(bus, c, v[0], v[1], res.retries);
+        if (res.retry_after_ns > 0 && !interrupted)  /* _core.send_error: InboxFull.set_retry_after */
+            return fail_retry_after(r, rc, &err, res.retry_after_ns);
         return fail(r, rc, &err);
     }
     char line[sizeof res.msg_id + 1];

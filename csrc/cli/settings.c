@@ -215,12 +215,12 @@ int cli_config_read(struct cli_config *c)
             else
                 return 1;
             break;
-        case CLI_KIND_BACKOFF:
-            if (!word_in(CLI_BACKOFFS, text, n, false))
+        case CLI_KIND_CHOICE:
+            if (!word_in(s->choices, text, n, false))
                 return 1;
-            for (int k = 0; CLI_BACKOFFS[k]; k++)
-                if (strlen(CLI_BACKOFFS[k]) == n && memcmp(CLI_BACKOFFS[k], text, n) == 0)
-                    c->sval[i] = CLI_BACKOFFS[k];
+            for (int k = 0; s->choices[k]; k++)
+                if (strlen(s->choices[k]) == n && memcmp(s->choices[k], text, n) == 0)
+                    c->sval[i] = s->choices[k];
             break;
         case CLI_KIND_GROUP:
             if (!group_ok(s, text, n, &v))
