@@ -54,6 +54,12 @@ def _rows() -> list[Row]:
     rows = [
         Row(f"send_message 1 KiB (inbox holds {s})", f"send.cfn@{s}", f"send.floor@{s}", 1.2),
         Row(f"send_with_backpressure, metrics on (inbox holds {s})", f"send_bp.cfn@{s}", f"send.floor@{s}", 1.5),
+        Row(f"send_message with flow control at its defaults (inbox holds {s}; 1.01x before it)",
+            f"send.cfn@{s}", f"send.floor@{s}", 1.11),
+        Row("breaker check on an open circuit (cfn_send via cffi) vs get_inbox_size (<= 2x: ~2 us)",
+            "circuit.check", "size.counter", 2.0),
+        Row("send_message refused by an open circuit (CircuitOpen raised) vs get_inbox_size",
+            "circuit.refused", "size.counter", None),
         Row("get_inbox_size, 1,000 msgs", "size.cfn@1000", "scan.listdir@1000", 0.01),
         Row("reconcile(force=False), 1,000 msgs, folder changed since its last scan", "scan.reconcile@1000",
             "scan.listdir@1000", 0.5),
