@@ -12,6 +12,9 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    from cfn_fast import logs
+
+    logs.to_stderr()  # the library logs its alerts and warnings; the command line prints them
     try:
         from cfn_fast import _fastpath
 

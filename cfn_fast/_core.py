@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import threading
+import time
 from typing import Any, NamedTuple, Optional
 
 from cfn_fast import errors as E
@@ -310,6 +311,29 @@ def _checked(fn: Any, *args: Any) -> int:
 def next_sequence(h: Handle, sender: bytes, to: bytes) -> int:
     """Advances sender->to's sequence as a send does; the new number."""
     return _checked(lib.cfn_next_sequence, h, sender, to)
+
+
+def arrivals(h: Handle, agent: bytes) -> int:
+    """The inbox's arrivals word: read it before looking in the inbox, then wait_arrival on it."""
+    return _checked(lib.cfn_arrivals, h, agent)
+
+
+def wait_arrival(h: Handle, agent: bytes, seen: int, timeout_ns: int) -> bool:
+    """Sleeps until a message arrives in the inbox (True at once if one did
+    since ``seen`` was read) or timeout_ns passes (False; < 0: no timeout)."""
+    err = new_err()
+    deadline = None if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+    while True:
+        left = -1 if deadline is None else max(0, deadline - time.monotonic_ns())
+        rc = lib.cfn_wait_arrival(h, agent, seen & 0xFFFFFFFF, left, err)
+        if rc != _EINTR:
+            break
+        _reraise_interruption()
+    if rc == lib.CFN_E_TIMEOUT:
+        return False
+    if rc:
+        raise_for(rc, err)
+    return True
 
 
 def inbox_size(h: Handle, agent: bytes) -> int:

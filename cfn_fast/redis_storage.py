@@ -728,6 +728,33 @@ class RedisStorage:
                 self._claims.pop(agent, None)
         return n
 
+    def arrivals(self, agent: str) -> int:
+        n = int(self._run("ARRIVE", self._ikeys(self._agent(agent)), ["look"]))
+        if n < 0:
+            raise InboxNotFound(f"agent '{agent}' has no inbox (run init for it first)")
+        return n
+
+    def wait_arrival(self, agent: str, seen: int, timeout_ns: int) -> bool:
+        """Blocks on the server (BLPOP on the inbox's arrival list, pushed by
+        each delivery while consumers wait), timed here as a waiting sender's is."""
+        keys = self._ikeys(self._agent(agent))
+        if int(self._run("ARRIVE", keys, ["enter", seen])):
+            return True
+        try:
+            deadline = None if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+            while True:
+                left = 3_600_000_000_000 if deadline is None else deadline - time.monotonic_ns()
+                if left <= 0:
+                    return self.arrivals(agent) != seen
+                woke, _ = self._block(keys[0][:-1] + b"ar", min(left, 1_000_000_000))
+                if woke or self.arrivals(agent) != seen:
+                    return True
+        finally:
+            try:
+                self._run("ARRIVE", keys, ["leave"])
+            except CfnError:
+                pass  # the count only wakes a consumer more often
+
     def quarantine(self, agent: str, where: int, names: list[bytes]) -> int:
         ids = [n[:-5] if n.endswith(b".json") else n for n in names]
         if not ids:

@@ -139,6 +139,8 @@ class Storage(Protocol):
     def read(self, agent: str, mode: int, max_messages: int, max_bytes: int) -> tuple[list[Record], int]: ...
     def take(self, agent: str, where: int, names: list[bytes]) -> tuple[list[bool], Optional[CfnError]]: ...
     def put_back(self, agent: str, names: list[bytes]) -> int: ...
+    def arrivals(self, agent: str) -> int: ...
+    def wait_arrival(self, agent: str, seen: int, timeout_ns: int) -> bool: ...
     def quarantine(self, agent: str, where: int, names: list[bytes]) -> int: ...
     def clear(self, agent: str) -> int: ...
     # state shared by every process
@@ -380,6 +382,17 @@ class FileStorage:
     def quarantine(self, agent: str, where: int, names: list[bytes]) -> int:
         a = agent_bytes(agent)
         return _core.quarantine(self._need(agent), a, where, names)
+
+    def arrivals(self, agent: str) -> int:
+        """A word that moves whenever a message arrives in the inbox (read it before looking)."""
+        a = agent_bytes(agent)
+        return _core.arrivals(self._need(agent), a)
+
+    def wait_arrival(self, agent: str, seen: int, timeout_ns: int) -> bool:
+        """Sleeps on the inbox's futex until a message arrives after ``seen`` was
+        read (True) or timeout_ns passes (False; < 0: none)."""
+        a = agent_bytes(agent)
+        return _core.wait_arrival(self._need(agent), a, seen, timeout_ns)
 
     def clear(self, agent: str) -> int:
         a = agent_bytes(agent)

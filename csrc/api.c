@@ -276,3 +276,21 @@ int cfn_flow_get(cfn_bus *bus, const char *agent, cfn_flow_info *out, cfn_err *e
     cfn_leave(bus);
     return rc;
 }
+
+int64_t cfn_arrivals(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t v = cfn_arrivals_in(bus, agent, err);
+    cfn_leave(bus);
+    return v;
+}
+
+int cfn_wait_arrival(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_wait_arrival_in(bus, agent, seen, timeout_ns, err);
+    cfn_leave(bus);
+    return rc;
+}

@@ -312,6 +312,13 @@ int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap);
 int64_t cfn_slots_sweep(cfn_bus *bus, cfn_err *err);
 
 /* --- receiving ---------------------------------------------------------- */
+/* Waiting for a message without polling: read cfn_arrivals before looking in
+ * the inbox, and if it was empty, cfn_wait_arrival with what it said: it
+ * returns 0 at once if a message arrived since (every delivery, and every
+ * claim put back, moves it), else when one does, CFN_E_TIMEOUT after
+ * timeout_ns (< 0: none), -EINTR when the probe says stop. */
+int64_t cfn_arrivals(cfn_bus *bus, const char *agent, cfn_err *err);
+int cfn_wait_arrival(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err);
 int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max,
                       int64_t max_bytes, cfn_blob *out, cfn_err *err);
 /* `names` is NUL-terminated file names back to back (a name may also be a

@@ -10,7 +10,9 @@
  */
 #include "internal.h"
 
+#include <inttypes.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define NS_PER_S 1000000000LL
 #define DRAIN_SHIFT 40
@@ -40,6 +42,76 @@ void cfn_flow_clear(struct cfn_slot *s)
     for (int i = 0; i < CFN_TOP_SENDERS; i++)
         atomic_store(&s->senders[i], 0);
     atomic_store(&s->senders_window, 0);
+    atomic_store(&s->arrive_waiters, 0);
+}
+
+/* ---- arrivals ----------------------------------------------------------------- */
+
+/* A message arrived (a delivery, a claim put back): consumers waiting for one
+ * wake. The fetch-add is always paid; the system call only when one waits. */
+void cfn_arrived(struct cfn_slot *s)
+{
+    atomic_fetch_add_explicit(&s->arrive_seq, 1, memory_order_release);
+    if (atomic_load_explicit(&s->arrive_waiters, memory_order_acquire) > 0)
+        cfn_futex_wake(&s->arrive_seq, INT32_MAX);
+}
+
+int64_t cfn_arrivals_in(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    struct cfn_ent *e;
+    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = cfn_ent_slot(bus, e, err);
+    int64_t v = s ? (int64_t)atomic_load_explicit(&s->arrive_seq, memory_order_acquire)
+                  : (err ? err->code : CFN_E_NOSLOT);
+    cfn_ent_put(bus, e);
+    return v;
+}
+
+int cfn_wait_arrival_in(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err)
+{
+    struct cfn_ent *e;
+    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = cfn_ent_slot(bus, e, err);
+    if (!s) {
+        cfn_ent_put(bus, e);
+        return err ? err->code : CFN_E_NOSLOT;
+    }
+    int64_t start = cfn_mono_ns(), probed = start;
+    struct stat st0, st;
+    bool watch = fstat(e->inboxfd, &st0) == 0;
+    atomic_fetch_add(&s->arrive_waiters, 1);
+    for (;;) {
+        /* rc 0: something arrived; or (one fstat a slice) the folder changed: a bash
+         * sender, who bumps no futex, wrote a file (or something else moved: the caller looks) */
+        if (atomic_load_explicit(&s->arrive_seq, memory_order_acquire) != seen)
+            break;
+        if (watch && fstat(e->inboxfd, &st) == 0 &&
+            (st.st_size != st0.st_size || st.st_mtim.tv_sec != st0.st_mtim.tv_sec ||
+             st.st_mtim.tv_nsec != st0.st_mtim.tv_nsec))
+            break;
+        int64_t left = timeout_ns < 0 ? INT64_MAX : timeout_ns - (cfn_mono_ns() - start);
+        if (left <= 0) {
+            rc = cfn_fail(err, CFN_E_TIMEOUT, "no message arrived in the inbox of '%s' within %" PRId64 " ms",
+                          agent, timeout_ns / 1000000);
+            break;
+        }
+        int wr = cfn_futex_wait(&s->arrive_seq, seen, left < 50000000LL ? left : 50000000LL);
+        if (wr == -EINTR || cfn_probe_says_stop(bus, &probed)) {
+            rc = cfn_fail(err, -EINTR, "interrupted while waiting for a message in the inbox of '%s'", agent);
+            break;
+        }
+        if (cfn_closing(bus)) {
+            rc = cfn_fail(err, CFN_E_CLOSED, "the bus was closed while waiting for a message");
+            break;
+        }
+    }
+    atomic_fetch_sub(&s->arrive_waiters, 1);
+    cfn_ent_put(bus, e);
+    return rc;
 }
 
 /* ---- drain rate --------------------------------------------------------------- */

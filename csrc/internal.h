@@ -87,7 +87,11 @@ struct cfn_slot {
      * one cache line), each key:40 | count:24, counts halved every window */
     _Atomic uint64_t senders[CFN_TOP_SENDERS];
     _Atomic uint64_t senders_window;  /* the window the counts are of */
-    _Atomic int64_t flow_reserved2[7];
+    /* arrivals: consumers waiting for a message sleep on this word, which
+     * every delivery (and claim put back) bumps */
+    _Atomic uint32_t arrive_seq;
+    _Atomic uint32_t arrive_waiters;  /* consumers asleep on it: a sender wakes them only then */
+    _Atomic int64_t flow_reserved2[6];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
 _Static_assert(offsetof(struct cfn_slot, senders) % 64 == 0, "the top senders share one cache line");
@@ -311,6 +315,9 @@ int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_le
 
 /* flow.c: flow control in the slot */
 void cfn_flow_clear(struct cfn_slot *s);
+void cfn_arrived(struct cfn_slot *s);
+int64_t cfn_arrivals_in(cfn_bus *bus, const char *agent, cfn_err *err);
+int cfn_wait_arrival_in(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err);
 void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
 int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
 int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);

@@ -16,7 +16,7 @@ HEADER = PKG.parent / "csrc" / "cfn_fast.h"
 # Lower layers never import higher ones. A new module gets a place here.
 LAYERS: dict[str, float] = {
     "errors": 0,
-    "config": 1, "output": 1,
+    "config": 1, "output": 1, "logs": 1,
     "_native": 2, "_core": 3, "redis_scripts": 3,
     "storage": 4, "redis_storage": 4,
     "codec": 5, "fields": 5,
