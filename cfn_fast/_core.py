@@ -336,6 +336,44 @@ def wait_arrival(h: Handle, agent: bytes, seen: int, timeout_ns: int) -> bool:
     return True
 
 
+WORD_ROOM: int = lib.CFN_WORD_ROOM
+WORD_ARRIVAL: int = lib.CFN_WORD_ARRIVAL
+WAIT_WORDS_MAX: int = lib.CFN_WAIT_WORDS_MAX
+
+
+def word(h: Handle, agent: bytes, kind: int) -> int:
+    """An inbox's ROOM or ARRIVAL word now (read it before the attempt that may fail)."""
+    return _checked(lib.cfn_word, h, agent, kind)
+
+
+def wait_ctl(h: Handle) -> int:
+    return int(lib.cfn_wait_ctl(h))
+
+
+def wait_interrupt(h: Handle) -> None:
+    """Wakes the thread in wait_words: the set of words to wait on changed."""
+    lib.cfn_wait_interrupt(h)
+
+
+def wait_words(h: Handle, agents: list[bytes], kinds: list[int], seen: list[int], ctl: int,
+               timeout_ns: int) -> Optional[list[bool]]:
+    """Sleeps until one of the words is not what ``seen`` says (or the control
+    word moved): which did, or None when timeout_ns ran out. One futex_waitv."""
+    err = new_err()
+    n = len(agents)
+    packed = _pack(agents)
+    kinds_c = ffi.new("int32_t[]", kinds or [0])
+    seen_c = ffi.new("uint32_t[]", [v & 0xFFFFFFFF for v in seen] or [0])
+    changed = ffi.new("uint8_t[]", max(1, n))
+    rc = lib.cfn_wait_words(h, packed, len(packed), kinds_c, seen_c, n, ctl & 0xFFFFFFFF, timeout_ns, changed,
+                            err)
+    if rc == lib.CFN_E_TIMEOUT:
+        return None
+    if rc < 0:
+        raise_for(rc, err)
+    return [bool(c) for c in ffi.unpack(changed, n)] if n else []
+
+
 def inbox_size(h: Handle, agent: bytes) -> int:
     n = lib.cfn_inbox_size(h, agent, ffi.NULL)  # the hot read: no error buffer unless it fails
     if n < 0:

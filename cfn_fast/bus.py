@@ -149,15 +149,16 @@ class MessageBus:
 
     def deliver(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
                 backpressure: bool = True, *, timeout: Optional[float] = None,
-                priority: Optional[str] = None) -> storage.SendResult:
+                priority: Optional[str] = None, last_try: bool = False) -> storage.SendResult:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
-        waited_ns and outbox_copied."""
+        waited_ns and outbox_copied. ``last_try`` (aio: the waits were awaited
+        elsewhere) makes one try, a full inbox its BackpressureTimeout."""
         deadline = _deadline(timeout) if timeout is not None else 0
         high = self._high(priority)
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
-            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline, high)
+            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline, high, last_try)
         except CfnError as e:
             self._on_failed_send(from_agent, to_agent, e, backpressure)
             raise

@@ -399,7 +399,7 @@ class RedisStorage:
         return int(self._do(self._c().hincrby, keys[_INBOX.index(b"s")], sender, 1))
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0, high: bool = False) -> SendResult:
+                deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
         keys = self._ikeys(to)
         cap = self.config.max_inbox_size
@@ -415,7 +415,7 @@ class RedisStorage:
             self._refused(r, to)
             copied = self._copy_out(sender, to, etype, data, r[1], r[2], r[3], high)
             return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied, int(r[4]))
-        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns, high)
+        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns, high, last_try)
 
     @staticmethod
     def _refused(r: list[Any], to: str) -> None:
@@ -433,7 +433,7 @@ class RedisStorage:
         return eta_ms * 1_000_000 if eta_ms >= 0 else self._next_wait(0, 0, 0, fixed=True)[0]
 
     def _deliver_waiting(self, sender: str, to: str, etype: bytes, data: bytes, keys: list[bytes],
-                         tok: str, deadline_ns: int, high: bool = False) -> SendResult:
+                         tok: str, deadline_ns: int, high: bool = False, last_try: bool = False) -> SendResult:
         """send_with_backpressure: the C loop's rules (retries, backoff, total
         budget, deadline), waiting on the server: a full inbox queues this
         sender's token, and a consumer that frees a place hands it to the first
@@ -453,7 +453,8 @@ class RedisStorage:
             if deadline_ns and now >= deadline_ns and not doomed:
                 doomed = f"inbox of '{to}' stayed full until the send's deadline ({(now - start) // 1_000_000} ms, " \
                          f"{retries} retries)"
-            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed)
+            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed) \
+                or last_try
             wait_left = left if not deadline_ns else min(left, deadline_ns - now)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
                                             max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok,

@@ -125,7 +125,7 @@ class Storage(Protocol):
     def has_agent(self, agent: str) -> bool: ...  # an inbox, or anything else kept for the agent
     # sending, counting
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0, high: bool = False) -> SendResult: ...
+                deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult: ...
     def next_sequence(self, sender: str, to: str) -> int: ...
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
                      backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]: ...
@@ -315,14 +315,17 @@ class FileStorage:
         return out
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0, high: bool = False) -> SendResult:
+                deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult:
         """One send; deadline_ns (CLOCK_MONOTONIC, as time.monotonic_ns) bounds the whole call; a
-        high-priority one may use the inbox's headroom."""
+        high-priority one may use the inbox's headroom. ``last_try``: a backpressure send whose
+        waits were spent elsewhere (aio): one try, and a full inbox is its BackpressureTimeout."""
         s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
         if high:
             opts = self._backpressure_high if backpressure else self._plain_high
         else:
             opts = self._backpressure if backpressure else self._plain
+        if last_try:
+            opts = _core.new_send_opts(opts, max_retries=0, wait_ms=0, max_total_ms=0)
         if deadline_ns:
             opts = _core.new_send_opts(opts, deadline_ns=deadline_ns)
         return _core.send(self._need(to), s, t, mtype, payload, opts)
@@ -393,6 +396,29 @@ class FileStorage:
         read (True) or timeout_ns passes (False; < 0: none)."""
         a = agent_bytes(agent)
         return _core.wait_arrival(self._need(agent), a, seen, timeout_ns)
+
+    # -- many inboxes at once, for an event loop's waiter thread (aio.py) ---------------
+    WORD_ROOM = _core.WORD_ROOM
+    WORD_ARRIVAL = _core.WORD_ARRIVAL
+    WAIT_WORDS_MAX = _core.WAIT_WORDS_MAX
+
+    def word(self, agent: str, kind: int) -> int:
+        a = agent_bytes(agent)
+        return _core.word(self._need(agent), a, kind)
+
+    def wait_ctl(self) -> int:
+        return _core.wait_ctl(self._h(create=True))
+
+    def wait_interrupt(self) -> None:
+        _core.wait_interrupt(self._h(create=True))
+
+    def wait_words(self, words: list[tuple[str, int]], seen: list[int], ctl: int,
+                   timeout_ns: int) -> Optional[list[bool]]:
+        """Sleeps (one futex_waitv, the GIL released) until one of the (agent,
+        kind) words is not what ``seen`` says or the control word moved past
+        ``ctl``: which moved, or None when timeout_ns ran out."""
+        return _core.wait_words(self._h(create=True), [agent_bytes(a) for a, _ in words], [k for _, k in words],
+                                seen, ctl, timeout_ns)
 
     def clear(self, agent: str) -> int:
         a = agent_bytes(agent)

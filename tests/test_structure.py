@@ -22,7 +22,7 @@ LAYERS: dict[str, float] = {
     "codec": 5, "fields": 5,
     "metrics": 6, "alerts": 6, "checks": 6.5,
     "bus": 7,
-    "defaults": 8, "__init__": 8,
+    "defaults": 8, "__init__": 8, "aio": 8,
     "lifecycle": 9,
     "ratelimit": 10, "overflow": 10,
     "telemetry": 11, "monitors": 11,
