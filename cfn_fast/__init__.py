@@ -127,6 +127,14 @@ def consume_messages(agent_id: str, max_messages: "Optional[int]" = None) -> "li
     return default_bus().consume_messages(agent_id, max_messages)
 
 
+def consume(agent_id: str, max: "Optional[int]" = None, timeout: "Optional[float]" = None) -> "list[Message]":
+    return default_bus().consume(agent_id, max, timeout)
+
+
+def nack_messages(agent_id: str, msg_ids: "Any") -> int:
+    return default_bus().nack_messages(agent_id, msg_ids)
+
+
 def claim_messages(agent_id: str, max_messages: "Optional[int]" = None) -> "list[Message]":
     return default_bus().claim_messages(agent_id, max_messages)
 
@@ -192,6 +200,7 @@ __all__ = [
     "cleanup_rate_limiting",
     "clear_inbox",
     "clear_metrics",
+    "consume",
     "consume_messages",
     "default_bus",
     "emit_alert",
@@ -207,6 +216,7 @@ __all__ = [
     "metrics_stats",
     "monitor_dynamic_rate_limit",
     "monitor_inbox_overflow",
+    "nack_messages",
     "receive_messages",
     "recover",
     "send_message",

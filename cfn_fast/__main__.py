@@ -12,6 +12,9 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    from cfn_fast import logs
+
+    logs.to_stderr()  # the library logs its alerts and warnings; the command line prints them
     try:
         if args[:1] == ["_native-sent"]:  # the native program's send, reported (native_sent.py)
             from cfn_fast import native_sent

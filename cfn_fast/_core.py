@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import threading
+import time
 from typing import Any, NamedTuple, Optional
 
 from cfn_fast import errors as E
@@ -328,6 +329,67 @@ def _checked(fn: Any, *args: Any) -> int:
 def next_sequence(h: Handle, sender: bytes, to: bytes) -> int:
     """Advances sender->to's sequence as a send does; the new number."""
     return _checked(lib.cfn_next_sequence, h, sender, to)
+
+
+def arrivals(h: Handle, agent: bytes) -> int:
+    """The inbox's arrivals word: read it before looking in the inbox, then wait_arrival on it."""
+    return _checked(lib.cfn_arrivals, h, agent)
+
+
+def wait_arrival(h: Handle, agent: bytes, seen: int, timeout_ns: int) -> bool:
+    """Sleeps until a message arrives in the inbox (True at once if one did
+    since ``seen`` was read) or timeout_ns passes (False; < 0: no timeout)."""
+    err = new_err()
+    deadline = None if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+    while True:
+        left = -1 if deadline is None else max(0, deadline - time.monotonic_ns())
+        rc = lib.cfn_wait_arrival(h, agent, seen & 0xFFFFFFFF, left, err)
+        if rc != _EINTR:
+            break
+        _reraise_interruption()
+    if rc == lib.CFN_E_TIMEOUT:
+        return False
+    if rc:
+        raise_for(rc, err)
+    return True
+
+
+WORD_ROOM: int = lib.CFN_WORD_ROOM
+WORD_ARRIVAL: int = lib.CFN_WORD_ARRIVAL
+WAIT_WORDS_MAX: int = lib.CFN_WAIT_WORDS_MAX
+
+
+def word(h: Handle, agent: bytes, kind: int) -> int:
+    """An inbox's ROOM or ARRIVAL word now (read it before the attempt that may fail)."""
+    return _checked(lib.cfn_word, h, agent, kind)
+
+
+def wait_ctl(h: Handle) -> int:
+    return int(lib.cfn_wait_ctl(h))
+
+
+def wait_interrupt(h: Handle) -> None:
+    """Wakes the thread in wait_words: the set of words to wait on changed."""
+    lib.cfn_wait_interrupt(h)
+
+
+def wait_words(h: Handle, agents: list[bytes], kinds: list[int], seen: list[int], ctl: int,
+               timeout_ns: int) -> Optional[list[bool]]:
+    """Sleeps until one of the words is not what ``seen`` says (or the control
+    word moved): which did, or None when timeout_ns ran out. One futex_waitv."""
+    err = new_err()
+    n = len(agents)
+    packed = _pack(agents)
+    kinds_c = ffi.new("int32_t[]", kinds or [0])
+    seen_c = ffi.new("uint32_t[]", [v & 0xFFFFFFFF for v in seen] or [0])
+    changed = ffi.new("uint8_t[]", max(1, n))
+    rc = lib.cfn_wait_words(h, packed, len(packed), kinds_c, seen_c, n, ctl & 0xFFFFFFFF, timeout_ns, changed,
+                            err)
+    if rc == lib.CFN_E_TIMEOUT:
+        return None
+    if rc < 0:
+        raise_for(rc, err)
+    return [bool(c) for c in ffi.unpack(changed, n)] if n else []
 
 
 def inbox_size(h: Handle, agent: bytes) -> int:

@@ -1,24 +1,20 @@
 """Alerts in the original's JSONL format, with a cooldown shared by every
 process on the base folder (the original kept it in one shell's memory:
 defect 7), written to ALERT_LOG_FILE under the telemetry files' trust rule,
-and a (coloured, on a terminal) line on stderr."""
+and logged (``cfn_fast.alerts``, at the alert's severity) in the original's
+line, which the command line prints on stderr (logs.py)."""
 from __future__ import annotations
 
 import errno
 import os
-import sys
 import time
 from typing import Any, Mapping, Optional, Union
 
-from cfn_fast import fields
+from cfn_fast import fields, logs
 from cfn_fast.errors import CfnError, CfnOSError, InvalidArgument
 from cfn_fast.storage import COUNTERS, Storage
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error", "critical")
-# the original's colours: critical red, warning yellow, anything else blue
-_COLOURS = {"critical": "\033[0;31m", "warning": "\033[1;33m"}
-_BLUE = "\033[0;34m"
-_RESET = "\033[0m"
 
 _local_cooldowns: dict[bytes, int] = {}  # when there is no room left in the shared table
 
@@ -56,28 +52,10 @@ def _cooldown_ok(store: Storage, key: bytes, cooldown_s: float) -> bool:
     return True
 
 
-def _colour() -> bool:
-    if os.environ.get("NO_COLOR"):
-        return False
-    if os.environ.get("FORCE_COLOR"):
-        return True
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def stderr_line(stamp: str, severity: str, alert_type: str, message: str) -> str:
-    """The original's line on stderr: [ALERT <iso>] [<severity>] <type>: <message>,
-    in its severity's colour when stderr is a terminal."""
-    text = f"[ALERT {stamp}] [{severity}] {alert_type}: {message}"
-    return f"{_COLOURS.get(severity, _BLUE)}{text}{_RESET}" if _colour() else text
 
 
 def emit(store: Storage, alert_type: str, message: str, severity: str = "info",
@@ -106,12 +84,8 @@ def emit(store: Storage, alert_type: str, message: str, severity: str = "info",
         % (json.dumps(stamp), json.dumps(atype, ensure_ascii=False), json.dumps(msg, ensure_ascii=False),
            json.dumps(severity), meta_bytes.decode())
     ).encode("utf-8", "surrogateescape")
-    text = stderr_line(stamp, severity, atype, msg)
-    try:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    logs.get("alerts").log(logs.LEVELS[severity], "[ALERT %s] [%s] %s: %s", stamp, severity, atype, msg,
+                           extra={"severity": severity, "alert": atype, "metadata": meta})
     path = store.config.alert_log_file
     try:
         fd = store.open_log(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from cfn_fast import alerts, storage
 from cfn_fast.codec import Message, Payload, decode_message, encode_payload, encode_type
@@ -150,15 +150,16 @@ class MessageBus:
 
     def deliver(self, from_agent: str, to_agent: str, msg_type: str, payload: Payload,
                 backpressure: bool = True, *, timeout: Optional[float] = None,
-                priority: Optional[str] = None) -> storage.SendResult:
+                priority: Optional[str] = None, last_try: bool = False) -> storage.SendResult:
         """send_with_backpressure (or, with backpressure=False, send_message),
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
-        waited_ns and outbox_copied."""
+        waited_ns and outbox_copied. ``last_try`` (aio: the waits were awaited
+        elsewhere) makes one try, a full inbox its BackpressureTimeout."""
         deadline = _deadline(timeout) if timeout is not None else 0
         high = self._high(priority)
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
-            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline, high)
+            res = self.storage.deliver(from_agent, to_agent, mtype, data, backpressure, deadline, high, last_try)
         except CfnError as e:
             self._on_failed_send(from_agent, to_agent, e, backpressure)
             raise
@@ -270,6 +271,33 @@ class MessageBus:
                            "warning", {"agent": agent_id})
         return [item for item, ok in zip(items, taken) if ok]
 
+    def consume(self, agent_id: str, max: Optional[int] = None, timeout: Optional[float] = None) -> list[Message]:
+        """consume_messages that waits for a message when the inbox is empty:
+        it sleeps on the inbox's arrival futex (woken by the next delivery,
+        from any process; no polling) for up to ``timeout`` seconds (None:
+        until one comes), and returns [] only when that ran out."""
+        deadline = _deadline(timeout) if timeout is not None else None
+        while True:
+            seen = self.storage.arrivals(agent_id)  # before looking: an arrival after this wakes the wait
+            got = self.consume_messages(agent_id, max)
+            if got:
+                return got
+            left = -1 if deadline is None else deadline - time.monotonic_ns()
+            if deadline is not None and left <= 0:
+                return []
+            self.storage.wait_arrival(agent_id, seen, left)
+
+    def messages(self, agent_id: str, batch: int = 10, timeout: Optional[float] = None) -> Iterator[Message]:
+        """The inbox's messages as they come, each to exactly one consumer:
+        ``for msg in bus.messages("worker"): ...``. Takes up to ``batch`` at a
+        time and waits for more when it is empty; with ``timeout`` the
+        iteration ends when none came for that long."""
+        while True:
+            got = self.consume(agent_id, batch, timeout)
+            if not got:
+                return
+            yield from got
+
     def claim_messages(self, agent_id: str, max_messages: Optional[int] = None) -> list[Message]:
         """At-least-once: moves up to max_messages (all when None), oldest
         first, into this bus's claim folder and returns them. They still count
@@ -307,6 +335,22 @@ class MessageBus:
         if failure is not None:
             raise failure
         return sum(taken)
+
+    def nack_messages(self, agent_id: str, msg_ids: Iterable[Union[str, Message]]) -> int:
+        """Releases claimed messages back to the inbox, unprocessed (ids, or the
+        dicts claim returned): the next consumer gets them, in their place in
+        the inbox's order, and waiting consumers wake. Returns how many."""
+        storage.check_agent(agent_id)
+        names = []
+        for m in msg_ids:
+            mid = m.get("msg_id") if isinstance(m, dict) else m
+            if not isinstance(mid, str) or not mid or "/" in mid or "\0" in mid:
+                raise InvalidArgument(f"not a message id: {mid!r}")
+            name = self._claimed_names.pop(mid, None)
+            names.append(name if name is not None else (mid + ".json").encode("utf-8", "surrogateescape"))
+        return self.storage.put_back(agent_id, names) if names else 0
+
+    release_messages = nack_messages
 
     def recover(self, agent_id: Optional[str] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> int:

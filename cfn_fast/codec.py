@@ -7,12 +7,30 @@ flags them (an integer longer than int() takes, a number beyond a double).
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, TypedDict, Union
 
 from cfn_fast.errors import InvalidMessageType, InvalidPayload
 
 Payload = Union[str, bytes, bytearray, dict[str, Any], list[Any], int, float, bool, None]
-Message = dict[str, Any]
+
+# A message as read back: the original's envelope (a dict at run time, so
+# m["payload"] and json.dumps(m) work as before). "from" is a keyword, hence
+# the functional form; "priority" is there only on a high-priority message.
+_Envelope = TypedDict("_Envelope", {
+    "version": str,
+    "msg_id": str,
+    "from": str,
+    "to": str,
+    "timestamp": int,
+    "sequence": int,
+    "type": str,
+    "payload": Any,
+    "requires_ack": bool,
+})
+
+
+class Message(_Envelope, total=False):
+    priority: str
 
 _INT_DIGITS = 4300  # Python's default limit for int(str); C refuses longer integers at send
 
@@ -71,7 +89,7 @@ def decode_message(data: bytes, exact: bool = False) -> Message:
     import json
 
     value: Message = json.loads(data, parse_int=_exact_int, parse_float=_exact_float) if exact else json.loads(data)
-    return value
+    return value  # a file another tool wrote may lack envelope fields: the type says what cfn-fast writes
 
 
 __all__ = ["Message", "Payload", "decode_message", "encode_payload", "encode_type"]

@@ -454,7 +454,14 @@ class Config:
         raise AttributeError("Config is immutable; use replace()")
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Config":
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: object) -> "Config":
+        """The settings the environment gives (``environ``, else os.environ),
+        with ``overrides`` (attribute names, as Config(...) takes them) over
+        them: ``Config.from_env(max_inbox_size=10)`` keeps MESSAGE_BASE_DIR
+        and the telemetry files' places, where ``Config(max_inbox_size=10)``
+        is every other setting's default."""
+        if overrides:
+            return cls.from_env(environ).replace(**overrides)
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for s in SETTINGS:

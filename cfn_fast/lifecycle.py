@@ -12,11 +12,11 @@ import hashlib
 import os
 import signal
 import stat
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
+from cfn_fast import logs
 from cfn_fast.defaults import resolve
 from cfn_fast.errors import CfnOSError, InvalidArgument, UnsafePath
 from cfn_fast.storage import proc_start
@@ -209,13 +209,12 @@ class Lifecycle:
 
 
 def report(what: str, e: BaseException, seen: set[str]) -> None:
-    """A telemetry failure must not stop a monitor: say so once per kind on stderr."""
-    import sys
-
+    """A telemetry failure must not stop a monitor: say so once per kind (a
+    warning of the cfn_fast.monitor logger; the command line prints it on stderr)."""
     text = f"{what}: {e}"
     if text not in seen and len(seen) < 100:
         seen.add(text)
-        print(f"cfn-fast monitor: {text}", file=sys.stderr, flush=True)
+        logs.get("monitor").warning("cfn-fast monitor: %s", text)
 
 
 
@@ -269,7 +268,7 @@ def _names_its_writer(rec: _PidRecord) -> Union[bool, str]:
 
 
 def _refused(path: str, why: str, action: str) -> None:
-    print(f"cfn-fast: refused pid file {path}: it {why}; {action}", file=sys.stderr, flush=True)
+    logs.get("monitor").warning("cfn-fast: refused pid file %s: it %s; %s", path, why, action)
 
 
 def list_monitors(*, bus: Optional["MessageBus"] = None) -> list[dict[str, Any]]:

@@ -63,6 +63,16 @@ local function score(id)
   if string.sub(id, -3) == '-hi' then return -1 end
   return 0
 end
+-- n messages arrived: the meta's 'arr' moves, and consumers waiting for one
+-- ('cw' of them) find a push on <inbox>ar (one each at most) that ends their BLPOP.
+local function arrived(n)
+  redis.call('HINCRBY', KI, 'arr', n)
+  local cw = tonumber(redis.call('HGET', KI, 'cw') or '0')
+  if cw > 0 and redis.call('LLEN', P .. 'ar') < cw then
+    redis.call('RPUSH', P .. 'ar', '1')
+    redis.call('PEXPIRE', P .. 'ar', 60000)
+  end
+end
 -- Claims whose consumer's lease ran out go back to the inbox.
 local function recover(now)
   local dead = redis.call('ZRANGEBYSCORE', KL, '-inf', now)
@@ -79,7 +89,7 @@ local function recover(now)
       n = n + 1
     end
   end
-  if n > 0 then redis.call('HINCRBY', KI, 'recovered', n) end
+  if n > 0 then redis.call('HINCRBY', KI, 'recovered', n); arrived(n) end
   return n
 end
 -- Places freed per second (server clock), the current second and the one
@@ -366,6 +376,7 @@ redis.call('HSET', KB, id, body)
 redis.call('HINCRBY', KI, 'sent', 1)
 if high then redis.call('HINCRBY', KI, 'sent_high', 1) end
 senders_add(ARGV[1], 1, now)
+arrived(1)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
@@ -425,6 +436,7 @@ if n > 0 then
   redis.call('HINCRBY', KI, 'sent', n)
   if high then redis.call('HINCRBY', KI, 'sent_high', n) end
   senders_add(ARGV[1], n, now)
+  arrived(n)
   out[2] = cb_record(false, now, cfg)
 end
 out[#out + 1] = (#KEYS < 14) and -1 or (copy and 1 or 0)
@@ -602,6 +614,7 @@ if ARGV[2] == '1' or redis.call('HINCRBY', KCN, me, -n) <= 0 then
   redis.call('HDEL', KCN, me)
   redis.call('ZREM', KL, me)
 end
+if n > 0 then arrived(n) end
 return n
 """
 
@@ -710,7 +723,7 @@ for _, t in ipairs(toks) do
   redis.call('RPUSH', k, '1')
   redis.call('PEXPIRE', k, 1000)
 end
-redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x', P .. 'hh')
+redis.call('DEL', KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR, P .. 'o', P .. 'ob', P .. 'x', P .. 'hh', P .. 'ar')
 return vals
 """
 
@@ -727,6 +740,21 @@ for j = 1, #all, 2 do
   if c > 0 then out[#out + 1] = all[j]; out[#out + 1] = c end
 end
 return out
+"""
+
+# Waiting for a message. ARGV: op ("look": the arrivals count; "enter": 1 when
+# it moved from ARGV[2], else count this consumer as waiting, 0; "leave": uncount it)
+ARRIVE = _PRELUDE + r"""
+if redis.call('EXISTS', KI) == 0 then return -1 end
+local arr = tonumber(redis.call('HGET', KI, 'arr') or '0')
+if ARGV[1] == 'look' then return arr end
+if ARGV[1] == 'enter' then
+  if arr ~= tonumber(ARGV[2]) then return 1 end
+  redis.call('HINCRBY', KI, 'cw', 1)
+  return 0
+end
+if redis.call('HINCRBY', KI, 'cw', -1) < 0 then redis.call('HSET', KI, 'cw', 0) end
+return 0
 """
 
 # The inbox's flow state: -> {held, cap, limit (0: none), sojourn us, drained over the last second,
@@ -777,5 +805,5 @@ redis.call('HINCRBY', KEYS[2], 'alerts_suppressed', 1)
 return 0
 """
 
-__all__ = ["CAPACITY", "CIRCUIT", "CIRCUIT_RESET", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "FLOW", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
+__all__ = ["ARRIVE", "CAPACITY", "CIRCUIT", "CIRCUIT_RESET", "CLEAR", "COOLDOWN", "DELIVER", "DELIVER_MANY", "FLOW", "INIT", "OUTBOX", "PEEK", "PUT_BACK",
            "QUARANTINE", "READ", "RECONCILE", "REMOVE", "RENEW", "SENDERS", "SIZE", "TAKE"]

@@ -425,7 +425,7 @@ class RedisStorage:
         return int(self._do(self._c().hincrby, keys[_INBOX.index(b"s")], sender, 1))
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0, high: bool = False) -> SendResult:
+                deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
         keys = self._send_keys(sender, to)
         cap = self.config.max_inbox_size
@@ -441,7 +441,7 @@ class RedisStorage:
             self._refused(r, to)
             copied = self._copied(sender, to, etype, data, r, 5, high)
             return SendResult(r[1].decode(), r[2], r[3], 0, 0, 0, copied, int(r[4]))
-        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns, high)
+        return self._deliver_waiting(sender, to, etype, data, keys, tok, deadline_ns, high, last_try)
 
     @staticmethod
     def _refused(r: list[Any], to: str) -> None:
@@ -459,7 +459,7 @@ class RedisStorage:
         return eta_ms * 1_000_000 if eta_ms >= 0 else self._next_wait(0, 0, 0, fixed=True)[0]
 
     def _deliver_waiting(self, sender: str, to: str, etype: bytes, data: bytes, keys: list[bytes],
-                         tok: str, deadline_ns: int, high: bool = False) -> SendResult:
+                         tok: str, deadline_ns: int, high: bool = False, last_try: bool = False) -> SendResult:
         """send_with_backpressure: the C loop's rules (retries, backoff, total
         budget, deadline), waiting on the server: a full inbox queues this
         sender's token, and a consumer that frees a place hands it to the first
@@ -479,7 +479,8 @@ class RedisStorage:
             if deadline_ns and now >= deadline_ns and not doomed:
                 doomed = f"inbox of '{to}' stayed full until the send's deadline ({(now - start) // 1_000_000} ms, " \
                          f"{retries} retries)"
-            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed)
+            final = retries >= cfg.backpressure_max_retries or (self._timed and left <= 0) or bool(doomed) \
+                or last_try
             wait_left = left if not deadline_ns else min(left, deadline_ns - now)
             r = self._run("DELIVER", keys, [sender, to, etype, data, tok, cap, 1, 1 if final else 0,
                                             max(0, wait_left) // 1_000_000 + margin, self._ttl, ml, tok,
@@ -758,6 +759,33 @@ class RedisStorage:
             else:
                 self._claims.pop(agent, None)
         return n
+
+    def arrivals(self, agent: str) -> int:
+        n = int(self._run("ARRIVE", self._ikeys(self._agent(agent)), ["look"]))
+        if n < 0:
+            raise InboxNotFound(f"agent '{agent}' has no inbox (run init for it first)")
+        return n
+
+    def wait_arrival(self, agent: str, seen: int, timeout_ns: int) -> bool:
+        """Blocks on the server (BLPOP on the inbox's arrival list, pushed by
+        each delivery while consumers wait), timed here as a waiting sender's is."""
+        keys = self._ikeys(self._agent(agent))
+        if int(self._run("ARRIVE", keys, ["enter", seen])):
+            return True
+        try:
+            deadline = None if timeout_ns < 0 else time.monotonic_ns() + timeout_ns
+            while True:
+                left = 3_600_000_000_000 if deadline is None else deadline - time.monotonic_ns()
+                if left <= 0:
+                    return self.arrivals(agent) != seen
+                woke, _ = self._block(keys[0][:-1] + b"ar", min(left, 1_000_000_000))
+                if woke or self.arrivals(agent) != seen:
+                    return True
+        finally:
+            try:
+                self._run("ARRIVE", keys, ["leave"])
+            except CfnError:
+                pass  # the count only wakes a consumer more often
 
     def quarantine(self, agent: str, where: int, names: list[bytes]) -> int:
         ids = [n[:-5] if n.endswith(b".json") else n for n in names]

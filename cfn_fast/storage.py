@@ -145,7 +145,7 @@ class Storage(Protocol):
     def has_agent(self, agent: str) -> bool: ...  # an inbox, or anything else kept for the agent
     # sending, counting
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0, high: bool = False) -> SendResult: ...
+                deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult: ...
     def next_sequence(self, sender: str, to: str) -> int: ...
     def deliver_many(self, sender: str, to: str, mtype: bytes, payloads: list[bytes],
                      backpressure: bool, high: bool = False) -> list[Union[SendResult, CfnError]]: ...
@@ -159,6 +159,8 @@ class Storage(Protocol):
     def read(self, agent: str, mode: int, max_messages: int, max_bytes: int) -> tuple[list[Record], int]: ...
     def take(self, agent: str, where: int, names: list[bytes]) -> tuple[list[bool], Optional[CfnError]]: ...
     def put_back(self, agent: str, names: list[bytes]) -> int: ...
+    def arrivals(self, agent: str) -> int: ...
+    def wait_arrival(self, agent: str, seen: int, timeout_ns: int) -> bool: ...
     def quarantine(self, agent: str, where: int, names: list[bytes]) -> int: ...
     def clear(self, agent: str) -> int: ...
     # state shared by every process
@@ -333,14 +335,17 @@ class FileStorage:
         return out
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
-                deadline_ns: int = 0, high: bool = False) -> SendResult:
+                deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult:
         """One send; deadline_ns (CLOCK_MONOTONIC, as time.monotonic_ns) bounds the whole call; a
-        high-priority one may use the inbox's headroom."""
+        high-priority one may use the inbox's headroom. ``last_try``: a backpressure send whose
+        waits were spent elsewhere (aio): one try, and a full inbox is its BackpressureTimeout."""
         s, t = agent_bytes(sender, "sender"), agent_bytes(to, "recipient")
         if high:
             opts = self._backpressure_high if backpressure else self._plain_high
         else:
             opts = self._backpressure if backpressure else self._plain
+        if last_try:
+            opts = _core.new_send_opts(opts, max_retries=0, wait_ms=0, max_total_ms=0)
         if deadline_ns:
             opts = _core.new_send_opts(opts, deadline_ns=deadline_ns)
         return _core.send(self._need(to), s, t, mtype, payload, opts)
@@ -400,6 +405,40 @@ class FileStorage:
     def quarantine(self, agent: str, where: int, names: list[bytes]) -> int:
         a = agent_bytes(agent)
         return _core.quarantine(self._need(agent), a, where, names)
+
+    def arrivals(self, agent: str) -> int:
+        """A word that moves whenever a message arrives in the inbox (read it before looking)."""
+        a = agent_bytes(agent)
+        return _core.arrivals(self._need(agent), a)
+
+    def wait_arrival(self, agent: str, seen: int, timeout_ns: int) -> bool:
+        """Sleeps on the inbox's futex until a message arrives after ``seen`` was
+        read (True) or timeout_ns passes (False; < 0: none)."""
+        a = agent_bytes(agent)
+        return _core.wait_arrival(self._need(agent), a, seen, timeout_ns)
+
+    # -- many inboxes at once, for an event loop's waiter thread (aio.py) ---------------
+    WORD_ROOM = _core.WORD_ROOM
+    WORD_ARRIVAL = _core.WORD_ARRIVAL
+    WAIT_WORDS_MAX = _core.WAIT_WORDS_MAX
+
+    def word(self, agent: str, kind: int) -> int:
+        a = agent_bytes(agent)
+        return _core.word(self._need(agent), a, kind)
+
+    def wait_ctl(self) -> int:
+        return _core.wait_ctl(self._h(create=True))
+
+    def wait_interrupt(self) -> None:
+        _core.wait_interrupt(self._h(create=True))
+
+    def wait_words(self, words: list[tuple[str, int]], seen: list[int], ctl: int,
+                   timeout_ns: int) -> Optional[list[bool]]:
+        """Sleeps (one futex_waitv, the GIL released) until one of the (agent,
+        kind) words is not what ``seen`` says or the control word moved past
+        ``ctl``: which moved, or None when timeout_ns ran out."""
+        return _core.wait_words(self._h(create=True), [agent_bytes(a) for a, _ in words], [k for _, k in words],
+                                seen, ctl, timeout_ns)
 
     def clear(self, agent: str) -> int:
         a = agent_bytes(agent)

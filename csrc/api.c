@@ -276,3 +276,51 @@ int cfn_flow_get(cfn_bus *bus, const char *agent, cfn_flow_info *out, cfn_err *e
     cfn_leave(bus);
     return rc;
 }
+
+int64_t cfn_arrivals(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t v = cfn_arrivals_in(bus, agent, err);
+    cfn_leave(bus);
+    return v;
+}
+
+int cfn_wait_arrival(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int rc = cfn_wait_arrival_in(bus, agent, seen, timeout_ns, err);
+    cfn_leave(bus);
+    return rc;
+}
+
+int64_t cfn_word(cfn_bus *bus, const char *agent, int kind, cfn_err *err)
+{
+    CHECK_AGENT(agent, err);
+    ENTER(bus, err);
+    int64_t v = cfn_word_in(bus, agent, kind, err);
+    cfn_leave(bus);
+    return v;
+}
+
+uint32_t cfn_wait_ctl(cfn_bus *bus)
+{
+    return atomic_load_explicit(&bus->wait_ctl, memory_order_acquire);
+}
+
+/* The handle's own word, never freed before the handle: no need to enter it. */
+void cfn_wait_interrupt(cfn_bus *bus)
+{
+    atomic_fetch_add_explicit(&bus->wait_ctl, 1, memory_order_release);
+    cfn_futex_wake_private(&bus->wait_ctl);
+}
+
+int cfn_wait_words(cfn_bus *bus, const char *names, size_t names_len, const int32_t *kinds, const uint32_t *seen,
+                   int32_t n, uint32_t ctl_seen, int64_t timeout_ns, uint8_t *changed, cfn_err *err)
+{
+    ENTER(bus, err);
+    int rc = cfn_wait_words_in(bus, names, names_len, kinds, seen, n, ctl_seen, timeout_ns, changed, err);
+    cfn_leave(bus);
+    return rc;
+}

@@ -321,6 +321,28 @@ int64_t cfn_slots_snapshot(cfn_bus *bus, cfn_slot_info *out, int64_t cap);
 int64_t cfn_slots_sweep(cfn_bus *bus, cfn_err *err);
 
 /* --- receiving ---------------------------------------------------------- */
+/* Waiting for a message without polling: read cfn_arrivals before looking in
+ * the inbox, and if it was empty, cfn_wait_arrival with what it said: it
+ * returns 0 at once if a message arrived since (every delivery, and every
+ * claim put back, moves it), else when one does, CFN_E_TIMEOUT after
+ * timeout_ns (< 0: none), -EINTR when the probe says stop. */
+int64_t cfn_arrivals(cfn_bus *bus, const char *agent, cfn_err *err);
+int cfn_wait_arrival(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err);
+
+/* --- waiting from an event loop (cfn_fast.aio) ----------------------------
+ * One thread waits for many inboxes at once, on their words: ROOM moves when
+ * a consumer frees a place, ARRIVAL when a message arrives. cfn_word reads
+ * one (before the attempt that failed); cfn_wait_words sleeps (futex_waitv:
+ * one system call for up to 127 words, and the handle's control word, which
+ * cfn_wait_interrupt moves when the set to wait on changed) until one of them
+ * is not what seen says, or timeout_ns (< 0: none). changed[i] says which;
+ * returns how many, CFN_E_TIMEOUT, or -EINTR. */
+enum { CFN_WORD_ROOM = 0, CFN_WORD_ARRIVAL = 1, CFN_WAIT_WORDS_MAX = 127 };
+int64_t cfn_word(cfn_bus *bus, const char *agent, int kind, cfn_err *err);
+uint32_t cfn_wait_ctl(cfn_bus *bus);
+void cfn_wait_interrupt(cfn_bus *bus);
+int cfn_wait_words(cfn_bus *bus, const char *names, size_t names_len, const int32_t *kinds, const uint32_t *seen,
+                   int32_t n, uint32_t ctl_seen, int64_t timeout_ns, uint8_t *changed, cfn_err *err);
 int cfn_read_messages(cfn_bus *bus, const char *agent, int mode, int64_t max,
                       int64_t max_bytes, cfn_blob *out, cfn_err *err);
 /* `names` is NUL-terminated file names back to back (a name may also be a

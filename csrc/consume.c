@@ -649,6 +649,7 @@ int64_t cfn_put_back_in(cfn_bus *bus, const char *agent, const char *names, size
                 e->list_next = e->list_n;  /* read the inbox again: they are back in it */
                 e->hlist_next = e->hlist_n;
                 pthread_mutex_unlock(&e->list_mu);
+                cfn_arrived(s);
             }
         }
         cfn_gate_release(e);

@@ -10,7 +10,12 @@
  */
 #include "internal.h"
 
+#include <inttypes.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define NS_PER_S 1000000000LL
 #define DRAIN_SHIFT 40
@@ -40,6 +45,190 @@ void cfn_flow_clear(struct cfn_slot *s)
     for (int i = 0; i < CFN_TOP_SENDERS; i++)
         atomic_store(&s->senders[i], 0);
     atomic_store(&s->senders_window, 0);
+    atomic_store(&s->arrive_waiters, 0);
+}
+
+/* ---- arrivals ----------------------------------------------------------------- */
+
+/* A message arrived (a delivery, a claim put back): consumers waiting for one
+ * wake. The fetch-add is always paid; the system call only when one waits. */
+void cfn_arrived(struct cfn_slot *s)
+{
+    atomic_fetch_add_explicit(&s->arrive_seq, 1, memory_order_release);
+    if (atomic_load_explicit(&s->arrive_waiters, memory_order_acquire) > 0)
+        cfn_futex_wake(&s->arrive_seq, INT32_MAX);
+}
+
+int64_t cfn_arrivals_in(cfn_bus *bus, const char *agent, cfn_err *err)
+{
+    struct cfn_ent *e;
+    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = cfn_ent_slot(bus, e, err);
+    int64_t v = s ? (int64_t)atomic_load_explicit(&s->arrive_seq, memory_order_acquire)
+                  : (err ? err->code : CFN_E_NOSLOT);
+    cfn_ent_put(bus, e);
+    return v;
+}
+
+int cfn_wait_arrival_in(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err)
+{
+    struct cfn_ent *e;
+    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = cfn_ent_slot(bus, e, err);
+    if (!s) {
+        cfn_ent_put(bus, e);
+        return err ? err->code : CFN_E_NOSLOT;
+    }
+    int64_t start = cfn_mono_ns(), probed = start;
+    struct stat st0, st;
+    bool watch = fstat(e->inboxfd, &st0) == 0;
+    atomic_fetch_add(&s->arrive_waiters, 1);
+    for (;;) {
+        /* rc 0: something arrived; or (one fstat a slice) the folder changed: a bash
+         * sender, who bumps no futex, wrote a file (or something else moved: the caller looks) */
+        if (atomic_load_explicit(&s->arrive_seq, memory_order_acquire) != seen)
+            break;
+        if (watch && fstat(e->inboxfd, &st) == 0 &&
+            (st.st_size != st0.st_size || st.st_mtim.tv_sec != st0.st_mtim.tv_sec ||
+             st.st_mtim.tv_nsec != st0.st_mtim.tv_nsec))
+            break;
+        int64_t left = timeout_ns < 0 ? INT64_MAX : timeout_ns - (cfn_mono_ns() - start);
+        if (left <= 0) {
+            rc = cfn_fail(err, CFN_E_TIMEOUT, "no message arrived in the inbox of '%s' within %" PRId64 " ms",
+                          agent, timeout_ns / 1000000);
+            break;
+        }
+        int wr = cfn_futex_wait(&s->arrive_seq, seen, left < 50000000LL ? left : 50000000LL);
+        if (wr == -EINTR || cfn_probe_says_stop(bus, &probed)) {
+            rc = cfn_fail(err, -EINTR, "interrupted while waiting for a message in the inbox of '%s'", agent);
+            break;
+        }
+        if (cfn_closing(bus)) {
+            rc = cfn_fail(err, CFN_E_CLOSED, "the bus was closed while waiting for a message");
+            break;
+        }
+    }
+    atomic_fetch_sub(&s->arrive_waiters, 1);
+    cfn_ent_put(bus, e);
+    return rc;
+}
+
+/* ---- many words at once: the event loop's waiter (cfn_fast.aio) ----------------- */
+
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449  /* the same number on every architecture that has it */
+#endif
+#define WAITV_U32 0x02       /* FUTEX2_SIZE_U32 */
+#define WAITV_PRIVATE 128    /* FUTEX2_PRIVATE: the control word lives in this process only */
+
+struct cfn_waitv {           /* struct futex_waitv, spelled out for headers older than 5.16 */
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+static _Atomic uint32_t *word_of(struct cfn_slot *s, int kind)
+{
+    return kind == CFN_WORD_ARRIVAL ? &s->arrive_seq : &s->wake_seq;
+}
+
+int64_t cfn_word_in(cfn_bus *bus, const char *agent, int kind, cfn_err *err)
+{
+    if (kind != CFN_WORD_ROOM && kind != CFN_WORD_ARRIVAL)
+        return cfn_fail(err, CFN_E_BADARG, "unknown word %d", kind);
+    struct cfn_ent *e;
+    int rc = cfn_ent_get(bus, agent, true, &e, err);
+    if (rc)
+        return rc;
+    struct cfn_slot *s = cfn_ent_slot(bus, e, err);
+    int64_t v = s ? (int64_t)atomic_load_explicit(word_of(s, kind), memory_order_acquire)
+                  : (err ? err->code : CFN_E_NOSLOT);
+    cfn_ent_put(bus, e);
+    return v;
+}
+
+int cfn_wait_words_in(cfn_bus *bus, const char *names, size_t names_len, const int32_t *kinds, const uint32_t *seen,
+                      int32_t n, uint32_t ctl_seen, int64_t timeout_ns, uint8_t *changed, cfn_err *err)
+{
+    if (n < 0 || n > CFN_WAIT_WORDS_MAX)
+        return cfn_fail(err, CFN_E_BADARG, "1 to %d words at once, not %d", CFN_WAIT_WORDS_MAX, (int)n);
+    struct cfn_ent *ents[CFN_WAIT_WORDS_MAX];
+    struct cfn_slot *slots[CFN_WAIT_WORDS_MAX];
+    uint32_t epochs[CFN_WAIT_WORDS_MAX];
+    struct cfn_waitv w[CFN_WAIT_WORDS_MAX + 1];
+    int rc = 0, got = 0;
+    size_t at = 0;
+    for (; got < n; got++) {
+        const char *name = names + at;
+        size_t len = at < names_len ? strnlen(name, names_len - at) : 0;
+        at += len + 1;
+        if (len == 0 || len > CFN_AGENT_MAX || (rc = cfn_check_agent(name, err)) != 0 ||
+            (rc = cfn_ent_get(bus, name, true, &ents[got], err)) != 0) {
+            rc = rc ? rc : cfn_fail(err, CFN_E_BADARG, "%d agent ids for %d words", got, (int)n);
+            break;
+        }
+        if (!(slots[got] = cfn_ent_slot(bus, ents[got], err))) {
+            rc = err ? err->code : CFN_E_NOSLOT;
+            cfn_ent_put(bus, ents[got]);
+            break;
+        }
+    }
+    if (rc) {
+        while (got-- > 0)
+            cfn_ent_put(bus, ents[got]);
+        return rc;
+    }
+    for (int i = 0; i < n; i++) {
+        /* counted, so the wake a consumer or sender gives only when someone waits comes */
+        if (kinds[i] == CFN_WORD_ARRIVAL)
+            atomic_fetch_add(&slots[i]->arrive_waiters, 1);
+        else
+            epochs[i] = cfn_waiter_enter(slots[i]);
+        w[i] = (struct cfn_waitv){.val = seen[i], .uaddr = (uint64_t)(uintptr_t)word_of(slots[i], kinds[i]),
+                                  .flags = WAITV_U32};
+    }
+    w[n] = (struct cfn_waitv){.val = ctl_seen, .uaddr = (uint64_t)(uintptr_t)&bus->wait_ctl,
+                              .flags = WAITV_U32 | WAITV_PRIVATE};
+    struct timespec until;
+    int64_t end = cfn_add_sat(cfn_mono_ns(), timeout_ns);
+    until.tv_sec = end / 1000000000LL;
+    until.tv_nsec = end % 1000000000LL;
+    long r = syscall(SYS_futex_waitv, w, (unsigned)(n + 1), 0, timeout_ns >= 0 ? &until : NULL, CLOCK_MONOTONIC);
+    if (r < 0 && errno == ENOSYS) {
+        /* a kernel before 5.16: the first word (or the control word), in 10 ms slices */
+        int64_t slice = timeout_ns >= 0 && timeout_ns < 10000000LL ? timeout_ns : 10000000LL;
+        r = n > 0 ? cfn_futex_wait(word_of(slots[0], kinds[0]), seen[0], slice)
+                  : cfn_futex_wait(&bus->wait_ctl, ctl_seen, slice);
+        errno = r == -EINTR ? EINTR : r == -ETIMEDOUT ? ETIMEDOUT : 0;
+        r = r == 0 ? 0 : -1;
+    }
+    int e = r < 0 ? errno : 0;
+    int moved = 0;
+    for (int i = 0; i < n; i++) {
+        changed[i] = atomic_load_explicit(word_of(slots[i], kinds[i]), memory_order_acquire) != seen[i];
+        moved += changed[i];
+        if (kinds[i] == CFN_WORD_ARRIVAL)
+            atomic_fetch_sub(&slots[i]->arrive_waiters, 1);
+        else
+            cfn_waiter_leave(slots[i], epochs[i]);
+        cfn_ent_put(bus, ents[i]);
+    }
+    if (moved || atomic_load(&bus->wait_ctl) != ctl_seen)
+        return moved;
+    if (e == EINTR)
+        return cfn_fail(err, -EINTR, "interrupted while waiting for %d inboxes", (int)n);
+    if (e == ETIMEDOUT || (r < 0 && e == 0))
+        return CFN_E_TIMEOUT;
+    if (r < 0 && e != EAGAIN) {
+        errno = e;
+        return cfn_fail_sys(err, "futex_waitv on %d inboxes", (int)n);
+    }
+    return 0;
 }
 
 /* ---- drain rate --------------------------------------------------------------- */

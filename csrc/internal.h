@@ -87,7 +87,11 @@ struct cfn_slot {
      * one cache line), each key:40 | count:24, counts halved every window */
     _Atomic uint64_t senders[CFN_TOP_SENDERS];
     _Atomic uint64_t senders_window;  /* the window the counts are of */
-    _Atomic int64_t flow_reserved2[7];
+    /* arrivals: consumers waiting for a message sleep on this word, which
+     * every delivery (and claim put back) bumps */
+    _Atomic uint32_t arrive_seq;
+    _Atomic uint32_t arrive_waiters;  /* consumers asleep on it: a sender wakes them only then */
+    _Atomic int64_t flow_reserved2[6];
 };
 _Static_assert(sizeof(struct cfn_slot) == CFN_SLOT_SIZE, "slot layout");
 _Static_assert(offsetof(struct cfn_slot, senders) % 64 == 0, "the top senders share one cache line");
@@ -210,6 +214,7 @@ struct cfn_bus {
     int64_t lock_timeout_ms;        /* longest wait for a lock another process holds */
     cfn_probe_fn probe;             /* asked while waiting whether to give up (Python's signals) */
     cfn_flow_opts flow;             /* this handle's consumer settings */
+    _Atomic uint32_t wait_ctl;      /* private futex word: cfn_wait_interrupt moves it */
     /* this handle's consumer identity: claims live in <agent>/.claims/<consumer_id>/
      * and are its own while it holds <base>/.consumers/<consumer_id>.lock */
     pthread_mutex_t consumer_mu;
@@ -275,6 +280,7 @@ int cfn_futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns
 void cfn_futex_wake(_Atomic uint32_t *addr, int n);
 int cfn_futex_wait_bits(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns, uint32_t bits);
 void cfn_futex_wake_bits(_Atomic uint32_t *addr, uint32_t bits);
+void cfn_futex_wake_private(_Atomic uint32_t *addr);
 int cfn_write_all(int fd, const char *buf, size_t len);
 void cfn_lock_holder(int fd, char *out, size_t cap);
 int cfn_flock_until(cfn_bus *bus, int fd, int op, int64_t deadline, cfn_err *err, const char *what, ...)
@@ -310,6 +316,12 @@ int cfn_region_cooldown_try(struct cfn_region *r, const char *key, size_t key_le
 
 /* flow.c: flow control in the slot */
 void cfn_flow_clear(struct cfn_slot *s);
+void cfn_arrived(struct cfn_slot *s);
+int64_t cfn_arrivals_in(cfn_bus *bus, const char *agent, cfn_err *err);
+int cfn_wait_arrival_in(cfn_bus *bus, const char *agent, uint32_t seen, int64_t timeout_ns, cfn_err *err);
+int64_t cfn_word_in(cfn_bus *bus, const char *agent, int kind, cfn_err *err);
+int cfn_wait_words_in(cfn_bus *bus, const char *names, size_t names_len, const int32_t *kinds, const uint32_t *seen,
+                      int32_t n, uint32_t ctl_seen, int64_t timeout_ns, uint8_t *changed, cfn_err *err);
 void cfn_drain_add(struct cfn_slot *s, int64_t n, int64_t mono_ns);
 int64_t cfn_drain_rate(struct cfn_slot *s, int64_t mono_ns);
 int64_t cfn_eta_ns(struct cfn_slot *s, int64_t need, int64_t mono_ns);

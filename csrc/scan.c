@@ -278,6 +278,7 @@ int cfn_reconcile_ent(cfn_bus *bus, struct cfn_ent *e, int force, int64_t seen_g
         cc.files += c.recovered;
         if (c.recovered) {
             changed = true;
+            cfn_arrived(s);  /* a dead consumer's claims are back: waiting consumers look */
             atomic_store(&s->scan_ino, -1);  /* the folder changed under our feet: read it next time */
             cfn_region_counter_add(cfn_reg(bus), CFN_CTR_RECOVERED, c.recovered);
         }

@@ -562,6 +562,7 @@ static int try_send(cfn_bus *bus, struct cfn_ent *ef, struct cfn_ent *et, const 
         atomic_fetch_add_explicit(&s->high_sent, 1, memory_order_release);
     cfn_senders_add(s, ef->sender_key, cfn_mono_ns());
     cfn_gate_release(et);
+    cfn_arrived(s);  /* after the link: a woken consumer finds it */
     return 0;
 }
 

@@ -175,6 +175,11 @@ int cfn_futex_wait_bits(_Atomic uint32_t *addr, uint32_t expected, int64_t timeo
     return errno == EINTR ? -EINTR : -ETIMEDOUT;
 }
 
+void cfn_futex_wake_private(_Atomic uint32_t *addr)
+{
+    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+
 void cfn_futex_wake_bits(_Atomic uint32_t *addr, uint32_t bits)
 {
     (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_BITSET, INT32_MAX, NULL, NULL, bits);

@@ -106,7 +106,7 @@ def mode_of(path: Path) -> int:
 
 
 # --- a real monitor ----------------------------------------------------------------------------
-def test_a_real_monitors_pid_file_is_honoured_and_the_monitor_stops(base, procs, capsys):
+def test_a_real_monitors_pid_file_is_honoured_and_the_monitor_stops(base, procs, caplog):
     p = start_monitor(base)
     procs.append(p)
     pidfile = base / ".monitors" / f"overflow-{p.pid}.pid"
@@ -118,11 +118,11 @@ def test_a_real_monitors_pid_file_is_honoured_and_the_monitor_stops(base, procs,
     assert cfn_fast.cleanup_rate_limiting() == 1
     assert p.wait(timeout=10) == 0  # SIGTERM: it finished its pass and exited cleanly
     assert not pidfile.exists()
-    assert "refused" not in capsys.readouterr().err
+    assert "refused" not in caplog.text
 
 
 # --- forged pid files ------------------------------------------------------------------------------
-def test_a_pid_file_rewritten_to_name_a_live_unrelated_process_is_not_signalled(base, procs, sleeper, capsys):
+def test_a_pid_file_rewritten_to_name_a_live_unrelated_process_is_not_signalled(base, procs, sleeper, caplog):
     """The monitor's own file, rewritten in place to the sleeper's pid and real
     start time: owner, mode and start time all pass; only the command line
     the monitor recorded gives the forgery away."""
@@ -137,7 +137,7 @@ def test_a_pid_file_rewritten_to_name_a_live_unrelated_process_is_not_signalled(
     assert cfn_fast.cleanup_rate_limiting() == 0
     assert still_running(sleeper)
     assert not pidfile.exists()
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"refused pid file {pidfile}" in err and "command line" in err
     # the monitor finds its pid file gone and stops by itself, unsignalled
     assert monitor.wait(timeout=10) == 0
@@ -150,7 +150,7 @@ def test_a_pid_file_rewritten_to_name_a_live_unrelated_process_is_not_signalled(
     pytest.param("another-uid", id="owned by uid 65534", marks=needs_root),
     pytest.param("symlink", id="a symlink to a sound file"),
 ])
-def test_a_pid_file_that_fails_the_file_checks_is_refused(base, workdir, sleeper, capsys, tamper):
+def test_a_pid_file_that_fails_the_file_checks_is_refused(base, workdir, sleeper, caplog, tamper):
     """Each file holds a perfect record of the sleeper (its pid, start time and
     command line), so only the file checks stand between it and a SIGTERM;
     the control shows the record alone would get it signalled."""
@@ -170,7 +170,7 @@ def test_a_pid_file_that_fails_the_file_checks_is_refused(base, workdir, sleeper
 
     listed = monitors.list_monitors()
     stopped = cfn_fast.cleanup_rate_limiting(timeout=10)
-    err = capsys.readouterr().err
+    err = caplog.text
     if tamper == "none":
         assert [m["pid"] for m in listed] == [sleeper.pid] and stopped == 1
         assert sleeper.wait(timeout=10) == -signal.SIGTERM

@@ -16,13 +16,13 @@ HEADER = PKG.parent / "csrc" / "cfn_fast.h"
 # Lower layers never import higher ones. A new module gets a place here.
 LAYERS: dict[str, float] = {
     "errors": 0,
-    "config": 1, "output": 1, "extras": 1,
+    "config": 1, "output": 1, "extras": 1, "logs": 1,
     "_native": 2, "_core": 3, "redis_scripts": 3,
     "storage": 4, "redis_storage": 4,
     "codec": 5, "fields": 5,
     "metrics": 6, "alerts": 6, "checks": 6.5,
     "bus": 7,
-    "defaults": 8, "__init__": 8,
+    "defaults": 8, "__init__": 8, "aio": 8,
     "lifecycle": 9,
     "ratelimit": 10, "overflow": 10,
     "telemetry": 11, "monitors": 11, "snapshot": 11,

@@ -160,15 +160,17 @@ def test_eight_processes_append_at_once_and_no_line_is_torn_or_lost(bus):
 
 
 # --- alerts --------------------------------------------------------------------
-def test_alert_line_format_and_stderr(bus, capsys):
+def test_alert_line_format_and_log_record(bus, caplog, capsys):
     assert cfn_fast.emit_alert("disk_low", "Only 5% left", "warning", {"agent": "bob", "free": 5}) is True
     (rec,) = lines(alerts_file())
     assert list(rec) == ["timestamp", "alert", "message", "severity", "metadata"]
     assert STAMP.match(rec["timestamp"])
     assert rec["alert"] == "disk_low" and rec["message"] == "Only 5% left" and rec["severity"] == "warning"
     assert rec["metadata"] == {"agent": "bob", "free": 5}
-    err = capsys.readouterr().err
-    assert "[warning] disk_low: Only 5% left" in err and "\033[" not in err  # not a terminal: no colour codes
+    (logged,) = [r for r in caplog.records if r.name == "cfn_fast.alerts"]  # logged, not printed
+    assert logged.levelname == "WARNING" and logged.getMessage().endswith("[warning] disk_low: Only 5% left")
+    assert logged.alert == "disk_low" and logged.metadata == {"agent": "bob", "free": 5}
+    assert capsys.readouterr().err == ""  # a library does not print
 
 
 def test_alert_defaults_and_validation(bus):
@@ -330,7 +332,24 @@ def test_cooldown_table_reuses_expired_entries(bus) -> None:
     assert _core.cooldown_try(h, b"new", now + 1, hour) is False
 
 
-def test_the_alert_line_on_stderr_is_the_originals(bus, capsys, monkeypatch):
+@pytest.fixture
+def cli_stderr():
+    """The command line's stderr handler on the cfn_fast logger, as `cfn-fast` installs it."""
+    import logging
+
+    from cfn_fast import logs
+
+    handler = logs.stderr_handler()
+    logger = logging.getLogger("cfn_fast")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_the_alert_line_on_stderr_is_the_originals(bus, capsys, cli_stderr, monkeypatch):
     """[ALERT <iso>] [<severity>] <type>: <message>, coloured as the original only on a terminal."""
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
@@ -343,3 +362,12 @@ def test_the_alert_line_on_stderr_is_the_originals(bus, capsys, monkeypatch):
         telemetry.emit_alert(f"t_{severity}", "m", severity, {"agent": "y"}, bus=bus)
         err = capsys.readouterr().err
         assert err.startswith(colour + "[ALERT ") and err.endswith("\033[0m\n")
+
+
+def test_the_command_line_prints_the_alerts_the_library_logs(bus) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cfn_fast", "alerts", "emit", "probe", "hello", "info"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and re.fullmatch(r"\[ALERT [^\]]+\] \[info\] probe: hello\n", r.stderr), r.stderr
