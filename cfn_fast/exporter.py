@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
 
 from cfn_fast import snapshot  # noqa: E402
-from cfn_fast.errors import CfnOSError, InvalidArgument  # noqa: E402
+from cfn_fast.errors import CfnError, CfnOSError, InvalidArgument  # noqa: E402
 from cfn_fast.ratelimit import TIERS  # noqa: E402
 from cfn_fast.storage import COUNTERS  # noqa: E402
 
@@ -96,7 +96,13 @@ COUNTER_NAMES: dict[str, CounterName] = {
     "metric_write_errors": CounterName("cfn_metric_write_errors", "Metric lines that could not be written."),
     "alert_write_errors": CounterName("cfn_alert_write_errors", "Alert lines that could not be written."),
     "monitors_stopped": CounterName("cfn_monitors_stopped", "Monitors stopped by cleanup."),
+    "circuit_opened": CounterName("cfn_circuits_opened", "Inbox circuits opened (tripped, or a probe failed)."),
+    "circuit_closed": CounterName("cfn_circuits_closed", "Inbox circuits closed again (a probe got through, "
+                                  "or a reset)."),
+    "circuit_rejected": CounterName("cfn_sends_refused_circuit", "Sends refused at once by an open circuit."),
+    "sent_high": CounterName("cfn_messages_sent_high", "High-priority messages delivered (also in sent)."),
 }
+CIRCUIT_STATES = {"closed": 0, "open": 1, "half-open": 2}
 
 
 def counter_name(name: str) -> CounterName:
@@ -155,6 +161,7 @@ class BusCollector:
             util.add_metric([OTHER], size / capacity if capacity else 0.0)
             wait.add_metric([OTHER], t.waiters - sum(i.waiters for i in named))
         yield from (msgs, cap, util, wait)
+        yield from self.flow_families([i.agent for i in named])
         yield GaugeMetricFamily("cfn_inboxes", "Inboxes the shared state tracks.", value=t.inboxes)
         yield GaugeMetricFamily("cfn_inboxes_full", "Inboxes at (or past) their capacity.", value=t.full)
         yield GaugeMetricFamily("cfn_inboxes_high_utilization",
@@ -163,6 +170,30 @@ class BusCollector:
         yield GaugeMetricFamily("cfn_inboxes_uncounted",
                                 "Inboxes not counted since their init (reported as empty until a send, "
                                 "a size read or a monitor pass counts them).", value=t.uncounted)
+
+    def flow_families(self, agents: list[str]) -> Iterator[Metric]:
+        """Flow control of the named inboxes (one read of each through the
+        storage API; the rest are not summed: a state or a limit has no sum)."""
+        helptail = f" The {self.top_agents} fullest inboxes by agent."
+        state = GaugeMetricFamily("cfn_inbox_circuit_state",
+                                  "The inbox's circuit breaker: 0 closed, 1 open, 2 half-open." + helptail,
+                                  labels=["agent"])
+        limit = GaugeMetricFamily("cfn_inbox_effective_limit",
+                                  "Messages senders may put in the inbox now: the adaptive limit while one "
+                                  "holds, else its capacity." + helptail, labels=["agent"])
+        sojourn = GaugeMetricFamily("cfn_inbox_sojourn_seconds",
+                                    "Mean age of the messages consumers took in the last interval measured."
+                                    + helptail, labels=["agent"])
+        store = self.bus.storage
+        for agent in sorted(agents):
+            try:
+                c, f = store.circuit(agent), store.flow(agent)
+            except CfnError:  # removed since the snapshot
+                continue
+            state.add_metric([agent], CIRCUIT_STATES.get(c.state, 0))
+            limit.add_metric([agent], f.limit or f.capacity or self.bus.config.max_inbox_size)
+            sojourn.add_metric([agent], f.sojourn_ms / 1000)
+        yield from (state, limit, sojourn)
 
     def counter_families(self, counters: dict[str, int]) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily] = {}

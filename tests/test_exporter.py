@@ -24,7 +24,7 @@ pytest.importorskip("prometheus_client", reason="the 'prom' extra is not install
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from cfn_fast import exporter, monitors, telemetry  # noqa: E402
+from cfn_fast import BackpressureTimeout, CircuitOpen, exporter, monitors, telemetry  # noqa: E402
 from cfn_fast.storage import COUNTERS  # noqa: E402
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -308,3 +308,30 @@ def test_serve_refuses_a_port_in_use_in_one_line(bus):
     finally:
         server.stop()
 
+
+
+def test_flow_control_is_exported(backend: str, make_bus):
+    """An inbox's circuit, effective limit and sojourn per agent, and the
+    breaker's counters: an open circuit is seen as open by the scrape, on
+    files, one Redis server and a Cluster."""
+    bus = make_bus(max_inbox_size=1, breaker_failures=1, backpressure_wait_ms=1, backpressure_max_retries=1,
+                   backpressure_max_total_ms=10_000)
+    bus.init_message_bus("alice")
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "task", 1)
+    samples, _ = parse(exporter.exposition(bus).decode())
+    assert value(samples, "cfn_inbox_circuit_state", agent="bob") == 0
+    assert value(samples, "cfn_inbox_effective_limit", agent="bob") == 1
+    with pytest.raises(BackpressureTimeout):
+        bus.send_with_backpressure("alice", "bob", "task", 2)  # stays full: trips the breaker
+    with pytest.raises(CircuitOpen):
+        bus.send_message("alice", "bob", "task", 3)
+    samples, _ = parse(exporter.exposition(bus).decode())
+    assert value(samples, "cfn_inbox_circuit_state", agent="bob") == 1
+    assert value(samples, "cfn_inbox_circuit_state", agent="alice") == 0
+    assert value(samples, "cfn_circuits_opened_total") == 1
+    assert value(samples, "cfn_sends_refused_circuit_total") == 1
+    bus.reset_circuit("bob")
+    samples, _ = parse(exporter.exposition(bus).decode())
+    assert value(samples, "cfn_inbox_circuit_state", agent="bob") == 0
+    assert value(samples, "cfn_circuits_closed_total") == 1
