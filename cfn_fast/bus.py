@@ -321,14 +321,7 @@ class MessageBus:
 
     def ack_messages(self, agent_id: str, msg_ids: Iterable[Union[str, Message]]) -> int:
         """Deletes claimed messages for good (ids, or the dicts claim returned); returns how many."""
-        storage.check_agent(agent_id)
-        names = []
-        for m in msg_ids:
-            mid = m.get("msg_id") if isinstance(m, dict) else m
-            if not isinstance(mid, str) or not mid or "/" in mid or "\0" in mid:
-                raise InvalidArgument(f"not a message id: {mid!r}")
-            name = self._claimed_names.pop(mid, None)
-            names.append(name if name is not None else mid.encode("utf-8", "surrogateescape"))
+        names = self._claimed_files(agent_id, msg_ids, "")
         if not names:
             return 0
         taken, failure = self.storage.take(agent_id, storage.FROM_CLAIMS, names)
@@ -340,6 +333,13 @@ class MessageBus:
         """Releases claimed messages back to the inbox, unprocessed (ids, or the
         dicts claim returned): the next consumer gets them, in their place in
         the inbox's order, and waiting consumers wake. Returns how many."""
+        names = self._claimed_files(agent_id, msg_ids, ".json")
+        return self.storage.put_back(agent_id, names) if names else 0
+
+    def _claimed_files(self, agent_id: str, msg_ids: Iterable[Union[str, Message]], suffix: str) -> list[bytes]:
+        """The claim folder's file names of messages given by id or by the
+        dict claim returned: the name claim saw when it differs from the id's
+        (a bash writer's), else the id with ``suffix``."""
         storage.check_agent(agent_id)
         names = []
         for m in msg_ids:
@@ -347,8 +347,8 @@ class MessageBus:
             if not isinstance(mid, str) or not mid or "/" in mid or "\0" in mid:
                 raise InvalidArgument(f"not a message id: {mid!r}")
             name = self._claimed_names.pop(mid, None)
-            names.append(name if name is not None else (mid + ".json").encode("utf-8", "surrogateescape"))
-        return self.storage.put_back(agent_id, names) if names else 0
+            names.append(name if name is not None else (mid + suffix).encode("utf-8", "surrogateescape"))
+        return names
 
     release_messages = nack_messages
 
