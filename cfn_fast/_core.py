@@ -387,6 +387,8 @@ def wait_words(h: Handle, agents: list[bytes], kinds: list[int], seen: list[int]
                             err)
     if rc == lib.CFN_E_TIMEOUT:
         return None
+    if rc == _EINTR:
+        return [False] * n  # a signal this thread caught (Python runs handlers in the main thread): wait again
     if rc < 0:
         raise_for(rc, err)
     return [bool(c) for c in ffi.unpack(changed, n)] if n else []

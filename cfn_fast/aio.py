@@ -44,6 +44,7 @@ class _Waiter:
 
     def __init__(self, store: FileStorage, loop: asyncio.AbstractEventLoop) -> None:
         self._store, self._loop = store, loop
+        self.loop = loop
         self._lock = threading.Lock()
         self._queues: dict[_Key, deque[asyncio.Future[bool]]] = {}
         self._seen: dict[_Key, int] = {}
@@ -180,9 +181,12 @@ class AsyncMessageBus:
         store = self.bus.storage
         if not isinstance(store, FileStorage):
             return None
+        loop = asyncio.get_running_loop()
         if self._waiter is None:
             store.create()
-            self._waiter = _Waiter(store, asyncio.get_running_loop())
+            self._waiter = _Waiter(store, loop)
+        elif self._waiter.loop is not loop:
+            raise RuntimeError("an AsyncMessageBus serves the event loop it first waited in; make one per loop")
         return self._waiter
 
     async def _in_pool(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -310,7 +314,12 @@ class AsyncMessageBus:
         turn = False
         while True:
             seen = waiter.word(key)
-            msgs = self.bus.consume_messages(agent_id, max)
+            try:
+                msgs = self.bus.consume_messages(agent_id, max)
+            except BaseException:
+                if turn:
+                    waiter.fire(key)  # this call ends without using its turn: the next gets it
+                raise
             if msgs:
                 waiter.fire(key)  # more may be there for the next consumer waiting
                 return msgs

@@ -156,7 +156,7 @@ int cfn_wait_words_in(cfn_bus *bus, const char *names, size_t names_len, const i
                       int32_t n, uint32_t ctl_seen, int64_t timeout_ns, uint8_t *changed, cfn_err *err)
 {
     if (n < 0 || n > CFN_WAIT_WORDS_MAX)
-        return cfn_fail(err, CFN_E_BADARG, "1 to %d words at once, not %d", CFN_WAIT_WORDS_MAX, (int)n);
+        return cfn_fail(err, CFN_E_BADARG, "0 to %d words at once, not %d", CFN_WAIT_WORDS_MAX, (int)n);
     struct cfn_ent *ents[CFN_WAIT_WORDS_MAX];
     struct cfn_slot *slots[CFN_WAIT_WORDS_MAX];
     uint32_t epochs[CFN_WAIT_WORDS_MAX];

@@ -191,3 +191,17 @@ def test_a_send_cancelled_as_its_turn_comes_hands_the_turn_on(make_bus) -> None:
 
     assert asyncio.run(main()) < 0.5
     assert sync.flow_status("sink").waiting == 0
+
+
+def test_a_bus_serves_one_loop(make_bus) -> None:
+    """Its waiter thread resolves futures of the loop it first waited in: another loop is refused, not left hanging."""
+    make_bus().init_message_bus("sink")
+    bus = AsyncMessageBus(config=Config.from_env())
+
+    async def wait_a_little() -> list:
+        return await bus.consume("sink", timeout=0.05)
+
+    assert asyncio.run(wait_a_little()) == []
+    with pytest.raises(RuntimeError, match="one per loop"):
+        asyncio.run(wait_a_little())
+    asyncio.run(bus.close())
