@@ -3,16 +3,18 @@ and files a bash agent removes are seen by every capacity check, not only
 by a send that happens to find the inbox full."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 import bash_original as orig
 import cfn_fast
-from cfn_fast import InboxFull, MessageBus
+from cfn_fast import Config, InboxFull, MessageBus
 
 
 def test_bash_messages_written_since_the_last_scan_count_before_any_place_is_given(make_bus, base: Path) -> None:
@@ -104,3 +106,42 @@ def test_bash_and_cfn_fast_senders_on_one_pair_never_repeat_a_sequence(make_bus,
     assert mine == sorted(mine)
     theirs = [m["sequence"] for m in messages if m["msg_id"] not in set(ours)]
     assert len(theirs) == 150 and theirs == sorted(theirs)
+
+
+def _cfn_sends(base: str, n: int, go: "mp.synchronize.Event") -> None:
+    bus = MessageBus(config=Config.from_env(base_dir=base, max_inbox_size=100_000))
+    go.wait(30)
+    for i in range(n):
+        bus.send_message("alice", "bob", "task", {"cfn": i})
+        time.sleep(0.005)  # spread over the bash sender's run
+
+
+def test_bash_and_cfn_fast_senders_of_one_pair_never_share_a_sequence(make_bus, base: Path) -> None:
+    """Issue 15's promise about the sequence kept in blocks: a bash sender and
+    two cfn-fast processes sending alice -> bob at the same time never produce
+    the same (timestamp, sequence), nor the same sequence at all, and each
+    sender's own messages keep their order."""
+    bus = make_bus(max_inbox_size=100_000)
+    bus.init_message_bus("alice")
+    bus.init_message_bus("bob")
+    ctx = mp.get_context("fork")
+    go = ctx.Event()
+    cfn = [ctx.Process(target=_cfn_sends, args=(str(base), 300, go)) for _ in range(2)]
+    for p in cfn:
+        p.start()
+    go.set()
+    bash_ids = orig.send_many(base, "alice", "bob", 150)  # meanwhile, in one bash process
+    for p in cfn:
+        p.join(120)
+        assert p.exitcode == 0
+    msgs = bus.receive_messages("bob")
+    assert len(msgs) == 600 + 150 and len(bash_ids) == 150
+    keys = [(m["timestamp"], m["sequence"]) for m in msgs]
+    assert len(set(keys)) == len(keys)
+    assert len({m["sequence"] for m in msgs}) == len(msgs)
+    bash = sorted((m["payload"]["n"], m["sequence"]) for m in msgs if "n" in m["payload"])
+    bash_seqs = [seq for _, seq in bash]  # in sending order
+    assert len(bash_seqs) == 150 and bash_seqs == sorted(bash_seqs)
+    cfn_seqs = [m["sequence"] for m in msgs if isinstance(m["payload"], dict) and "cfn" in m["payload"]]
+    assert len(cfn_seqs) == 600
+    assert min(bash_seqs) < max(cfn_seqs) and min(cfn_seqs) < max(bash_seqs)  # they did run together
