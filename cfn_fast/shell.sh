@@ -70,19 +70,33 @@ _cfn_fast_export() {
 # settings are exported as locals of this function (gone, and the caller's
 # variables as they were, when it returns), not in a subshell: the command is
 # then the function's last, and in `$(...)` bash execs it in the substitution's
-# own process, so a call costs one fork, as `$(/bin/true)` does. A readonly
-# setting cannot be made local; then a subshell exports them all, as before.
+# own process, so a call costs one fork, as `$(/bin/true)` does. From bash 5.0
+# a `local` can start with the value of the variable it shadows (shopt
+# localvar_inherit, set for that one builtin): one `local -x` of every
+# setting's name then exports the set ones (an unset one stays unset, out of
+# the environment), at half the cost of a loop over them. A readonly setting
+# cannot be made local; then a subshell exports them all, as before.
 _cfn_fast() {
-    local _cfn_name
-    for _cfn_name in "${_CFN_FAST_SETTINGS[@]}"; do
-        if [[ -n "${!_cfn_name+x}" ]]; then
-            if [[ "${!_cfn_name@a}" == *r* ]]; then
-                (_cfn_fast_export && exec "$_CFN_FAST_BIN" "$@")
-                return
+    local _cfn_name _cfn_rc=0 _cfn_was=1
+    if (( BASH_VERSINFO[0] >= 5 )); then
+        shopt -q localvar_inherit || { _cfn_was=; shopt -s localvar_inherit; }
+        local -x "${_CFN_FAST_SETTINGS[@]}" 2>/dev/null || _cfn_rc=$?
+        [[ -n "$_cfn_was" ]] || shopt -u localvar_inherit
+    else
+        for _cfn_name in "${_CFN_FAST_SETTINGS[@]}"; do
+            if [[ -n "${!_cfn_name+x}" ]]; then
+                if [[ "${!_cfn_name@a}" == *r* ]]; then
+                    _cfn_rc=1
+                    break
+                fi
+                local -x "$_cfn_name=${!_cfn_name}"
             fi
-            local -x "$_cfn_name=${!_cfn_name}"
-        fi
-    done
+        done
+    fi
+    if (( _cfn_rc )); then  # a readonly setting
+        (_cfn_fast_export && exec "$_CFN_FAST_BIN" "$@")
+        return
+    fi
     "$_CFN_FAST_BIN" "$@"
 }
 

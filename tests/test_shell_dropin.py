@@ -119,3 +119,25 @@ def test_strict_mode_is_the_originals_in_scripts(shell_env, strict, interactive,
     script = (f'source "{shell_path()}"; '
               'if [[ $- == *e* && $- == *u* ]] && shopt -qo pipefail; then echo on; else echo off; fi')
     assert _options(script, env, *(["-i"] if interactive else [])) == expect
+
+
+@pytest.mark.parametrize("inherit", ["-u", "-s"])
+def test_a_call_hands_over_the_set_settings_only_and_leaves_the_shell_as_it_was(shell_env, workdir, inherit):
+    """One `local -x` of every setting's name (localvar_inherit, bash 5+):
+    the set ones reach the command with their values, an unset one stays out of
+    its environment, and the caller's options and variables are as before; a
+    readonly setting (which cannot be made local) takes the subshell instead."""
+    given = ('_cfn_fast | grep -E "^(MESSAGE_BASE_DIR|MAX_INBOX_SIZE|CFN_FSYNC|CFN_GROUP)=" | sort | tr "\\n" " "; '
+             'echo; ')
+    script = (f'shopt {inherit} localvar_inherit; source "{shell_path()}"; '
+              f'MESSAGE_BASE_DIR="{workdir}/b"; MAX_INBOX_SIZE=7; unset CFN_FSYNC; _CFN_FAST_BIN=env; '
+              + given + 'readonly CFN_GROUP=; ' + given +
+              'shopt -q localvar_inherit && echo inherit-on || echo inherit-off; '
+              'declare -p MAX_INBOX_SIZE; [[ -z "${CFN_FSYNC+x}" ]] && echo fsync-unset')
+    r = subprocess.run(["bash", "-c", script], env=shell_env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    fast, readonly, inherit_state, declared, fsync = r.stdout.strip().splitlines()
+    assert fast.split() == ["MAX_INBOX_SIZE=7", f"MESSAGE_BASE_DIR={workdir}/b"]
+    assert readonly.split() == ["CFN_GROUP=", "MAX_INBOX_SIZE=7", f"MESSAGE_BASE_DIR={workdir}/b"]
+    assert inherit_state == ("inherit-on" if inherit == "-s" else "inherit-off")
+    assert declared == 'declare -- MAX_INBOX_SIZE="7"' and fsync == "fsync-unset"
