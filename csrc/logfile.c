@@ -18,6 +18,8 @@
 #include <unistd.h>
 
 #define LOG_WRITE_FLAGS (O_WRONLY | O_APPEND | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+/* opens of a log file another writer creates and rotates away meanwhile */
+enum { LOG_OPEN_TRIES = 16 };
 #define LOG_READ_FLAGS (O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
 #define ROTATE_WAIT_MS 1000     /* longest wait for another process's rotation */
 #define LOG_CHUNK 65536  /* most bytes per write(2); a chunk ends at a line's end */
@@ -69,13 +71,20 @@ static int check_log(int fd, const char *path, int32_t gid, struct stat *st, cfn
 static int log_open(const char *path, uint32_t mode, int32_t gid, struct stat *st, cfn_err *err)
 {
     bool created = false;
-    int fd = open(path, LOG_WRITE_FLAGS);
-    if (fd < 0 && errno == ENOENT) {
+    int fd = -1;
+    /* open it, or make it; another writer may make it between the two, and
+     * (with METRICS_MAX_BYTES) rotate it away again before this open: retry */
+    for (int tries = 0; tries < LOG_OPEN_TRIES; tries++) {
+        fd = open(path, LOG_WRITE_FLAGS);
+        if (fd >= 0 || errno != ENOENT)
+            break;
         fd = open(path, LOG_WRITE_FLAGS | O_CREAT | O_EXCL, (mode_t)mode);
-        if (fd >= 0)
+        if (fd >= 0) {
             created = true;
-        else if (errno == EEXIST)  /* another writer made it first */
-            fd = open(path, LOG_WRITE_FLAGS);
+            break;
+        }
+        if (errno != EEXIST)
+            break;
     }
     if (fd < 0)
         return open_failed(path, err);
