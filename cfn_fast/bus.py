@@ -155,7 +155,7 @@ class MessageBus:
         returning what happened: msg_id, sequence, timestamp, retries, wakeups,
         waited_ns and outbox_copied. ``last_try`` (aio: the waits were awaited
         elsewhere) makes one try, a full inbox its BackpressureTimeout."""
-        deadline = _deadline(timeout) if timeout is not None else 0
+        deadline = _deadline(timeout)
         high = self._high(priority)
         mtype, data = encode_type(msg_type), self._payload(payload)
         try:
@@ -163,9 +163,13 @@ class MessageBus:
         except CfnError as e:
             self._on_failed_send(from_agent, to_agent, e, backpressure)
             raise
-        if res.circuit:
-            alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
+        self._on_delivered(from_agent, to_agent, res.circuit)
         return res
+
+    def _on_delivered(self, from_agent: str, to_agent: str, circuit: int) -> None:
+        """A delivery that closed the recipient's half-open circuit (circuit 2) says so."""
+        if circuit:
+            alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
 
     def _on_failed_send(self, from_agent: str, to_agent: str, e: CfnError, backpressure: bool) -> None:
         # a locked inbox is not an overflow (the error says who holds it), nor is a caller's short deadline
@@ -219,8 +223,7 @@ class MessageBus:
                 self._on_failed_send(from_agent, to_agent, r, backpressure)
                 out[i] = r
             else:
-                if r.circuit:
-                    alerts.circuit_closed(self.storage, to_agent, f"a probe send from {from_agent} got through")
+                self._on_delivered(from_agent, to_agent, r.circuit)
                 out[i] = r.msg_id
         return out
 

@@ -67,9 +67,14 @@ def send_backpressure(sender: str, recipient: str, type: str, payload: str, prio
 def bus_send(sender: str, recipient: str, type: str, payload: str, priority: Optional[str] = None) -> int:
     with new_bus() as bus:
         msg_id = bus.send_message(sender, recipient, type, payload, priority=priority)
+    sent(sender, recipient, type, msg_id)
+    return EXIT_OK
+
+
+def sent(sender: str, recipient: str, type: str, msg_id: str) -> None:
+    """What `bus send` prints for a message it sent: the id, and the original's log line."""
     out(msg_id)
     log("MESSAGE-BUS", f"Sent message: {sender} -> {recipient} [{type}] ({msg_id})")
-    return EXIT_OK
 
 
 def bus_count(agent: str, box: str) -> int:

@@ -15,10 +15,10 @@ FIELDS = ("where", "rc", "what", "retries", "waited_ns", "locked", "deadline", "
 
 
 def report(args: Sequence[str]) -> int:
-    from cfn_fast import alerts, storage
+    from cfn_fast import handlers, storage
     from cfn_fast.bus import MessageBus
     from cfn_fast.errors import InvalidArgument
-    from cfn_fast.output import EXIT_OK, EXIT_USAGE, fail, log, out
+    from cfn_fast.output import EXIT_OK, fail, out
 
     if len(args) != len(FIELDS):
         return fail(("_native-sent",), InvalidArgument(f"expected {len(FIELDS)} fields ({', '.join(FIELDS)})"))
@@ -28,8 +28,7 @@ def report(args: Sequence[str]) -> int:
         rc, circuit = int(f["rc"]), int(f["circuit"])
         retries, waited, after = int(f["retries"]), int(f["waited_ns"]), int(f["retry_after_ns"])
     except ValueError as e:
-        fail(("_native-sent",), InvalidArgument(str(e)))
-        return EXIT_USAGE
+        return fail(("_native-sent",), InvalidArgument(str(e)))
     backpressure, sender, to = f["backpressure"] == "1", f["from"], f["to"]
     with MessageBus() as bus:
         if rc:
@@ -37,9 +36,9 @@ def report(args: Sequence[str]) -> int:
                                        circuit, after)
             bus._on_failed_send(sender, to, exc, backpressure)
             return fail(path, exc)
-        if circuit:
-            alerts.circuit_closed(bus.storage, to, f"a probe send from {sender} got through")
-    out(f["msg_id"])
-    if not backpressure:
-        log("MESSAGE-BUS", f"Sent message: {sender} -> {to} [{f['type']}] ({f['msg_id']})")
+        bus._on_delivered(sender, to, circuit)
+    if backpressure:
+        out(f["msg_id"])
+    else:
+        handlers.sent(sender, to, f["type"], f["msg_id"])
     return EXIT_OK

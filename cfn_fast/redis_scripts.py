@@ -23,7 +23,29 @@ Times come from the server (TIME), so every host reads one clock.
 """
 from __future__ import annotations
 
-_PRELUDE = r"""
+_PARTS = r"""
+-- Calls f(part) on ids in parts of at most 512 (unpack's limit on arguments).
+local function in_parts(ids, f)
+  for j = 1, #ids, 512 do
+    local part = {}
+    for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
+    f(part)
+  end
+end
+-- Appends the pairs id, body of ids to out (the bodies from the hash kb); returns out.
+local function with_bodies(out, ids, kb)
+  in_parts(ids, function(part)
+    local bodies = redis.call('HMGET', kb, unpack(part))
+    for x = 1, #part do
+      out[#out + 1] = part[x]
+      out[#out + 1] = bodies[x]
+    end
+  end)
+  return out
+end
+"""
+
+_PRELUDE = _PARTS + r"""
 local KI, KQ, KB, KV, KC, KCN, KL, KS, KW, KWD, KR =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local P = string.sub(KI, 1, -2)
@@ -509,35 +531,16 @@ if claim then
   redis.call('ZADD', KL, now + ttl, me)
   sojourn_add(ssum, sn)
 end
-for j = 1, #ids, 512 do
-  local part = {}
-  for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
-  local bodies = redis.call('HMGET', KB, unpack(part))
-  for x = 1, #part do
-    out[#out + 1] = part[x]
-    out[#out + 1] = bodies[x]
-  end
-end
-return out
+return with_bodies(out, ids, KB)
 """
 
 # Every message, oldest first (whatever its priority, as files are listed), nothing changed.
 # -> {count, id, body, ...}; {-1}: no inbox
-PEEK = r"""
+PEEK = _PARTS + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
 table.sort(ids)
-local out = {#ids}
-for j = 1, #ids, 512 do
-  local part = {}
-  for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
-  local bodies = redis.call('HMGET', KEYS[3], unpack(part))
-  for x = 1, #part do
-    out[#out + 1] = part[x]
-    out[#out + 1] = bodies[x]
-  end
-end
-return out
+return with_bodies({#ids}, ids, KEYS[3])
 """
 
 # Deletes messages for good: from the inbox (the ZREM decides which consumer
@@ -648,11 +651,7 @@ return n
 CLEAR = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return -1 end
 local ids = redis.call('ZRANGE', KQ, 0, -1)
-for j = 1, #ids, 512 do
-  local part = {}
-  for x = j, math.min(j + 511, #ids) do part[#part + 1] = ids[x] end
-  redis.call('HDEL', KB, unpack(part))
-end
+in_parts(ids, function(part) redis.call('HDEL', KB, unpack(part)) end)
 redis.call('DEL', KQ, KV)
 dispatch(now_ms(), tonumber(ARGV[1]))
 return #ids
