@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cfn_fast import Config, MessageBus
+from cfn_fast import Config, MessageBus, _core
 from cfn_fast.config import SETTINGS
 from faults import faultshim  # noqa: F401  (the session fixture; see tests/faults/__init__.py)
 from redis_fixtures import _redis_root, backend, redis_cluster, redis_server, redis_url  # noqa: F401  (real Redis)
@@ -70,3 +71,20 @@ def bus(make_bus) -> MessageBus:
     b.init_message_bus("alice")
     b.init_message_bus("bob")
     return b
+
+
+@pytest.fixture
+def one_senders_window() -> None:
+    """Starts the test where the next 4 s lie in one window of the inboxes'
+    top-senders tables, whose counts halve at every window boundary (10 s),
+    on both clocks that place them: the C core's CLOCK_MONOTONIC and a local
+    Redis server's wall clock. A test that compares counts or shares then
+    never sees them halved half-way through its sends. Waits at most ~10 s:
+    of the two gaps between the clocks' boundaries, one is at least 5 s."""
+    window = _core.lib.CFN_SENDERS_HALF_LIFE_MS / 1000
+    need = 4.0
+    for _ in range(4):
+        left = min(window - time.monotonic() % window, window - time.time() % window)
+        if left >= need:
+            return
+        time.sleep(left + 0.02)

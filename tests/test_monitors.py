@@ -244,6 +244,7 @@ def test_monitor_alert_severities_as_the_seed(make_bus, n, expect):
 
 
 @pytest.mark.parametrize("extra", [0, 40])  # per-agent reads, and one slots() call past 32 inboxes
+@pytest.mark.usefixtures("one_senders_window")
 def test_utilization_is_of_the_inboxs_own_capacity_not_the_monitors(make_bus, extra):
     """An inbox made with capacity 4 is full at 4 messages, whatever
     MAX_INBOX_SIZE the monitor runs with: its sends are refused there."""
