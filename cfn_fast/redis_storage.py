@@ -19,6 +19,7 @@ pid files stay local, in MESSAGE_BASE_DIR, per host (a FileStorage on it).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -50,6 +51,7 @@ _INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpr
                    "backpressure_failure", "recovered", "quarantined", "metrics", "circuit_opened",
                    "circuit_closed", "circuit_rejected")
 _TRIM = b" \t\r\n"
+_SHA: dict[str, str] = {}  # script name -> its SHA1, as EVALSHA names it
 _BATCH = 256           # payloads per batch step
 _BATCH_BYTES = 4 << 20  # and at most this much payload per step
 
@@ -140,6 +142,10 @@ class RedisStorage:
             getattr(errors, "RedisClusterException", errors.ConnectionError), OSError)
         self._redis_error: type[BaseException] = errors.RedisError
         self._scripts: dict[str, Any] = {}
+        # this process's own connection for script steps on one server (not a
+        # Cluster): see _run_direct. None until first use; False: none here.
+        self._direct: Any = None
+        self._direct_lock = threading.Lock()
 
     # -- the connection ------------------------------------------------------------
     @property
@@ -174,6 +180,8 @@ class RedisStorage:
             with self._lock:
                 if self._pid != pid:
                     self._client = None
+                    self._direct = None  # the parent's socket is the parent's
+                    self._direct_lock = threading.Lock()
                     self._claims, self._reads, self._outbox = {}, {}, {}
                     self._beat = None
                     self._beat_stop = threading.Event()
@@ -209,9 +217,59 @@ class RedisStorage:
     def _run(self, name: str, keys: list[bytes], args: list[Any]) -> Any:
         """One script, by name, on the slot of keys[0]."""
         c = self._c()
+        if self._direct is not False and self._direct_lock.acquire(blocking=False):
+            try:
+                return self._run_direct(c, name, keys, args)
+            finally:
+                self._direct_lock.release()
+        return self._run_script(c, name, keys, args)
+
+    def _run_direct(self, client: Any, name: str, keys: list[bytes], args: list[Any]) -> Any:
+        """A script step on this process's own connection to a single server:
+        EVALSHA packed, sent and its answer read, with none of the client's
+        per-call work (pool checkout and return, the retry wrapper, the
+        observability hooks): ~50 us of a ~250 us step on loopback. The same
+        rules as the client's path: a connection the server closed (its
+        restart) is remade before the step, never after it (an answer lost
+        mid-step is BackendUnavailable: the step may have run, so it is not
+        sent twice); NOSCRIPT loads the script and sends the step again (it
+        did not run). One thread at a time uses it; another meanwhile takes the
+        client's path."""
+        conn = self._direct
+        if conn is None:
+            if self.target.cluster:
+                self._direct = False
+                return self._run_script(client, name, keys, args)
+            pool = client.connection_pool
+            conn = self._direct = pool.connection_class(**pool.connection_kwargs)
+        sha = _SHA.get(name) or _SHA.setdefault(name, hashlib.sha1(getattr(S, name).encode()).hexdigest())
+        try:
+            if conn._sock is not None:
+                try:
+                    stale = conn.can_read(timeout=0)  # readable now: closed by the server, or a stray answer
+                except self._unavailable:
+                    stale = True  # the read of the close itself raises
+                if stale:
+                    conn.disconnect()  # sent on a fresh one
+            conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args), check_health=False)
+            try:
+                return conn.read_response()
+            except self._redis.exceptions.NoScriptError:
+                conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", getattr(S, name)), check_health=False)
+                conn.read_response()
+                conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args),
+                                         check_health=False)
+                return conn.read_response()
+        except self._redis_error as e:
+            raise self._fail(e) from None
+        except OSError as e:
+            conn.disconnect()
+            raise self._down(e) from None
+
+    def _run_script(self, client: Any, name: str, keys: list[bytes], args: list[Any]) -> Any:
         script = self._scripts.get(name)
         if script is None:
-            script = self._scripts[name] = c.register_script(getattr(S, name))
+            script = self._scripts[name] = client.register_script(getattr(S, name))
         try:
             return script(keys=keys, args=args)
         except self._redis_error as e:
@@ -262,6 +320,9 @@ class RedisStorage:
             self._claims.clear()
         with self._lock:
             c, self._client = self._client, None
+            d, self._direct = self._direct, None
+        if d and self._pid == os.getpid():
+            d.disconnect()
         if c is not None:
             try:
                 c.close()

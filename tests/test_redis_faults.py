@@ -192,6 +192,68 @@ def test_a_full_inbox_on_redis_is_inbox_full_not_a_backend_error(redis_server: S
         bus.send_message("a", "bob", "t", 2)
 
 
+def test_a_connection_the_server_dropped_is_remade_before_the_next_step(redis_server: Server, make_bus) -> None:
+    """Script steps go over the process's own connection (not the client's
+    pool): when the server closes it (CLIENT KILL, an idle timeout), the next
+    send finds out before it sends and goes on a fresh one, with no error."""
+    redis_server.flush()
+    bus = make_bus(bus_url=redis_server.url())
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", 0)
+    admin = redis_server.client()
+    assert admin.client_kill_filter(_type="normal", skipme=True) >= 1  # type: ignore[attr-defined]
+    time.sleep(0.05)
+    bus.send_message("alice", "bob", "t", 1)
+    assert [m["payload"] for m in bus.consume_messages("bob")] == [0, 1]
+
+
+def test_scripts_flushed_from_the_server_are_loaded_again_once(redis_server: Server, make_bus) -> None:
+    """SCRIPT FLUSH (or a restart without persistence) drops the loaded
+    scripts: the next step gets NOSCRIPT, which means it did not run, loads
+    the script and runs it once; nothing is delivered twice."""
+    redis_server.flush()
+    bus = make_bus(bus_url=redis_server.url())
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", 0)
+    admin = redis_server.client()
+    admin.script_flush()  # type: ignore[attr-defined]
+    bus.send_message("alice", "bob", "t", 1)
+    assert bus.get_inbox_size("bob") == 2
+    assert [m["payload"] for m in bus.consume_messages("bob")] == [0, 1]
+
+
+def test_threads_of_one_process_share_the_bus_and_its_capacity(redis_server: Server, make_bus) -> None:
+    """Eight threads send through one bus: one at a time takes the process's
+    own connection, the others the client's pool meanwhile. The capacity holds
+    exactly and every delivered message is there once."""
+    redis_server.flush()
+    bus = make_bus(bus_url=redis_server.url(), max_inbox_size=150)
+    bus.init_message_bus("bob")
+    sent: list[str] = []
+    full = [0]
+    lock = threading.Lock()
+
+    def send(who: int) -> None:
+        for i in range(40):
+            try:
+                mid = bus.send_message(f"s{who}", "bob", "t", i)
+            except InboxFull:
+                with lock:
+                    full[0] += 1
+                continue
+            with lock:
+                sent.append(mid)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(sent) == 150 and full[0] == 8 * 40 - 150
+    got = [m["msg_id"] for m in bus.consume_messages("bob")]
+    assert sorted(got) == sorted(sent) and len(set(got)) == 150
+
+
 def test_a_paused_cluster_master_fails_its_inboxes_calls_in_time_and_the_bus_carries_on(
         redis_cluster: Cluster, make_bus) -> None:
     """On a Cluster, the master holding bob's slot SIGSTOPped for 2 s: sends to
