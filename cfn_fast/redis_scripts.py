@@ -53,12 +53,28 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1]), tonumber(t[2])
 end
+-- The inbox's meta fields a send reads, in one HMGET (DELIVER, DELIVER_MANY):
+-- pre.cap (nil: no meta), and what the helpers below take from pre instead
+-- of reading each again, while this step has not written them.
+local PRE = {'cap', 'lim', 'limu', 'cbs', 'cbu', 'cbk', 'cbp', 'cbf', 'resv', 'hhw', 'cw'}
+local function pre_read()
+  local m = redis.call('HMGET', KI, unpack(PRE))
+  local pre = {}
+  for j = 1, #PRE do pre[PRE[j]] = m[j] end
+  return pre
+end
 -- The capacity normal sends may fill now: the adaptive limit (meta 'lim')
 -- while fresh ('limu', ms), else the capacity.
-local function eff_cap(cap, now)
-  local m = redis.call('HMGET', KI, 'lim', 'limu')
-  local lim = tonumber(m[1] or '0')
-  if lim > 0 and lim < cap and tonumber(m[2] or '0') > now then return lim end
+local function eff_cap(cap, now, pre)
+  local lim, limu
+  if pre then
+    lim, limu = pre.lim, pre.limu
+  else
+    local m = redis.call('HMGET', KI, 'lim', 'limu')
+    lim, limu = m[1], m[2]
+  end
+  lim = tonumber(lim or '0')
+  if lim > 0 and lim < cap and tonumber(limu or '0') > now then return lim end
   return cap
 end
 -- A message's age in us from its id: msg-<sec>-<seq>-<5 hex: the microsecond it was sent>...
@@ -87,9 +103,10 @@ local function score(id)
 end
 -- n messages arrived: the meta's 'arr' moves, and consumers waiting for one
 -- ('cw' of them) find a push on <inbox>ar (one each at most) that ends their BLPOP.
-local function arrived(n)
+local function arrived(n, pre)
   redis.call('HINCRBY', KI, 'arr', n)
-  local cw = tonumber(redis.call('HGET', KI, 'cw') or '0')
+  local cw
+  if pre then cw = tonumber(pre.cw or '0') else cw = tonumber(redis.call('HGET', KI, 'cw') or '0') end
   if cw > 0 and redis.call('LLEN', P .. 'ar') < cw then
     redis.call('RPUSH', P .. 'ar', '1')
     redis.call('PEXPIRE', P .. 'ar', 60000)
@@ -160,8 +177,9 @@ local function cb_cfg(text)
   return t
 end
 -- 0 admitted, 1 admitted as a probe, or -(ms until it admits) refused.
-local function cb_admit(now, cfg)
-  local m = redis.call('HMGET', KI, 'cbs', 'cbu', 'cbk', 'cbp')
+local function cb_admit(now, cfg, pre)
+  local m
+  if pre then m = {pre.cbs, pre.cbu, pre.cbk, pre.cbp} else m = redis.call('HMGET', KI, 'cbs', 'cbu', 'cbk', 'cbp') end
   local st = tonumber(m[1] or '0')
   if st ~= 1 and st ~= 2 then return 0 end
   local left = tonumber(m[2] or '0') - now
@@ -206,10 +224,11 @@ local function cb_window(failed, now, cfg)
   return calls >= cfg[4] and fails * 100 >= cfg[2] * calls
 end
 -- What a finished send tells the circuit: 1 it opened it, 2 it closed it, else 0.
-local function cb_record(failed, now, cfg)
+local function cb_record(failed, now, cfg, pre)
   local rate = false
   if cfg[2] > 0 then rate = cb_window(failed, now, cfg) end
-  local m = redis.call('HMGET', KI, 'cbs', 'cbf')
+  local m
+  if pre and tonumber(pre.cbs or '0') == 0 then m = {pre.cbs, pre.cbf} else m = redis.call('HMGET', KI, 'cbs', 'cbf') end
   local st = tonumber(m[1] or '0')
   if not failed then
     if st == 2 then
@@ -262,10 +281,11 @@ local function adapt(now, spec)
 end
 -- The inbox's heaviest senders: a sorted set (<inbox>hh) of sender -> count,
 -- halved every 10 s (the window in the meta hash's 'hhw'); the 16 heaviest kept.
-local function senders_add(who, n, now)
+local function senders_add(who, n, now, pre)
   local hk = P .. 'hh'
   local win = math.floor(now / 10000)
-  local was = tonumber(redis.call('HGET', KI, 'hhw') or '-1')
+  local was
+  if pre then was = tonumber(pre.hhw or '-1') else was = tonumber(redis.call('HGET', KI, 'hhw') or '-1') end
   if was ~= win then
     redis.call('HSET', KI, 'hhw', win)
     if was >= 0 then
@@ -277,13 +297,15 @@ local function senders_add(who, n, now)
       end
     end
   end
-  redis.call('ZINCRBY', hk, n, who)
-  if redis.call('ZCARD', hk) > 32 then redis.call('ZREMRANGEBYRANK', hk, 0, -17) end
+  -- a score of n is a newcomer (counts are whole, and one under 1 is removed): only then can it overflow
+  if tonumber(redis.call('ZINCRBY', hk, n, who)) == n and redis.call('ZCARD', hk) > 32 then
+    redis.call('ZREMRANGEBYRANK', hk, 0, -17)
+  end
 end
 -- Hands free places to waiting senders, first come first served: each gets a
 -- reservation (so no newcomer takes its place) and a push on its wake list.
-local function dispatch(now, ttl)
-  if redis.call('HLEN', KR) > 0 then
+local function dispatch(now, ttl, resv0, waiting)
+  if (resv0 and resv0 > 0) or (not resv0 and redis.call('HLEN', KR) > 0) then
     local rs = redis.call('HGETALL', KR)
     for j = 1, #rs, 2 do
       if tonumber(rs[j + 1]) < now then
@@ -292,7 +314,7 @@ local function dispatch(now, ttl)
       end
     end
   end
-  if redis.call('LLEN', KW) == 0 then return end
+  if (waiting or redis.call('LLEN', KW)) == 0 then return end
   local cap = eff_cap(tonumber(redis.call('HGET', KI, 'cap') or '0'), now)
   local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
   local n = held()
@@ -340,28 +362,37 @@ end
 #     passed), outbox copies pruned} delivered | {1, cap, eta ms or -1, circuit} full
 #    | {2} no inbox | {3, ms} circuit open for that long
 DELIVER = _PRELUDE + r"""
-if redis.call('EXISTS', KI) == 0 then return {2} end
+local pre = pre_read()
 local tok, own, bp, final = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8] == '1'
+local cap = tonumber(pre.cap)
+if not cap then
+  if redis.call('EXISTS', KI) == 0 then return {2} end
+  cap = own
+end
 local ttl, ml = tonumber(ARGV[10]), tonumber(ARGV[11])
 local cfg = cb_cfg(ARGV[13])
 local high = ARGV[16] == '1'
-local cap = tonumber(redis.call('HGET', KI, 'cap') or own)
 if own < cap then cap = own; redis.call('HSET', KI, 'cap', own) end
 local now, sec, usec = now_ms()
-local limit = eff_cap(cap, now)
+local limit = eff_cap(cap, now, pre)
 if high then limit = cap + math.ceil(cap * cfg[7] / 100) end
 if ARGV[14] ~= '1' then
-  local adm = cb_admit(now, cfg)
+  local adm = cb_admit(now, cfg, pre)
   if adm < 0 then return {3, -adm} end
 end
-dispatch(now, ttl)
+local resv = tonumber(pre.resv or '0')
+local waiting = redis.call('LLEN', KW)
+if resv > 0 or waiting > 0 then
+  dispatch(now, ttl, resv, waiting)
+  resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
+  waiting = redis.call('LLEN', KW)
+end
 local ok = false
-if tok ~= '' and redis.call('HDEL', KR, tok) == 1 then
+if tok ~= '' and resv > 0 and redis.call('HDEL', KR, tok) == 1 then
   redis.call('HINCRBY', KI, 'resv', -1)
   ok = true
 else
-  local resv = tonumber(redis.call('HGET', KI, 'resv') or '0')
-  ok = held() + resv < limit and (high or redis.call('LLEN', KW) == 0)
+  ok = held() + resv < limit and (high or waiting == 0)
 end
 if not ok then
   if not bp then
@@ -397,13 +428,13 @@ redis.call('ZADD', KQ, score(id), id)
 redis.call('HSET', KB, id, body)
 redis.call('HINCRBY', KI, 'sent', 1)
 if high then redis.call('HINCRBY', KI, 'sent_high', 1) end
-senders_add(ARGV[1], 1, now)
-arrived(1)
+senders_add(ARGV[1], 1, now, pre)
+arrived(1, pre)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
 end
-local circuit = cb_record(false, now, cfg)
+local circuit = cb_record(false, now, cfg, pre)
 if #KEYS < 14 then return {0, id, seq, sec, circuit, -1, 0} end
 if not has_outbox() then return {0, id, seq, sec, circuit, 0, 0} end
 return {0, id, seq, sec, circuit, 1, copy_out(id, body, tonumber(ARGV[17]))}

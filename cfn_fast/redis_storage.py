@@ -256,7 +256,7 @@ class RedisStorage:
                 return conn.read_response()
             except self._redis.exceptions.NoScriptError:
                 conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", getattr(S, name)), check_health=False)
-                conn.read_response()
+                sha = _SHA[name] = conn.read_response().decode()
                 conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args),
                                          check_health=False)
                 return conn.read_response()
