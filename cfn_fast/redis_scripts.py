@@ -32,6 +32,16 @@ local function in_parts(ids, f)
     f(part)
   end
 end
+-- redis.call(cmd, key, unpack(args)) in parts of at most 512 arguments
+-- (unpack's limit), `step` arguments an item: one call for a batch, not one an item.
+local function call_many(cmd, key, args, step)
+  local per = 512 - 512 % step
+  for j = 1, #args, per do
+    local part = {}
+    for x = j, math.min(j + per - 1, #args) do part[#part + 1] = args[x] end
+    redis.call(cmd, key, unpack(part))
+  end
+end
 -- Appends the pairs id, body of ids to out (the bodies from the hash kb); returns out.
 local function with_bodies(out, ids, kb)
   in_parts(ids, function(part)
@@ -347,6 +357,21 @@ local function copy_out(id, body, max)
   for j = 1, #old, 2 do redis.call('HDEL', KEYS[14], old[j]) end
   return over
 end
+-- The same for many: kv holds ids and their bodies (id, body, id, body, ...).
+local function copy_out_many(kv, max)
+  local z = {}
+  for j = 1, #kv, 2 do z[#z + 1] = 0; z[#z + 1] = kv[j] end
+  call_many('ZADD', KEYS[13], z, 2)
+  call_many('HSET', KEYS[14], kv, 2)
+  if max <= 0 then return 0 end
+  local over = redis.call('ZCARD', KEYS[13]) - max
+  if over <= 0 then return 0 end
+  local old = redis.call('ZPOPMIN', KEYS[13], over)
+  local gone = {}
+  for j = 1, #old, 2 do gone[#gone + 1] = old[j] end
+  call_many('HDEL', KEYS[14], gone, 1)
+  return over
+end
 local function has_outbox()
   return #KEYS >= 14 and redis.call('EXISTS', KEYS[12]) == 1
 end
@@ -472,17 +497,25 @@ if high then
   suffix = '-hi'
   mid = ',\n  "type": "' .. ARGV[3] .. '",\n  "priority": "high",\n  "payload": '
 end
-for j = 9, #ARGV, 2 do
-  if n >= room then break end
-  local seq = redis.call('HINCRBY', KS, ARGV[1], 1)
-  local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(ARGV[j], 1, 11)) .. suffix
-  local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
-    head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n'
-  redis.call('ZADD', KQ, score(id), id)
-  redis.call('HSET', KB, id, body)
-  if copy then pruned = pruned + copy_out(id, body, tonumber(ARGV[8])) end
-  n = n + 1
-  out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
+-- as many as there is room for, numbered by one HINCRBY, added by one ZADD and one HSET
+n = math.max(0, math.min(room, math.floor((#ARGV - 8) / 2)))
+if n > 0 then
+  local first = redis.call('HINCRBY', KS, ARGV[1], n) - n
+  local sc = 0
+  if high then sc = -1 end
+  local z, kv = {}, {}
+  for k = 1, n do
+    local j, seq = 7 + 2 * k, first + k
+    local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(ARGV[j], 1, 11)) .. suffix
+    local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
+      head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n'
+    z[#z + 1] = sc; z[#z + 1] = id
+    kv[#kv + 1] = id; kv[#kv + 1] = body
+    out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
+  end
+  call_many('ZADD', KQ, z, 2)
+  call_many('HSET', KB, kv, 2)
+  if copy then pruned = copy_out_many(kv, tonumber(ARGV[8])) end
 end
 out[1] = n
 if n > 0 then
@@ -507,6 +540,7 @@ local ratio = tonumber(ARGV[5] or '0')
 local now = now_ms()
 recover(now)
 -- up to `want` messages of one score (priority) that no other consumer is reading, oldest first
+local reading = redis.call('HLEN', KV) > 0
 local function pick(sc)
   local got = {}
   local start = 0
@@ -514,8 +548,10 @@ local function pick(sc)
     local chunk = redis.call('ZRANGEBYSCORE', KQ, sc, sc, 'LIMIT', start, 256)
     if #chunk == 0 then break end
     start = start + #chunk
-    for _, id in ipairs(chunk) do
-      local r = redis.call('HGET', KV, id)
+    local marks = {}
+    if reading then marks = redis.call('HMGET', KV, unpack(chunk)) end
+    for x, id in ipairs(chunk) do
+      local r = marks[x]
       local free = true
       if r then
         local bar = string.find(r, '|', 1, true)
@@ -546,16 +582,24 @@ if #hi > 0 or #lo > 0 then redis.call('HSET', KI, 'hirun', run) end
 local out = {#ids}
 if #ids == 0 then return out end
 local ssum, sn = 0, 0
+local kv = {}
+local mark = (now + ttl) .. '|' .. me
 for _, id in ipairs(ids) do
+  kv[#kv + 1] = id
   if claim then
-    redis.call('ZREM', KQ, id)
-    redis.call('HDEL', KV, id)
-    redis.call('HSET', KC, id, me)
+    kv[#kv + 1] = me
     local age = sojourn_of(id, now)
     if age then ssum = ssum + age; sn = sn + 1 end
   else
-    redis.call('HSET', KV, id, (now + ttl) .. '|' .. me)
+    kv[#kv + 1] = mark
   end
+end
+if claim then
+  call_many('ZREM', KQ, ids, 1)
+  if reading then call_many('HDEL', KV, ids, 1) end
+  call_many('HSET', KC, kv, 2)
+else
+  call_many('HSET', KV, kv, 2)
 end
 if claim then
   redis.call('HINCRBY', KCN, me, #ids)
@@ -590,24 +634,36 @@ local out = {}
 local n = 0
 local tnow = now_ms()
 local ssum, sn = 0, 0
-for j = 6 + nrel, #ARGV do
-  local id = ARGV[j]
-  local ok = 0
-  if claims then
-    if redis.call('HGET', KC, id) == me then
-      redis.call('HDEL', KC, id)
+local taken, seen = {}, {}
+for j = 6 + nrel, #ARGV, 256 do
+  local part = {}
+  for x = j, math.min(j + 255, #ARGV) do part[#part + 1] = ARGV[x] end
+  -- claims: held by me (HMGET of the claim hash); else: still in the inbox (ZMSCORE)
+  local here
+  if claims then here = redis.call('HMGET', KC, unpack(part)) else here = redis.call('ZMSCORE', KQ, unpack(part)) end
+  for x, id in ipairs(part) do
+    local ok = 0
+    if seen[id] then
+      ok = 0  -- named twice: taken once
+    elseif claims then
+      if here[x] == me then ok = 1 end
+    elseif here[x] then
       ok = 1
+      local age = sojourn_of(id, tnow)
+      if age then ssum = ssum + age; sn = sn + 1 end
     end
-  elseif redis.call('ZREM', KQ, id) == 1 then
-    redis.call('HDEL', KV, id)
-    ok = 1
-    local age = sojourn_of(id, tnow)
-    if age then ssum = ssum + age; sn = sn + 1 end
+    if ok == 1 then taken[#taken + 1] = id; seen[id] = true; n = n + 1 end
+    out[#out + 1] = ok
   end
-  if ok == 1 then redis.call('HDEL', KB, id); n = n + 1 end
-  out[#out + 1] = ok
 end
 if n > 0 then
+  if claims then
+    call_many('HDEL', KC, taken, 1)
+  else
+    call_many('ZREM', KQ, taken, 1)
+    call_many('HDEL', KV, taken, 1)
+  end
+  call_many('HDEL', KB, taken, 1)
   redis.call('HINCRBY', KI, 'consumed', n)
   if claims then
     if redis.call('HINCRBY', KCN, me, -n) <= 0 then

@@ -327,6 +327,28 @@ def test_send_batch_delivers_in_order_and_names_the_bad_ones(backend: str, make_
     assert [m["msg_id"] for m in bus.receive_messages("bob")] == [x for x in got if isinstance(x, str)]
 
 
+def test_big_batches_keep_order_outbox_bound_and_exactly_once(backend: str, make_bus) -> None:
+    """Past the sizes a server step takes at once (256 payloads, 512
+    arguments a call): 1,300 sent in one batch from a sender with an outbox
+    bounded at 700, read, claimed and acked in hundreds: every message once,
+    in send order, and the outbox cut to its bound."""
+    bus = make_bus(max_inbox_size=5000, outbox_max=700)
+    bus.init_message_bus("alice")
+    bus.init_message_bus("bob")
+    ids = bus.send_batch("alice", "bob", "t", [str(i) for i in range(1300)])
+    assert all(isinstance(x, str) for x in ids)
+    assert [m["msg_id"] for m in bus.receive_messages("bob")] == ids
+    assert [m["sequence"] for m in bus.receive_messages("bob")] == list(range(1, 1301))
+    first = bus.consume_raw("bob", 600)
+    assert [json.loads(b)["payload"] for b in first] == list(range(600))
+    claimed = bus.claim_messages("bob", 600)
+    assert [m["payload"] for m in claimed] == list(range(600, 1200))
+    assert bus.ack_messages("bob", claimed) == 600
+    assert [m["payload"] for m in bus.consume_messages("bob")] == list(range(1200, 1300))
+    assert bus.get_inbox_size("bob") == 0
+    assert 700 - 70 <= bus.storage.count_files("alice", "outbox") <= 700 + 70  # OUTBOX_MAX, within a tenth
+
+
 def test_clear_cleanup_and_the_system(nbus: MessageBus) -> None:
     for i in range(4):
         nbus.send_message("alice", "bob", "t", i)

@@ -138,3 +138,19 @@ def test_messages_are_typed_dicts_of_the_envelope(bus: MessageBus) -> None:
     hints = get_type_hints(Message)
     assert {"msg_id", "from", "to", "payload", "priority"} <= set(hints)
     assert "priority" in Message.__optional_keys__ and "msg_id" in Message.__required_keys__
+
+
+def test_a_message_named_twice_in_one_ack_is_taken_once(backend: str, make_bus) -> None:
+    """ack_messages([m, m]) deletes m once and says 1; the inbox's count and
+    the shared 'consumed' total move by one, whichever backend."""
+    bus = make_bus()
+    bus.init_message_bus("bob")
+    for i in range(3):
+        bus.send_message("alice", "bob", "t", i)
+    first, second = bus.claim_messages("bob", 2)
+    before = bus.storage.counters().get("consumed", 0)
+    assert bus.ack_messages("bob", [first, first["msg_id"], second]) == 2
+    assert bus.ack_messages("bob", [first]) == 0  # gone: nothing to take the second time
+    assert bus.storage.counters().get("consumed", 0) == before + 2
+    assert bus.get_inbox_size("bob") == 1
+    assert [m["payload"] for m in bus.consume_messages("bob")] == [2]
