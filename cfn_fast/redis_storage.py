@@ -789,7 +789,11 @@ class RedisStorage:
         ids = [n[:-5] if n.endswith(b".json") else n for n in names]
         claims = where == storage.FROM_CLAIMS
         read = [] if claims else self._reads.pop((threading.get_ident(), agent), [])
-        rel = [x for x in read if x not in set(ids)] if read else []
+        if read:
+            named = set(ids)
+            rel = [x for x in read if x not in named]  # read by this thread but not taken: released
+        else:
+            rel = []
         if not ids and not rel:
             return [], None
         self._c()
