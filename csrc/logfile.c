@@ -143,6 +143,14 @@ static int metrics_lock_ready(cfn_bus *bus, cfn_err *err)
     return 0;
 }
 
+/* This process's id without a system call: the handle's, kept current by its
+ * fork check (a page the kernel wipes in a child). */
+static pid_t self_pid(cfn_bus *bus)
+{
+    cfn_bus_fork_check(bus);
+    return bus->pid;
+}
+
 /* Under metrics_mu: opens metrics_path afresh and makes it the descriptor everyone writes to. */
 static int metrics_reopen(cfn_bus *bus, struct stat *st, cfn_err *err)
 {
@@ -152,7 +160,7 @@ static int metrics_reopen(cfn_bus *bus, struct stat *st, cfn_err *err)
     int old = atomic_exchange(&bus->metrics_fd, fd);
     bus->metrics_dev = st->st_dev;
     bus->metrics_ino = st->st_ino;
-    bus->metrics_pid = getpid();
+    bus->metrics_pid = self_pid(bus);
     if (old >= 0)
         (void)close(old);  /* a descriptor on the rotated file; nothing to report */
     return 0;
@@ -200,7 +208,7 @@ static int metrics_follow(cfn_bus *bus, size_t len, cfn_err *err)
 {
     struct stat st;
     int rc;
-    if (bus->metrics_pid != getpid()) {
+    if (bus->metrics_pid != self_pid(bus)) {
         if ((rc = metrics_reopen(bus, &st, err)) != 0)
             return rc;
     } else if (lstat(bus->metrics_path, &st) != 0) {
@@ -333,7 +341,7 @@ int cfn_set_metrics_in(cfn_bus *bus, const char *path, int64_t max_bytes, uint32
         bus->metrics_gid = gid;
         bus->metrics_dev = st.st_dev;
         bus->metrics_ino = st.st_ino;
-        bus->metrics_pid = getpid();
+        bus->metrics_pid = self_pid(bus);
     } else {
         bus->metrics_path[0] = '\0';
     }

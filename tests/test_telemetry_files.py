@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import grp
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -387,6 +389,38 @@ def test_many_processes_rotating_many_times_keep_the_file_bounded_and_whole(bus,
         in_now = [r["tags"]["i"] for r in now if r["metric"] == "load.test" and r["tags"]["proc"] == p]
         if in_old and in_now:
             assert max(in_old) < max(in_now)
+
+
+def _forked_writer(me: int, per: int, go: Any) -> None:
+    go.wait(30)
+    for i in range(per):
+        telemetry.emit_metric("load.test", i, "count", {"proc": me, "i": i, "pad": "x" * 200})
+
+
+@pytest.mark.slow
+def test_forked_writers_rotate_on_their_own_descriptors_and_lose_nothing(bus, monkeypatch):
+    """Children forked after the parent opened the metrics file share its open
+    file, and so its flock: each must open the file again before it takes
+    part in a rotation, or two processes rotate at once and lines are lost.
+    One rotation; every line whole, in the file or in .1, exactly once."""
+    n, per = 5, 300
+    line = len(telemetry.format_metric("load.test", 299, "count", {"proc": 4, "i": 299, "pad": "x" * 200}))
+    monkeypatch.setenv("METRICS_MAX_BYTES", str(int((n * per + 1) * line * 0.6)))
+    path = Path(os.environ["METRICS_FILE"])
+    telemetry.emit_metric("load.test", 0, "count", {"proc": n, "i": 0, "pad": "x" * 200})  # the parent's descriptor
+    ctx = mp.get_context("fork")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_forked_writer, args=(p, per, go)) for p in range(n)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    recs = whole_lines(Path(f"{path}.1")) + whole_lines(path)
+    assert Path(f"{path}.1").exists()
+    got = sorted((r["tags"]["proc"], r["tags"]["i"]) for r in recs)
+    assert got == [(p, i) for p in range(n) for i in range(per)] + [(n, 0)]
 
 
 def test_a_writer_follows_a_rotation_done_by_another(make_bus, monkeypatch):
