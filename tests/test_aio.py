@@ -62,7 +62,9 @@ def test_a_thousand_blocked_sends_take_one_thread_and_leave_the_loop_on_time(mak
           f"p99 {p99 * 1000:.2f} ms, max {lags[-1] * 1000:.2f} ms; threads {threads_before} -> {threads}")
     assert threads <= threads_before + 1  # one waiter thread for all of them
     assert len(set(ids)) == 1000
-    assert p99 <= 0.005
+    # a send that blocked the loop would lag it by its wait (60 s); what is left is the GIL's 5 ms
+    # switch interval and a shared 2-core runner's scheduling (1-5 ms measured when quiet)
+    assert p99 <= 0.025
 
 
 def test_a_cancelled_send_leaves_the_count_exact(make_bus) -> None:

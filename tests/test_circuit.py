@@ -40,6 +40,15 @@ def _trip(results: "mp.Queue[list[str]]", cooldown_ms: int) -> None:
     results.put(got)
 
 
+def _until_probes_may_go(bus: MessageBus, agent: str = "bob") -> None:
+    """Polls until the circuit's cooldown (or half-open round) is over, instead
+    of sleeping a fixed time that a loaded runner may overshoot or undershoot."""
+    deadline = time.monotonic() + 30
+    while bus.circuit_status(agent).retry_after > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def _open_from_another_process(cooldown_ms: int) -> list[str]:
     q: "mp.Queue[list[str]]" = CTX.Queue()
     p = CTX.Process(target=_trip, args=(q, cooldown_ms))
@@ -91,11 +100,11 @@ def test_an_open_circuit_refuses_without_touching_the_inbox(make_bus, base: Path
 
 def test_after_the_cooldown_one_probe_goes_and_its_success_closes_it(full_bob: MessageBus, make_bus,
                                                                      base: Path) -> None:
-    _open_from_another_process(300)
-    bus = make_bus(**FAST_FAIL, breaker_cooldown_ms=300)
+    _open_from_another_process(1000)  # long enough to be refused once, however slow the runner
+    bus = make_bus(**FAST_FAIL, breaker_cooldown_ms=1000)
     with pytest.raises(CircuitOpen):
         bus.send_message("alice", "bob", "t", 1)
-    time.sleep(0.35)
+    _until_probes_may_go(bus)
     bus.consume_messages("bob")  # the consumer is back
     res = bus.deliver("alice", "bob", "t", 1)
     assert res.circuit == 2 and bus.circuit_status("bob").state == "closed"
@@ -128,19 +137,19 @@ def test_a_failed_probe_opens_it_again_and_the_half_open_round_admits_only_its_p
 
 def _probe_and_hang(ready: "mp.Event") -> None:
     bus = MessageBus(config=Config.from_env().replace(max_inbox_size=1, backpressure_wait_ms=60_000,
-                                            backpressure_max_retries=1, breaker_cooldown_ms=200))
+                                            backpressure_max_retries=1, breaker_cooldown_ms=1000))
     ready.set()
     bus.send_with_backpressure("prober", "bob", "t", 1)  # admitted as the probe, then waits for room
 
 
 def test_a_killed_probe_does_not_hold_the_circuit_half_open(backend: str, make_bus) -> None:
-    bus = make_bus(**FAST_FAIL, breaker_cooldown_ms=200)
+    bus = make_bus(**FAST_FAIL, breaker_cooldown_ms=1000)  # the probe's round: killed and refused within it
     bus.init_message_bus("bob")
     bus.send_message("alice", "bob", "t", 0)
     for _ in range(3):
         with pytest.raises(BackpressureTimeout):
             bus.send_with_backpressure("alice", "bob", "t", 1)
-    time.sleep(0.25)
+    _until_probes_may_go(bus)
     ready = CTX.Event()
     p = CTX.Process(target=_probe_and_hang, args=(ready,))
     p.start()
@@ -153,7 +162,7 @@ def test_a_killed_probe_does_not_hold_the_circuit_half_open(backend: str, make_b
     p.join(30)
     with pytest.raises(CircuitOpen):
         bus.send_message("alice", "bob", "t", 1)
-    time.sleep(0.25)  # the dead probe's round is over: a new probe is let through (the full inbox refuses it)
+    _until_probes_may_go(bus)  # the dead probe's round is over: a new probe is let through (the full inbox refuses it)
     with pytest.raises(InboxFull):
         bus.send_message("alice", "bob", "t", 1)
     c = bus.circuit_status("bob")

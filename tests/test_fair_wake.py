@@ -84,15 +84,21 @@ def test_killed_ticket_holders_do_not_block_the_line(make_bus) -> None:
     bus.init_message_bus("sink")
     bus.send_message("alice", "sink", "t", 0)
     doomed = []
-    for _ in range(4):  # four senders take tickets, one after the other, and are killed in the line
+
+    def waiters() -> int:
+        return {s.agent: s for s in bus.storage.slots()}["sink"].waiters
+
+    for k in range(1, 5):  # four senders take tickets, one after the other, and are killed in the line
         ready = CTX.Event()
         p = CTX.Process(target=_wait_in_line, args=(ready,))
         p.start()
         ready.wait(30)
         doomed.append(p)
-        time.sleep(0.05)
-    slots = {s.agent: s for s in bus.storage.slots()}
-    assert slots["sink"].waiters == 4
+        deadline = time.monotonic() + 30
+        while waiters() < k:  # its ticket taken before the next one starts: the order is theirs
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    assert waiters() == 4
     for p in doomed:
         os.kill(p.pid, signal.SIGKILL)
         p.join(30)

@@ -98,18 +98,18 @@ def test_batch_size_is_configured_until_published(base, monkeypatch):
 
 
 def test_published_settings_go_stale_after_three_intervals(bus, monkeypatch):
-    monkeypatch.setenv("RATE_LIMIT_CHECK_INTERVAL", "0.1")  # stale after 300 ms
+    monkeypatch.setenv("RATE_LIMIT_CHECK_INTERVAL", "1.0")  # stale after 3 s
     b = cfn_fast.default_bus()
     h = b.storage.handle(create=True)
     now = time.time_ns()
-    _core.rate_publish(h, _core.RateSettings(5, 200, 900, now - 250_000_000, 100))
+    _core.rate_publish(h, _core.RateSettings(5, 200, 900, now - 2_000_000_000, 100))  # a second to spare
     assert cfn_fast.get_batch_size() == 5
     assert monitors.current_rate_limit()["published"] is True
-    _core.rate_publish(h, _core.RateSettings(5, 200, 900, now - 301_000_000, 100))
+    _core.rate_publish(h, _core.RateSettings(5, 200, 900, now - 3_010_000_000, 100))
     assert cfn_fast.get_batch_size() == 10  # CFN_BATCH_SIZE's default again
     assert monitors.current_rate_limit() | {"age_ms": 0} == {
         "published": False, "batch_size": 10, "wait_ms": 100, "load_per_cpu": 0.9, "age_ms": 0,
-        "stale_after_ms": 300}
+        "stale_after_ms": 3000}
 
 
 def test_senders_use_a_fresh_published_wait_and_the_configured_one_once_stale(make_bus):

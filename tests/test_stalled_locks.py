@@ -87,12 +87,31 @@ def test_the_cli_fails_with_one_line_when_flock_holds_the_inbox(bob: MessageBus,
         holder.wait()
 
 
+def _holds_open(pid: int, suffix: str) -> bool:
+    """Whether process pid has a file whose path ends with suffix open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(suffix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_ctrl_c_interrupts_a_send_waiting_for_a_lock(bob: MessageBus, base: Path) -> None:
     with orig.stalled_sender(base, "carol", "bob"):
         p = subprocess.Popen([sys.executable, "-m", "cfn_fast", "bus", "send", "alice", "bob", "t", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "LOCK_TIMEOUT_MS": "60000"})
-        time.sleep(0.5)  # well inside its wait for the lock
+        deadline = time.monotonic() + 30
+        while not _holds_open(p.pid, "/bob/inbox/.lock"):  # started, and inside its wait for the lock
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.05)
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=10)
