@@ -53,6 +53,8 @@ def _rows() -> list[Row]:
     s = HEADLINE_SEND_SIZE
     rows = [
         Row(f"send_message 1 KiB (inbox holds {s})", f"send.cfn@{s}", f"send.floor@{s}", 1.2),
+        Row(f"send_message 1 KiB, interleaved with its floor in blocks (inbox holds {s})", f"send.cfn_il@{s}",
+            f"send.floor_il@{s}", 1.2),
         Row(f"send_with_backpressure, metrics on (inbox holds {s})", f"send_bp.cfn@{s}", f"send.floor@{s}", 1.5),
         Row(f"send_message with flow control at its defaults (inbox holds {s}; 1.01x before it)",
             f"send.cfn@{s}", f"send.floor@{s}", 1.11),
