@@ -212,6 +212,11 @@ class RedisStorage:
         if text.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOAUTH", "WRONGPASS")):
             return self._down(e)
         secret = self.target.secret
+        low = text.lower()
+        if "unknown redis command called from" in low or ("unknown command" in low and "zmscore" in low):
+            # the scripts' newest command is ZMSCORE (6.2); an older server knows the others
+            return CfnError(f"Redis at {self.target.shown} lacks a command the bus's scripts use (ZMSCORE): "
+                            "cfn-fast needs Redis 6.2 or newer")
         return CfnError(f"Redis at {self.target.shown}: {text.replace(secret, '***') if secret else text}")
 
     def _run(self, name: str, keys: list[bytes], args: list[Any]) -> Any:

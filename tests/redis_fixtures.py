@@ -67,8 +67,9 @@ class Server:
     """One redis-server process on 127.0.0.1."""
 
     def __init__(self, folder: Path, *, cluster: bool = False, aof: bool = False,
-                 password: Optional[str] = None) -> None:
+                 password: Optional[str] = None, extra: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.extra = extra  # more redis-server arguments
         self.cluster = cluster
         self.aof = aof
         self.password = password
@@ -91,7 +92,7 @@ class Server:
                   "--cluster-node-timeout", "5000"]
         if self.password:
             a += ["--requirepass", self.password]
-        return a
+        return a + list(self.extra)
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cfn_fast import BackendUnavailable, Config, ConfigError, InboxFull, MessageBus
+from cfn_fast import BackendUnavailable, CfnError, Config, ConfigError, InboxFull, MessageBus
 from redis_fixtures import Cluster, Server, need_redis
 
 pytestmark = pytest.mark.slow
@@ -252,6 +252,24 @@ def test_threads_of_one_process_share_the_bus_and_its_capacity(redis_server: Ser
     assert len(sent) == 150 and full[0] == 8 * 40 - 150
     got = [m["msg_id"] for m in bus.consume_messages("bob")]
     assert sorted(got) == sorted(sent) and len(set(got)) == 150
+
+
+def test_a_server_older_than_6_2_is_named_and_nothing_is_lost(tmp_path: Path, make_bus) -> None:
+    """A server without ZMSCORE (older than 6.2; here a real one with the
+    command renamed away) makes a consume fail with one error that says what
+    is needed, and the messages it read stay in the inbox."""
+    need_redis()
+    server = Server(tmp_path / "old", extra=("--rename-command", "ZMSCORE", ""))
+    try:
+        bus = make_bus(bus_url=server.url())
+        bus.init_message_bus("bob")
+        bus.send_message("alice", "bob", "t", 1)
+        with pytest.raises(CfnError, match=r"lacks a command .*\(ZMSCORE\): cfn-fast needs Redis 6\.2 or newer"):
+            bus.consume_messages("bob")
+        assert bus.get_inbox_size("bob") == 1
+        assert [m["payload"] for m in bus.receive_messages("bob")] == [1]
+    finally:
+        server.stop()
 
 
 def test_a_paused_cluster_master_fails_its_inboxes_calls_in_time_and_the_bus_carries_on(
