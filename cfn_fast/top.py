@@ -11,8 +11,10 @@ backpressure waits, failed sends, deliveries and takes per second (the
 shared counters' change since the last frame); how many inboxes there are,
 full and above 80 %; one utilisation bar per inbox, fullest first, red at
 100 % and amber above 80 %, as many as the screen holds (the rest are
-counted, so 10,000 inboxes cost one sort, not 10,000 rows); and the newest
-lines of ALERT_LOG_FILE. Needs the ``top`` extra (rich).
+counted, so 10,000 inboxes cost one sort, not 10,000 rows), each marked
+[open] or [half] while its circuit breaker refuses sends or admits only probes
+(read for the fullest CIRCUIT_ROWS, one call each), with the count in the
+header; and the newest lines of ALERT_LOG_FILE. Needs the ``top`` extra (rich).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ RED, AMBER, GREEN = "red", "orange1", "green"
 SEVERITY_STYLES = {"critical": "bold red", "error": "red", "warning": AMBER}
 RATE_COUNTERS = ("backpressure_wait", "backpressure_failure", "sent", "consumed")
 MAX_ALERTS = 5
+CIRCUIT_ROWS = 100  # the fullest inboxes whose circuit a frame reads: more than a screen shows
+CIRCUIT_MARKS = {"open": (" [open]", RED), "half-open": (" [half]", AMBER)}
 
 
 class Frame(NamedTuple):
@@ -50,6 +54,7 @@ class Frame(NamedTuple):
     alerts: list[Alert]
     interval: float
     error: Optional[str] = None
+    circuits: Optional[dict[str, str]] = None  # agent -> "open" / "half-open", of the fullest; closed ones absent
 
 
 def fill_style(box: Inbox) -> str:
@@ -120,6 +125,11 @@ def header(frame: Frame, width: int) -> list[Text]:
     flow = [_field("backpressure", f"{_rate(r.get('backpressure_wait'))} waits/s"),
             _field("failures", f"{_rate(fails)}/s", RED if fails else "bold"),
             _field("sent", f"{_rate(r.get('sent'))}/s"), _field("consumed", f"{_rate(r.get('consumed'))}/s")]
+    states = list((frame.circuits or {}).values())
+    if states:
+        flow.append(_field("circuits", f"{states.count('open')} open", RED if "open" in states else "bold"))
+        flow.append(_field("", f"{states.count('half-open')} half-open",
+                           AMBER if "half-open" in states else "bold"))
     t = s.totals
     high = t.high - t.full
     fill = [_field("inboxes", f"{t.inboxes:,}"), _field("", f"{t.full:,} full", RED if t.full else "bold"),
@@ -134,8 +144,10 @@ def header(frame: Frame, width: int) -> list[Text]:
     return lines
 
 
-def inbox_rows(boxes: list[Inbox], total: int, width: int, rows: int, unicode: bool = True) -> list[Text]:
-    """A column header and one line per inbox (``boxes`` fullest first), in ``width`` cells."""
+def inbox_rows(boxes: list[Inbox], total: int, width: int, rows: int, unicode: bool = True,
+               circuits: Optional[dict[str, str]] = None) -> list[Text]:
+    """A column header and one line per inbox (``boxes`` fullest first), in
+    ``width`` cells; an inbox in ``circuits`` (open or half-open) carries its mark."""
     aw = min(max([5] + [len(b.agent) for b in boxes]), max(6, width * 2 // 5), 40)
     counts = [f"{b.size if b.counted else '?'}/{b.capacity}" for b in boxes]
     cw = max([8] + [len(c) for c in counts]) if width >= 50 else 0
@@ -168,8 +180,12 @@ def inbox_rows(boxes: list[Inbox], total: int, width: int, rows: int, unicode: b
         if bw and b.size > 0 and n == 0:
             n = 1  # a message is there: show it
         bar = Text(full_c * n, style=style) + Text(empty_c * (bw - n), style="dim")
-        out.append(line(Text(b.agent, style="bold" if b.full else ""), bar, count,
-                        Text(f"{b.percent}%", style=style)))
+        name = Text(b.agent, style="bold" if b.full else "")
+        mark = CIRCUIT_MARKS.get((circuits or {}).get(b.agent, ""))
+        if mark:  # the name gives way, never the mark
+            name.truncate(max(1, aw - len(mark[0])), overflow="ellipsis")
+            name.append(mark[0], style=mark[1])
+        out.append(line(name, bar, count, Text(f"{b.percent}%", style=style)))
     if total > len(boxes[:rows]):
         more = Text(f"showing {len(boxes[:rows]):,} of {total:,} inboxes, fullest first", style="dim")
         more.truncate(width, overflow="ellipsis")
@@ -205,7 +221,7 @@ def render(frame: Frame, width: int, height: int, unicode: bool = True) -> Rende
         rows -= 1  # the "showing N of M" line
     rows = max(0, rows)
     shown = frame.snap.fullest(rows)
-    lines = top + inbox_rows(shown, total, width, rows, unicode)
+    lines = top + inbox_rows(shown, total, width, rows, unicode, frame.circuits)
     if not total:
         lines.append(Text("no inbox is tracked yet (cfn-fast bus init AGENT)", style="dim"))
     if n_alerts:
@@ -242,7 +258,19 @@ class Viewer:
         rates = snapshot.rates(self.prev, snap, RATE_COUNTERS) if not error else {}
         if not error:
             self.prev = snap
-        return Frame(snap, rates, alerts, self.interval, error)
+        return Frame(snap, rates, alerts, self.interval, error, self._circuits(snap) if not error else {})
+
+    def _circuits(self, snap: Snapshot) -> dict[str, str]:
+        """The circuits of the fullest CIRCUIT_ROWS inboxes that are not closed."""
+        out = {}
+        for box in snap.fullest(CIRCUIT_ROWS):
+            try:
+                state = self.bus.storage.circuit(box.agent).state
+            except (CfnError, OSError):
+                continue  # removed since the snapshot, or the backend is away: the frame says so elsewhere
+            if state != "closed":
+                out[box.agent] = state
+        return out
 
 
 def _keys(stream: TextIO) -> Any:

@@ -20,6 +20,7 @@ pytest.importorskip("rich", reason="the 'top' extra is not installed")
 from rich.cells import cell_len  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+import cfn_fast  # noqa: E402
 from cfn_fast import snapshot, telemetry, top  # noqa: E402
 from cfn_fast.snapshot import Inbox, RateLimit, SlotInfo  # noqa: E402
 
@@ -89,6 +90,34 @@ def test_the_view_fits_the_screen_and_puts_the_full_inbox_first(swarm, width):
     if width == 200:
         assert "10/10" in rows[0] and "9/10" in rows[1]
         assert "Inbox of full-agent is full" in joined
+
+
+@pytest.mark.parametrize("width", [40, 200])
+def test_an_open_circuit_is_marked_on_its_row_and_counted_in_the_header(make_bus, width):
+    """full-agent's circuit tripped (its sends failed), in another handle, as
+    another process would: the frame reads it, the row says [open] in red,
+    and the header counts it; closed circuits are not marked."""
+    flaky = make_bus(max_inbox_size=1, backpressure_wait_ms=1, backpressure_max_retries=2, breaker_failures=3)
+    flaky.init_message_bus("full-agent-with-a-long-name")
+    flaky.send_message("x", "full-agent-with-a-long-name", "t", 0)
+    for _ in range(3):
+        with pytest.raises(cfn_fast.BackpressureTimeout):
+            flaky.send_with_backpressure("x", "full-agent-with-a-long-name", "t", 1)
+    quiet = make_bus()
+    quiet.init_message_bus("quiet")
+    quiet.get_inbox_size("quiet")
+    frame = top.Viewer(quiet, 1.0).frame()
+    assert frame.circuits == {"full-agent-with-a-long-name": "open"}
+    lines = draw(frame, width, 20)
+    text = plain(lines)
+    assert all(cell_len(t) <= width for t in text), text
+    rows = rows_after_header(text)
+    assert "[open]" in rows[0] and "[" not in rows[1], rows  # the mark survives a cut name
+    assert RED in lines[len(text) - len(rows)]
+    assert "circuits 1 open" in "\n".join(text)
+    half = frame._replace(circuits={"full-agent-with-a-long-name": "half-open"})
+    text = plain(draw(half, width, 20))
+    assert "[half]" in rows_after_header(text)[0] and "0 open" in "\n".join(text)
 
 
 def test_ten_thousand_inboxes_show_the_fullest_that_fit(make_bus):
