@@ -32,15 +32,27 @@ local function in_parts(ids, f)
     f(part)
   end
 end
--- redis.call(cmd, key, unpack(args)) in parts of at most 512 arguments
--- (unpack's limit), `step` arguments an item: one call for a batch, not one an item.
-local function call_many(cmd, key, args, step)
-  local per = 512 - 512 % step
-  for j = 1, #args, per do
-    local part = {}
-    for x = j, math.min(j + per - 1, #args) do part[#part + 1] = args[x] end
-    redis.call(cmd, key, unpack(part))
-  end
+-- redis.call(cmd, key, unpack(args)), in_parts: one call for a batch, not one an
+-- item (pairs stay whole: 512 is even).
+local function call_many(cmd, key, args)
+  in_parts(args, function(part) redis.call(cmd, key, unpack(part)) end)
+end
+-- The sender's outbox copies: kv holds ids and their bodies (id, body, ...),
+-- added to the outbox's ZSET kz (score 0) and bytes kb, kept to max (0: no
+-- bound), oldest out first. -> how many old ones went.
+local function copy_out(kz, kb, kv, max)
+  local z = {}
+  for j = 1, #kv, 2 do z[#z + 1] = 0; z[#z + 1] = kv[j] end
+  call_many('ZADD', kz, z)
+  call_many('HSET', kb, kv)
+  if max <= 0 then return 0 end
+  local over = redis.call('ZCARD', kz) - max
+  if over <= 0 then return 0 end
+  local old = redis.call('ZPOPMIN', kz, over)
+  local gone = {}
+  for j = 1, #old, 2 do gone[#gone + 1] = old[j] end
+  call_many('HDEL', kb, gone)
+  return over
 end
 -- Appends the pairs id, body of ids to out (the bodies from the hash kb); returns out.
 local function with_bodies(out, ids, kb)
@@ -343,35 +355,10 @@ local function dispatch(now, ttl, resv0, waiting)
     end
   end
 end
--- The sender's outbox copy in the same step, when the caller passed the
+-- The sender's outbox copy goes in the same step when the caller passed the
 -- sender's keys after the inbox's (one server, or a sender in this slot):
 -- KEYS[12] the sender's meta (there when it was initialised), [13] its outbox
--- ZSET, [14] the bytes. Kept to max (0: no bound). -> how many old ones went.
-local function copy_out(id, body, max)
-  redis.call('ZADD', KEYS[13], 0, id)
-  redis.call('HSET', KEYS[14], id, body)
-  if max <= 0 then return 0 end
-  local over = redis.call('ZCARD', KEYS[13]) - max
-  if over <= 0 then return 0 end
-  local old = redis.call('ZPOPMIN', KEYS[13], over)
-  for j = 1, #old, 2 do redis.call('HDEL', KEYS[14], old[j]) end
-  return over
-end
--- The same for many: kv holds ids and their bodies (id, body, id, body, ...).
-local function copy_out_many(kv, max)
-  local z = {}
-  for j = 1, #kv, 2 do z[#z + 1] = 0; z[#z + 1] = kv[j] end
-  call_many('ZADD', KEYS[13], z, 2)
-  call_many('HSET', KEYS[14], kv, 2)
-  if max <= 0 then return 0 end
-  local over = redis.call('ZCARD', KEYS[13]) - max
-  if over <= 0 then return 0 end
-  local old = redis.call('ZPOPMIN', KEYS[13], over)
-  local gone = {}
-  for j = 1, #old, 2 do gone[#gone + 1] = old[j] end
-  call_many('HDEL', KEYS[14], gone, 1)
-  return over
-end
+-- ZSET, [14] the bytes (copy_out above).
 local function has_outbox()
   return #KEYS >= 14 and redis.call('EXISTS', KEYS[12]) == 1
 end
@@ -462,7 +449,7 @@ end
 local circuit = cb_record(false, now, cfg, pre)
 if #KEYS < 14 then return {0, id, seq, sec, circuit, -1, 0} end
 if not has_outbox() then return {0, id, seq, sec, circuit, 0, 0} end
-return {0, id, seq, sec, circuit, 1, copy_out(id, body, tonumber(ARGV[17]))}
+return {0, id, seq, sec, circuit, 1, copy_out(KEYS[13], KEYS[14], {id, body}, tonumber(ARGV[17]))}
 """
 
 # Many payloads of one sender, as far as room allows, in one step.
@@ -513,9 +500,9 @@ if n > 0 then
     kv[#kv + 1] = id; kv[#kv + 1] = body
     out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
   end
-  call_many('ZADD', KQ, z, 2)
-  call_many('HSET', KB, kv, 2)
-  if copy then pruned = copy_out_many(kv, tonumber(ARGV[8])) end
+  call_many('ZADD', KQ, z)
+  call_many('HSET', KB, kv)
+  if copy then pruned = copy_out(KEYS[13], KEYS[14], kv, tonumber(ARGV[8])) end
 end
 out[1] = n
 if n > 0 then
@@ -595,11 +582,11 @@ for _, id in ipairs(ids) do
   end
 end
 if claim then
-  call_many('ZREM', KQ, ids, 1)
-  if reading then call_many('HDEL', KV, ids, 1) end
-  call_many('HSET', KC, kv, 2)
+  call_many('ZREM', KQ, ids)
+  if reading then call_many('HDEL', KV, ids) end
+  call_many('HSET', KC, kv)
 else
-  call_many('HSET', KV, kv, 2)
+  call_many('HSET', KV, kv)
 end
 if claim then
   redis.call('HINCRBY', KCN, me, #ids)
@@ -634,10 +621,9 @@ local out = {}
 local n = 0
 local tnow = now_ms()
 local ssum, sn = 0, 0
-local taken, seen = {}, {}
-for j = 6 + nrel, #ARGV, 256 do
-  local part = {}
-  for x = j, math.min(j + 255, #ARGV) do part[#part + 1] = ARGV[x] end
+local taken, seen, named = {}, {}, {}
+for j = 6 + nrel, #ARGV do named[#named + 1] = ARGV[j] end
+in_parts(named, function(part)
   -- claims: held by me (HMGET of the claim hash); else: still in the inbox (ZMSCORE)
   local here
   if claims then here = redis.call('HMGET', KC, unpack(part)) else here = redis.call('ZMSCORE', KQ, unpack(part)) end
@@ -655,15 +641,15 @@ for j = 6 + nrel, #ARGV, 256 do
     if ok == 1 then taken[#taken + 1] = id; seen[id] = true; n = n + 1 end
     out[#out + 1] = ok
   end
-end
+end)
 if n > 0 then
   if claims then
-    call_many('HDEL', KC, taken, 1)
+    call_many('HDEL', KC, taken)
   else
-    call_many('ZREM', KQ, taken, 1)
-    call_many('HDEL', KV, taken, 1)
+    call_many('ZREM', KQ, taken)
+    call_many('HDEL', KV, taken)
   end
-  call_many('HDEL', KB, taken, 1)
+  call_many('HDEL', KB, taken)
   redis.call('HINCRBY', KI, 'consumed', n)
   if claims then
     if redis.call('HINCRBY', KCN, me, -n) <= 0 then
@@ -738,7 +724,7 @@ return n
 CLEAR = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return -1 end
 local ids = redis.call('ZRANGE', KQ, 0, -1)
-in_parts(ids, function(part) redis.call('HDEL', KB, unpack(part)) end)
+call_many('HDEL', KB, ids)
 redis.call('DEL', KQ, KV)
 dispatch(now_ms(), tonumber(ARGV[1]))
 return #ids
@@ -783,20 +769,8 @@ return {1, redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[5]), tonumber(
 """
 
 # The sender's outbox copy, kept to its bound. KEYS: o (ZSET), ob (HASH); ARGV: id, body, max (0: all)
-OUTBOX = r"""
-redis.call('ZADD', KEYS[1], 0, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-local max = tonumber(ARGV[3])
-local pruned = 0
-if max > 0 then
-  local over = redis.call('ZCARD', KEYS[1]) - max
-  if over > 0 then
-    local old = redis.call('ZPOPMIN', KEYS[1], over)
-    for j = 1, #old, 2 do redis.call('HDEL', KEYS[2], old[j]) end
-    pruned = over
-  end
-end
-return pruned
+OUTBOX = _PARTS + r"""
+return copy_out(KEYS[1], KEYS[2], {ARGV[1], ARGV[2]}, tonumber(ARGV[3]))
 """
 
 # Removes the inbox: returns its counters (for the shared totals) and wakes

@@ -248,6 +248,11 @@ class RedisStorage:
             pool = client.connection_pool
             conn = self._direct = pool.connection_class(**pool.connection_kwargs)
         sha = _SHA.get(name) or _SHA.setdefault(name, hashlib.sha1(getattr(S, name).encode()).hexdigest())
+
+        def ask(*command: Any) -> Any:
+            conn.send_packed_command(conn.pack_command(*command), check_health=False)
+            return conn.read_response()
+
         try:
             if conn._sock is not None:
                 try:
@@ -256,15 +261,11 @@ class RedisStorage:
                     stale = True  # the read of the close itself raises
                 if stale:
                     conn.disconnect()  # sent on a fresh one
-            conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args), check_health=False)
             try:
-                return conn.read_response()
+                return ask("EVALSHA", sha, len(keys), *keys, *args)
             except self._redis.exceptions.NoScriptError:
-                conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", getattr(S, name)), check_health=False)
-                sha = _SHA[name] = conn.read_response().decode()
-                conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args),
-                                         check_health=False)
-                return conn.read_response()
+                sha = _SHA[name] = ask("SCRIPT", "LOAD", getattr(S, name)).decode()
+                return ask("EVALSHA", sha, len(keys), *keys, *args)
         except self._redis_error as e:
             raise self._fail(e) from None
         except OSError as e:
