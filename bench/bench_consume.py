@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from conftest import PAYLOAD, fill, new_bus
+from peers import read_whole
 from targets import SIZES
 
 BATCH = 10
@@ -102,7 +103,7 @@ def _drain_floor(inbox_fd: int, decode: bool) -> int:
     for name in sorted(n for n in os.listdir(inbox_fd) if n.endswith(".json")):
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=inbox_fd)
         try:
-            data = os.read(fd, 1 << 20)
+            data = read_whole(fd)
         finally:
             os.close(fd)
         if decode:
