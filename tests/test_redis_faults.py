@@ -323,3 +323,26 @@ def test_a_paused_cluster_master_fails_its_inboxes_calls_in_time_and_the_bus_car
     before = bus.get_inbox_size("bob")
     bus.send_message("alice", "bob", "t", 2)
     assert bus.get_inbox_size("bob") == before + 1
+
+
+def test_a_step_goes_on_the_wire_as_redis_py_would_send_it(redis_server: Server, make_bus) -> None:
+    """Script steps are packed by the storage (the keys' part once per key
+    list), not by redis-py: the bytes must be exactly what redis-py's
+    pack_command makes for the same EVALSHA, for every kind of argument the
+    steps pass, two scripts on one key list keep their own SHA, and an
+    argument redis-py refuses (a bool) is a CfnError, sent nowhere."""
+    redis_server.flush()
+    bus = make_bus(bus_url=redis_server.url())
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", 0)  # opens the process's own connection
+    st = bus.storage
+    conn = st._direct
+    keys = st._ikeys("bob")
+    args = [b"", b"a\r\nb", "", "h\u00e9llo \U0001f600", 0, -1, 2**63, 10**30, 1.5, bytearray(b"xy"),
+            memoryview(b"mv"), b"x" * 70_000]
+    for sha in ("a" * 40, "b" * 40):
+        want = b"".join(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args))
+        assert b"".join(st._packed(conn, sha, keys, args)) == want
+    with pytest.raises(CfnError, match="bool"):
+        st._run("SIZE", keys, [True])
+    assert bus.get_inbox_size("bob") == 1  # the connection is still in step with the server
