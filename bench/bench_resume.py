@@ -13,6 +13,7 @@ fs.mqueue.msg_max caps a POSIX queue at 10 here (no CAP_SYS_RESOURCE).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import PAYLOAD, bus_config, fill, new_bus
+from peers import read_whole
 from targets import RESUME_INTERVAL_S
 
 CAPACITY = 10
@@ -45,12 +47,29 @@ def _posix_child(name: str, conn: Any) -> None:
         conn.send(time.perf_counter_ns())
 
 
+def _plain_child(inbox: str, wake_r: int, conn: Any) -> None:
+    """The plain-os floor's sender: asleep in a pipe read until the consumer
+    writes its wake byte, then one message file (write a temporary, rename)."""
+    d = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    data = PAYLOAD.encode()
+    n = 0
+    while conn.recv():
+        os.read(wake_r, 1)
+        n += 1
+        tmp, name = f".s{n}.tmp", f"msg-2-{n:010d}-s.json"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d)
+        os.write(fd, data)
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        conn.send(time.perf_counter_ns())
+
+
 def _pct(xs: list[int], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))] / 1e9
 
 
-@pytest.mark.parametrize("system", ["posix_ipc", "cfn-fast"])
+@pytest.mark.parametrize("system", ["posix_ipc", "plain-os", "cfn-fast"])
 def test_resume(benchmark: Any, record: Any, workdir: Path, pick: Any, system: str) -> None:
     ctx = mp.get_context("fork")
     parent_conn, child_conn = ctx.Pipe()
@@ -70,6 +89,30 @@ def test_resume(benchmark: Any, record: Any, workdir: Path, pick: Any, system: s
         def free_one() -> None:
             assert len(bus.consume_messages("c", 1)) == 1
         cleanup.append(bus.close)
+    elif system == "plain-os":
+        # The floor of any file-per-message bus: the consumer's plain-os take
+        # (list, read, unlink the oldest), a kernel wake (one byte down a pipe)
+        # and the woken sender's file (write, rename); no capacity, no lock.
+        inbox = workdir / "plain"
+        inbox.mkdir()
+        for i in range(CAPACITY):
+            (inbox / f"msg-1-{i:010d}-f.json").write_text(PAYLOAD)
+        wake_r, wake_w = os.pipe()
+        cleanup += [lambda: os.close(wake_r), lambda: os.close(wake_w)]
+        inbox_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+        cleanup.append(lambda: os.close(inbox_fd))
+        child = ctx.Process(target=_plain_child, args=(str(inbox), wake_r, child_conn))
+
+        def waiting() -> bool:
+            return True  # not observable: the settle time has to do
+
+        def free_one() -> None:
+            oldest = min(n for n in os.listdir(inbox_fd) if n.endswith(".json"))
+            fd = os.open(oldest, os.O_RDONLY, dir_fd=inbox_fd)
+            read_whole(fd)
+            os.close(fd)
+            os.unlink(oldest, dir_fd=inbox_fd)
+            os.write(wake_w, b"1")
     else:
         posix_ipc = pytest.importorskip("posix_ipc")
         name = f"/cfnbench-resume-{id(workdir)}"
