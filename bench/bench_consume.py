@@ -139,3 +139,43 @@ def test_drain(benchmark: Any, record: Any, workdir: Path, pick: Any, side: str)
     assert benchmark.pedantic(drain, setup=refill, rounds=pick(20, 1), warmup_rounds=pick(1, 0)) == n
     os.close(inbox_fd)
     record(benchmark, f"drain.{side}", side=side)
+
+
+def test_drain_interleaved(benchmark: Any, record: Any, workdir: Path, pick: Any) -> None:
+    """The consume_raw drain row again, its two sides alternating round by
+    round (the order flipped every round, each round's 1,000 files refilled
+    untimed first), so the machine's drift cannot lean on one side: test_drain
+    times each side's 20 rounds one after the other, and with an honest floor
+    its ratio still moved 0.90x-1.54x in three runs of one hour. Each side's
+    figure is the median of its rounds."""
+    import statistics
+    import time
+
+    n, rounds = pick(DRAIN, 200), pick(20, 2)
+    bus = new_bus(workdir, max_inbox_size=10**7)
+    bus.init_message_bus("b")
+    inbox_fd = os.open(workdir / "messages" / "b" / "inbox", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    times: dict[str, list[float]] = {"floor_rw_raw": [], "cfn_raw": []}
+
+    def drain(side: str) -> int:
+        if side == "floor_rw_raw":
+            return _drain_floor(inbox_fd, decode=False)
+        got = 0
+        while got < n:
+            got += len(bus.consume_raw("b", DRAIN_BATCH))
+        return got
+
+    def run() -> None:
+        for r in range(rounds):
+            for side in (("floor_rw_raw", "cfn_raw") if r % 2 == 0 else ("cfn_raw", "floor_rw_raw")):
+                fill(bus, "b", n)
+                t0 = time.perf_counter_ns()
+                assert drain(side) == n
+                times[side].append((time.perf_counter_ns() - t0) / 1e9)
+
+    benchmark.group = f"drain {DRAIN} messages in batches of {DRAIN_BATCH}, interleaved"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    os.close(inbox_fd)
+    for side, ts in times.items():
+        record(benchmark, f"drain.{side}_il", statistics.median(ts), rounds=rounds)
+

@@ -83,6 +83,8 @@ def _rows() -> list[Row]:
         Row("consume_messages: 1,000 in batches of 100 vs read + json.loads + unlink", "drain.cfn",
             "drain.floor_rw", 1.3),
         Row("consume_raw: 1,000 in batches of 100 vs read + unlink", "drain.cfn_raw", "drain.floor_rw_raw", 1.3),
+        Row("consume_raw: 1,000 in batches of 100 vs read + unlink, interleaved round by round", "drain.cfn_raw_il",
+            "drain.floor_rw_raw_il", 1.3),
         Row("throughput 4 senders vs 1 sender (no collapse)", "tput.cfn-fast@4", "tput.cfn-fast@1", 1.0, True),
     ]
     for n in (1, 4):
