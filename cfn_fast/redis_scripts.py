@@ -488,15 +488,20 @@ end
 n = math.max(0, math.min(room, math.floor((#ARGV - 8) / 2)))
 if n > 0 then
   local first = redis.call('HINCRBY', KS, ARGV[1], n) - n
-  local sc = 0
-  if high then sc = -1 end
   local z, kv = {}, {}
+  -- what every id and body of the batch shares, formatted once: the second, the microsecond
+  -- (one TIME for the batch) and the score, a string (a number passed to redis.call is
+  -- formatted by %.14g each time); only the sequence is formatted per message, by %d
+  local ipre, ipost = 'msg-' .. string.format('%d', sec) .. '-', string.format('-%05x', usec)
+  local scs = '0'
+  if high then scs = '-1' end
   for k = 1, n do
     local j, seq = 7 + 2 * k, first + k
-    local id = string.format('msg-%d-%010d-%05x%s', sec, seq, usec, string.sub(ARGV[j], 1, 11)) .. suffix
+    local ss = string.format('%d', seq)
+    local id = ipre .. string.rep('0', 10 - #ss) .. ss .. ipost .. string.sub(ARGV[j], 1, 11) .. suffix
     local body = '{\n  "version": "1.1",\n  "msg_id": "' .. id .. '",\n  "from": "' .. ARGV[1] ..
-      head .. seq .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n'
-    z[#z + 1] = sc; z[#z + 1] = id
+      head .. ss .. mid .. ARGV[j + 1] .. ',\n  "requires_ack": false\n}\n'
+    z[#z + 1] = scs; z[#z + 1] = id
     kv[#kv + 1] = id; kv[#kv + 1] = body
     out[#out + 1] = id; out[#out + 1] = seq; out[#out + 1] = sec
   end

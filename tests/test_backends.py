@@ -55,6 +55,35 @@ def test_both_backends_write_the_same_bytes(backend: str, make_bus) -> None:
     assert bus.receive_raw("bob")[0] == expected  # the original's bytes, to the space
 
 
+def _shape(raw: bytes) -> tuple[bytes, int, int, str]:
+    """A message's bytes with its msg_id, timestamp and sequence put aside (and checked
+    against each other: the id names the second and the zero-padded sequence)."""
+    msg = json.loads(raw)
+    mid, ts, seq = msg["msg_id"], msg["timestamp"], msg["sequence"]
+    assert MSG_ID.match(mid.removesuffix("-hi")), mid
+    assert mid.split("-")[1] == str(ts) and mid.split("-")[2] == "%010d" % seq, (mid, ts, seq)
+    rest = raw.replace(mid.encode(), b"ID").replace(b'"timestamp": %d,' % ts, b'"timestamp": T,')
+    return rest.replace(b'"sequence": %d,' % seq, b'"sequence": S,'), ts, seq, mid
+
+
+@pytest.mark.parametrize("priority", ["normal", "high"])
+def test_a_batch_writes_what_single_sends_write(backend: str, make_bus, priority: str) -> None:
+    """send_batch (one step per batch on Redis, its ids and bodies built apart from a
+    single send's) writes the same bytes as send_message, message for message: the
+    envelope, the id's shape, a sequence that counts on across both paths."""
+    bus = make_bus(max_inbox_size=100)
+    bus.init_message_bus("bob")
+    payload = ' [1, {"a": "\u00e9"}] '
+    bus.send_message("alice", "bob", "t\u00e9\"", payload, priority=priority)
+    ids = bus.send_batch("alice", "bob", "t\u00e9\"", [payload] * 3, priority=priority)
+    assert all(isinstance(i, str) for i in ids), ids
+    shapes = [_shape(raw) for raw in bus.receive_raw("bob")]
+    assert [s[2] for s in shapes] == [1, 2, 3, 4]
+    assert [s[3] for s in shapes[1:]] == ids
+    assert all(s[0] == shapes[0][0] for s in shapes), shapes
+    assert all(s[3].endswith("-hi") == (priority == "high") for s in shapes)
+
+
 def test_the_envelope_and_msg_id_are_the_original_format(nbus: MessageBus) -> None:
     before = int(time.time())
     mid = nbus.send_message("alice", "bob", "ta\"sk\n", '{"action": "process"}')
