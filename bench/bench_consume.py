@@ -11,6 +11,8 @@ consumer that does not rescan per batch costs (orientation for the C side).
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +150,6 @@ def test_drain_interleaved(benchmark: Any, record: Any, workdir: Path, pick: Any
     times each side's 20 rounds one after the other, and with an honest floor
     its ratio still moved 0.90x-1.54x in three runs of one hour. Each side's
     figure is the median of its rounds."""
-    import statistics
-    import time
-
     n, rounds = pick(DRAIN, 200), pick(20, 2)
     bus = new_bus(workdir, max_inbox_size=10**7)
     bus.init_message_bus("b")

@@ -42,7 +42,7 @@ end
 -- bound), oldest out first. -> how many old ones went.
 local function copy_out(kz, kb, kv, max)
   local z = {}
-  for j = 1, #kv, 2 do z[#z + 1] = 0; z[#z + 1] = kv[j] end
+  for j = 1, #kv, 2 do z[#z + 1] = '0'; z[#z + 1] = kv[j] end  -- a string: no %.14g per score
   call_many('ZADD', kz, z)
   call_many('HSET', kb, kv)
   if max <= 0 then return 0 end

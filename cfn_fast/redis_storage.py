@@ -270,8 +270,8 @@ class RedisStorage:
             conn = self._direct = pool.connection_class(**pool.connection_kwargs)
         sha = _SHA.get(name) or _SHA.setdefault(name, hashlib.sha1(getattr(S, name).encode()).hexdigest())
 
-        def ask(*command: Any) -> Any:
-            conn.send_packed_command(conn.pack_command(*command), check_health=False)
+        def ask(packed: list[bytes]) -> Any:
+            conn.send_packed_command(packed, check_health=False)
             return conn.read_response()
 
         try:
@@ -284,11 +284,10 @@ class RedisStorage:
                 if stale:
                     conn.disconnect()  # sent on a fresh one
             try:
-                conn.send_packed_command(step, check_health=False)
-                return conn.read_response()
+                return ask(step)
             except self._redis.exceptions.NoScriptError:
-                sha = _SHA[name] = ask("SCRIPT", "LOAD", getattr(S, name)).decode()
-                return ask("EVALSHA", sha, len(keys), *keys, *args)
+                ask(conn.pack_command("SCRIPT", "LOAD", getattr(S, name)))  # its SHA is sha: SHA1 of the text
+                return ask(step)
         except self._redis_error as e:
             raise self._fail(e) from None
         except OSError as e:
