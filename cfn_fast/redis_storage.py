@@ -52,6 +52,7 @@ _INBOX_COUNTERS = ("sent", "consumed", "send_full", "backpressure_wait", "backpr
                    "circuit_closed", "circuit_rejected")
 _TRIM = b" \t\r\n"
 _SHA: dict[str, str] = {}  # script name -> its SHA1, as EVALSHA names it
+_LIB = S.library()  # (name, text, script name -> function name): the direct path's FCALLs
 _BATCH = 256           # payloads per batch step
 _BATCH_BYTES = 4 << 20  # and at most this much payload per step
 
@@ -141,7 +142,7 @@ class RedisStorage:
         self._keys: dict[str, list[bytes]] = {}
         self._outbox: dict[str, tuple[bool, float]] = {}
         self._okeys: dict[tuple[str, str], list[bytes]] = {}
-        self._kpack: dict[tuple[bytes, ...], bytes] = {}  # a key list -> its packed part of EVALSHA
+        self._kpack: dict[tuple[bytes, ...], bytes] = {}  # (target, *keys) -> the step's packed head and keys
         self._checked: dict[tuple[str, str, bytes], bytes] = {}  # (sender, to, type) checked -> escaped type
         self._claims: dict[str, int] = {}
         self._reads: dict[tuple[int, str], list[bytes]] = {}
@@ -167,6 +168,7 @@ class RedisStorage:
         # Cluster): see _run_direct. None until first use; False: none here.
         self._direct: Any = None
         self._direct_lock = threading.Lock()
+        self._fcall = True  # the direct path calls the library's functions; False: EVALSHA (see _fcall_missing)
 
     # -- the connection ------------------------------------------------------------
     @property
@@ -252,15 +254,18 @@ class RedisStorage:
 
     def _run_direct(self, client: Any, name: str, keys: list[bytes], args: list[Any]) -> Any:
         """A script step on this process's own connection to a single server:
-        EVALSHA packed, sent and its answer read, with none of the client's
-        per-call work (pool checkout and return, the retry wrapper, the
-        observability hooks): ~50 us of a ~250 us step on loopback. The same
-        rules as the client's path: a connection the server closed (its
+        FCALL of the step's function in the library (redis_scripts.library;
+        EVALSHA of its script where the server has no functions or this user
+        may not load them), packed, sent and its answer read, with none of the
+        client's per-call work (pool checkout and return, the retry wrapper,
+        the observability hooks): ~50 us of a ~250 us step on loopback. The
+        same rules as the client's path: a connection the server closed (its
         restart) is remade before the step, never after it (an answer lost
         mid-step is BackendUnavailable: the step may have run, so it is not
-        sent twice); NOSCRIPT loads the script and sends the step again (it
-        did not run). One thread at a time uses it; another meanwhile takes the
-        client's path."""
+        sent twice); an answer that says the step's code is not there
+        (NOSCRIPT, "Function not found": it did not run) loads it and sends
+        the step again. One thread at a time uses it; another meanwhile takes
+        the client's path."""
         conn = self._direct
         if conn is None:
             if self.target.cluster:
@@ -268,14 +273,12 @@ class RedisStorage:
                 return self._run_script(client, name, keys, args)
             pool = client.connection_pool
             conn = self._direct = pool.connection_class(**pool.connection_kwargs)
-        sha = _SHA.get(name) or _SHA.setdefault(name, hashlib.sha1(getattr(S, name).encode()).hexdigest())
 
         def ask(packed: list[bytes]) -> Any:
             conn.send_packed_command(packed, check_health=False)
             return conn.read_response()
 
         try:
-            step = self._packed(conn, sha, keys, args)
             if conn._sock is not None:
                 try:
                     stale = conn.can_read(timeout=0)  # readable now: closed by the server, or a stray answer
@@ -283,6 +286,17 @@ class RedisStorage:
                     stale = True  # the read of the close itself raises
                 if stale:
                     conn.disconnect()  # sent on a fresh one
+            if self._fcall:
+                step = self._packed(conn, b"FCALL", _LIB[2][name].encode(), keys, args)
+                try:
+                    return ask(step)
+                except self._redis.exceptions.ResponseError as e:
+                    if not self._fcall_missing(e, conn, ask):
+                        raise
+                if self._fcall:
+                    return ask(step)  # the library is there now; the step did not run before
+            sha = _SHA.get(name) or _SHA.setdefault(name, hashlib.sha1(getattr(S, name).encode()).hexdigest())
+            step = self._packed(conn, b"EVALSHA", sha.encode(), keys, args)
             try:
                 return ask(step)
             except self._redis.exceptions.NoScriptError:
@@ -294,19 +308,38 @@ class RedisStorage:
             conn.disconnect()
             raise self._down(e) from None
 
-    def _packed(self, conn: Any, sha: str, keys: list[bytes], args: list[Any]) -> list[bytes]:
-        """EVALSHA sha keys args as the protocol's bytes (what conn.pack_command
-        makes), with the keys' part made once per key list: a send's 14 keys
-        and 17 arguments cost ~11 us to pack one by one, on every step."""
-        kt = tuple(keys)
+    def _fcall_missing(self, e: BaseException, conn: Any, ask: Any) -> bool:
+        """Whether an FCALL's error says only that its function was not there
+        to run (the server lost or never had the library; no FCALL or no
+        FUNCTION for this server or user): the library is loaded, or this
+        storage goes on with EVALSHA for good. False: the step's own error."""
+        text = str(e)
+        low = text.lower()
+        if ("unknown command" in low and "fcall" in low) or "no permissions to run the 'fcall'" in low:
+            self._fcall = False  # Redis 6.2, or FCALL denied to this user
+            return True
+        if not text.startswith("Function not found"):
+            return False
+        try:
+            ask(conn.pack_command("FUNCTION", "LOAD", _LIB[1]))
+        except self._redis.exceptions.ResponseError as load:
+            if "already exists" not in str(load):
+                self._fcall = False  # FUNCTION refused (not this user's, or no room): the scripts instead
+        return True
+
+    def _packed(self, conn: Any, cmd: bytes, target: bytes, keys: list[bytes], args: list[Any]) -> list[bytes]:
+        """cmd (EVALSHA or FCALL) target keys args as the protocol's bytes
+        (what conn.pack_command makes), with the head and the keys' part made
+        once per target and key list: a send's 14 keys and 17 arguments cost
+        ~11 us to pack one by one, on every step."""
+        kt = (target, *keys)
         kp = self._kpack.get(kt)
         if kp is None:
-            kp = _bulks(conn, [len(keys), *keys])
+            kp = b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(cmd), cmd, len(target), target) + _bulks(conn, [len(keys), *keys])
             if len(self._kpack) > 4096:
                 self._kpack.clear()
             self._kpack[kt] = kp
-        return [b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args), len(sha), sha.encode())
-                + kp + _bulks(conn, args)]
+        return [b"*%d\r\n" % (3 + len(keys) + len(args)) + kp + _bulks(conn, args)]
 
     def _run_script(self, client: Any, name: str, keys: list[bytes], args: list[Any]) -> Any:
         script = self._scripts.get(name)

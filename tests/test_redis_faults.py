@@ -222,6 +222,76 @@ def test_scripts_flushed_from_the_server_are_loaded_again_once(redis_server: Ser
     assert [m["payload"] for m in bus.consume_messages("bob")] == [0, 1]
 
 
+def _calls(admin: object, cmd: str) -> int:
+    return int(admin.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0))  # type: ignore[attr-defined]
+
+
+def test_steps_on_one_server_are_the_library_s_functions_loaded_once(redis_server: Server, make_bus) -> None:
+    """On one Redis 7 server a process's steps are FCALLs of one function
+    library, loaded by the first step that finds it missing; the scripts'
+    EVALSHA is not used. Two versions of the library (another hash) would
+    sit side by side: the name is the library's own."""
+    from cfn_fast import redis_storage
+
+    redis_server.flush()
+    admin = redis_server.client()
+    admin.function_flush()  # type: ignore[attr-defined]
+    admin.config_resetstat()  # type: ignore[attr-defined]
+    bus = make_bus(bus_url=redis_server.url())
+    bus.init_message_bus("bob")
+    for i in range(3):
+        bus.send_message("alice", "bob", "t", i)
+    libs = [dict(zip(lib[::2], lib[1::2]))[b"library_name"] for lib in admin.function_list()]  # type: ignore
+    assert libs == [redis_storage._LIB[0].encode()]
+    assert _calls(admin, "fcall") >= 4 and _calls(admin, "evalsha") == 0
+    assert _calls(admin, "function|load") == 1
+    assert [m["payload"] for m in bus.consume_messages("bob")] == [0, 1, 2]
+
+
+def test_functions_flushed_from_the_server_are_loaded_again_once(redis_server: Server, make_bus) -> None:
+    """FUNCTION FLUSH (or a restart without persistence) drops the library:
+    the next step's FCALL finds no function, which means it did not run; the
+    library is loaded and the step runs once, nothing delivered twice."""
+    redis_server.flush()
+    admin = redis_server.client()
+    bus = make_bus(bus_url=redis_server.url())
+    bus.init_message_bus("bob")
+    bus.send_message("alice", "bob", "t", 0)
+    admin.function_flush()  # type: ignore[attr-defined]
+    bus.send_message("alice", "bob", "t", 1)
+    assert bus.get_inbox_size("bob") == 2
+    assert [m["payload"] for m in bus.consume_messages("bob")] == [0, 1]
+
+
+@pytest.mark.parametrize("denied", ["function", "fcall"])
+def test_a_user_denied_functions_runs_the_same_steps_as_scripts(redis_server: Server, make_bus,
+                                                                 denied: str) -> None:
+    """A user who may not load functions (ACL -function), or not call them
+    (-fcall), as on a Redis 6.2 server that has neither: the steps go as
+    EVALSHA of the scripts, each once, with the same answers (capacity,
+    order, exactly once)."""
+    redis_server.flush()
+    admin = redis_server.client()
+    admin.function_flush()  # type: ignore[attr-defined]
+    admin.execute_command("ACL", "SETUSER", "limited", "reset", "on", ">pw", "~*", "&*", "+@all",  # type: ignore
+                          f"-{denied}")
+    try:
+        admin.config_resetstat()  # type: ignore[attr-defined]
+        bus = make_bus(bus_url=f"redis://limited:pw@127.0.0.1:{redis_server.port}/0", max_inbox_size=2)
+        bus.init_message_bus("bob")
+        bus.send_message("alice", "bob", "t", 0)
+        bus.send_message("alice", "bob", "t", 1)
+        with pytest.raises(InboxFull):
+            bus.send_message("alice", "bob", "t", 2)
+        assert [m["payload"] for m in bus.consume_messages("bob")] == [0, 1]
+        assert bus.get_inbox_size("bob") == 0
+        assert admin.function_list() == []  # type: ignore[attr-defined]
+        assert _calls(admin, "evalsha") >= 6
+        assert bus.storage._fcall is False
+    finally:
+        admin.execute_command("ACL", "DELUSER", "limited")  # type: ignore[attr-defined]
+
+
 def test_threads_of_one_process_share_the_bus_and_its_capacity(redis_server: Server, make_bus) -> None:
     """Eight threads send through one bus: one at a time takes the process's
     own connection, the others the client's pool meanwhile. The capacity holds
@@ -326,11 +396,12 @@ def test_a_paused_cluster_master_fails_its_inboxes_calls_in_time_and_the_bus_car
 
 
 def test_a_step_goes_on_the_wire_as_redis_py_would_send_it(redis_server: Server, make_bus) -> None:
-    """Script steps are packed by the storage (the keys' part once per key
-    list), not by redis-py: the bytes must be exactly what redis-py's
-    pack_command makes for the same EVALSHA, for every kind of argument the
-    steps pass, two scripts on one key list keep their own SHA, and an
-    argument redis-py refuses (a bool) is a CfnError, sent nowhere."""
+    """Script steps are packed by the storage (the head and the keys' part
+    once per target and key list), not by redis-py: the bytes must be
+    exactly what redis-py's pack_command makes for the same EVALSHA or
+    FCALL, for every kind of argument the steps pass, two scripts or
+    functions on one key list keep their own name, and an argument redis-py
+    refuses (a bool) is a CfnError, sent nowhere."""
     redis_server.flush()
     bus = make_bus(bus_url=redis_server.url())
     bus.init_message_bus("bob")
@@ -340,9 +411,9 @@ def test_a_step_goes_on_the_wire_as_redis_py_would_send_it(redis_server: Server,
     keys = st._ikeys("bob")
     args = [b"", b"a\r\nb", "", "h\u00e9llo \U0001f600", 0, -1, 2**63, 10**30, 1.5, bytearray(b"xy"),
             memoryview(b"mv"), b"x" * 70_000]
-    for sha in ("a" * 40, "b" * 40):
-        want = b"".join(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args))
-        assert b"".join(st._packed(conn, sha, keys, args)) == want
+    for cmd, target in (("EVALSHA", "a" * 40), ("EVALSHA", "b" * 40), ("FCALL", "cfn_x_deliver"), ("FCALL", "f")):
+        want = b"".join(conn.pack_command(cmd, target, len(keys), *keys, *args))
+        assert b"".join(st._packed(conn, cmd.encode(), target.encode(), keys, args)) == want
     with pytest.raises(CfnError, match="bool"):
         st._run("SIZE", keys, [True])
     assert bus.get_inbox_size("bob") == 1  # the connection is still in step with the server
