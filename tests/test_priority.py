@@ -9,6 +9,7 @@ message's envelope carries "priority": "high" and its id ends in -hi, so a
 bash reader still reads it, in (timestamp, sequence) order."""
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -119,6 +120,7 @@ def test_a_bash_reader_reads_high_messages_in_time_order(base: Path, workdir: Pa
 
 
 def _mixed_sender(rank: int, high: bool, n: int, out: "mp.Queue[tuple[int, bool, list[int]]]") -> None:
+    gc.freeze()  # see _slow_consumer
     bus = MessageBus(config=Config.from_env().replace(max_inbox_size=20, priority_headroom_pct=25,
                                                       backpressure_wait_ms=5, backpressure_max_retries=20_000))
     waited = []
@@ -130,11 +132,17 @@ def _mixed_sender(rank: int, high: bool, n: int, out: "mp.Queue[tuple[int, bool,
     out.put((rank, high, waited))
 
 
-def _slow_consumer(stop: "mp.Event", out: "mp.Queue[list[tuple[int, int]]]") -> None:
+def _slow_consumer(stop: "mp.Event", ready: "mp.Event", out: "mp.Queue[list[tuple[int, int]]]") -> None:
+    # Forked from the test process, this one holds its whole heap: a full
+    # collection here walked it (189 ms of CPU inside one take, seen with a
+    # watchdog), and the high senders waited behind the stalled consumer.
+    # Frozen, the parent's objects are left out of every collection.
+    gc.freeze()
     bus = MessageBus(config=Config.from_env().replace(priority_ratio=4))
     got: list[tuple[int, int]] = []
     while True:
         batch = bus.consume_messages("bob", 1)
+        ready.set()  # draining: the high lane starts now, not while this process still starts up
         got += [(m["payload"]["s"], m["payload"]["i"]) for m in batch]
         if not batch and stop.is_set():
             break
@@ -162,13 +170,14 @@ def test_eight_processes_of_mixed_priorities_never_pass_capacity_plus_headroom(b
     sampler.start()
     results: "mp.Queue[tuple[int, bool, list[int]]]" = CTX.Queue()
     consumed: "mp.Queue[list[tuple[int, int]]]" = CTX.Queue()
-    stop = CTX.Event()
-    consumer = CTX.Process(target=_slow_consumer, args=(stop, consumed))
+    stop, ready = CTX.Event(), CTX.Event()
+    consumer = CTX.Process(target=_slow_consumer, args=(stop, ready, consumed))
     senders = [CTX.Process(target=_mixed_sender, args=(r, r >= 4, 5 if r >= 4 else 30, results)) for r in range(8)]
     for p in senders[:4]:
         p.start()
     time.sleep(0.3)  # normal traffic fills the inbox before anyone drains it
     consumer.start()
+    assert ready.wait(60)
     for p in senders[4:]:
         p.start()
     outcomes = [results.get(timeout=120) for _ in senders]
