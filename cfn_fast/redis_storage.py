@@ -57,6 +57,18 @@ _BATCH = 256           # payloads per batch step
 _BATCH_BYTES = 4 << 20  # and at most this much payload per step
 
 
+class _Packed:
+    """Arguments a step passes again and again (a send's sender, recipient
+    and type; its settings), packed once: one item of a step's arguments
+    that stands for all of them."""
+
+    __slots__ = ("args", "bulks")
+
+    def __init__(self, args: list[Union[bytes, str, int]]) -> None:
+        self.args = args
+        self.bulks = _bulks(None, [a.encode() if isinstance(a, str) else a for a in args])  # a str subclass too
+
+
 def _bulks(conn: Any, args: list[Any]) -> bytes:
     """args as the protocol's bulk strings, encoded as redis-py's Encoder
     does (bytes as they are, str as UTF-8, int by repr; anything else, and
@@ -70,10 +82,24 @@ def _bulks(conn: Any, args: list[Any]) -> bytes:
             b = a.encode()
         elif t is int:
             b = b"%d" % a
+        elif t is _Packed:
+            out.append(a.bulks)
+            continue
         else:
             b = bytes(conn.encoder.encode(a))
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def _unpacked(args: list[Any]) -> list[Any]:
+    """args with each _Packed item replaced by the arguments it stands for."""
+    out: list[Any] = []
+    for a in args:
+        if type(a) is _Packed:
+            out.extend(a.args)
+        else:
+            out.append(a)
+    return out
 
 
 def _escape_type(mtype: bytes) -> bytes:
@@ -168,6 +194,11 @@ class RedisStorage:
         # Cluster): see _run_direct. None until first use; False: none here.
         self._direct: Any = None
         self._direct_lock = threading.Lock()
+        # a send's arguments without backpressure (DELIVER's ARGV) but for the
+        # payload and the token: 5-7 us a send to pack one by one
+        self._heads: dict[tuple[str, str, bytes], _Packed] = {}  # (sender, recipient, escaped type) -> packed
+        self._fixed = _Packed(["", c.max_inbox_size, 0, 0, 0, self._ttl, 0])
+        self._tails = {hi: _Packed([self._cb, 0, 0, int(hi), c.outbox_max]) for hi in (False, True)}
         self._fcall = True  # the direct path calls the library's functions; False: EVALSHA (see _fcall_missing)
 
     # -- the connection ------------------------------------------------------------
@@ -339,14 +370,18 @@ class RedisStorage:
             if len(self._kpack) > 4096:
                 self._kpack.clear()
             self._kpack[kt] = kp
-        return [b"*%d\r\n" % (3 + len(keys) + len(args)) + kp + _bulks(conn, args)]
+        n = 3 + len(keys) + len(args)
+        for a in args:
+            if type(a) is _Packed:
+                n += len(a.args) - 1
+        return [b"*%d\r\n" % n + kp + _bulks(conn, args)]
 
     def _run_script(self, client: Any, name: str, keys: list[bytes], args: list[Any]) -> Any:
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = client.register_script(getattr(S, name))
         try:
-            return script(keys=keys, args=args)
+            return script(keys=keys, args=_unpacked(args))
         except self._redis_error as e:
             raise self._fail(e) from None
 
@@ -575,11 +610,14 @@ class RedisStorage:
                 deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult:
         etype, data = self._message(sender, to, mtype, payload)
         keys = self._send_keys(sender, to)
-        cap = self.config.max_inbox_size
         tok = os.urandom(8).hex()
         if not backpressure:
-            r = self._run("DELIVER", keys, [sender, to, etype, data, "", cap, 0, 0, 0, self._ttl, 0, tok,
-                                            self._cb, 0, 0, 1 if high else 0, self.config.outbox_max])
+            lead = self._heads.get((sender, to, etype))
+            if lead is None:
+                if len(self._heads) > 4096:
+                    self._heads.clear()
+                lead = self._heads[(sender, to, etype)] = _Packed([sender, to, etype])
+            r = self._run("DELIVER", keys, [lead, data, self._fixed, tok, self._tails[bool(high)]])
             if r[0] == 1:
                 head = f", and its {int(r[4])} places of high-priority headroom" if int(r[4]) else ""
                 e = InboxFull(f"inbox of '{to}' is full ({r[1]} messages{head})")

@@ -402,6 +402,8 @@ def test_a_step_goes_on_the_wire_as_redis_py_would_send_it(redis_server: Server,
     FCALL, for every kind of argument the steps pass, two scripts or
     functions on one key list keep their own name, and an argument redis-py
     refuses (a bool) is a CfnError, sent nowhere."""
+    from cfn_fast import redis_storage
+
     redis_server.flush()
     bus = make_bus(bus_url=redis_server.url())
     bus.init_message_bus("bob")
@@ -414,6 +416,13 @@ def test_a_step_goes_on_the_wire_as_redis_py_would_send_it(redis_server: Server,
     for cmd, target in (("EVALSHA", "a" * 40), ("EVALSHA", "b" * 40), ("FCALL", "cfn_x_deliver"), ("FCALL", "f")):
         want = b"".join(conn.pack_command(cmd, target, len(keys), *keys, *args))
         assert b"".join(st._packed(conn, cmd.encode(), target.encode(), keys, args)) == want
+    # arguments packed once (a send's sender, recipient and type; its settings) stand for themselves
+    Sub = type("Sub", (str,), {})
+    fixed = [Sub("alice"), "h\u00e9", b"t\r\n", 0, 2**63]
+    mixed = [redis_storage._Packed(fixed), b"payload", redis_storage._Packed([""]), "tok", redis_storage._Packed([])]
+    want = b"".join(conn.pack_command("FCALL", "f", len(keys), *keys, *fixed, b"payload", "", "tok"))
+    assert b"".join(st._packed(conn, b"FCALL", b"f", keys, mixed)) == want
+    assert redis_storage._unpacked(mixed) == [*fixed, b"payload", "", "tok"]
     with pytest.raises(CfnError, match="bool"):
         st._run("SIZE", keys, [True])
     assert bus.get_inbox_size("bob") == 1  # the connection is still in step with the server
