@@ -129,10 +129,13 @@ local function score(id)
   if string.sub(id, -3) == '-hi' then return -1 end
   return 0
 end
--- n messages arrived: the meta's 'arr' moves, and consumers waiting for one
--- ('cw' of them) find a push on <inbox>ar (one each at most) that ends their BLPOP.
-local function arrived(n, pre)
-  redis.call('HINCRBY', KI, 'arr', n)
+-- n messages arrived: the arrivals ('sent' + 'arr' of the meta, which only
+-- grow while the inbox lives) move, and consumers waiting for one ('cw' of
+-- them) find a push on <inbox>ar (one each at most) that ends their BLPOP.
+-- sent: the caller counted them in 'sent' already (a delivery), so 'arr',
+-- which counts the other arrivals (recovered claims), is left alone.
+local function arrived(n, pre, sent)
+  if not sent then redis.call('HINCRBY', KI, 'arr', n) end
   local cw
   if pre then cw = tonumber(pre.cw or '0') else cw = tonumber(redis.call('HGET', KI, 'cw') or '0') end
   if cw > 0 and redis.call('LLEN', P .. 'ar') < cw then
@@ -199,9 +202,16 @@ end
 -- circuit_opened, circuit_closed) its share of the shared counters; cbw0 and
 -- cbw1 the failure rate's window buckets ("<index>:<calls>:<failures>").
 -- cfg: the sender's settings, "failures,rate %,window ms,min calls,cooldown ms,probes,headroom %".
+-- Parsed once per text where the helpers outlive the call (the function
+-- library), read-only to callers; kept to 64 texts.
+local CFGS, NCFGS = {}, 0
 local function cb_cfg(text)
-  local t = {}
+  local t = CFGS[text]
+  if t then return t end
+  t = {}
   for x in string.gmatch(text, '[^,]+') do t[#t + 1] = tonumber(x) end
+  if NCFGS >= 64 then CFGS, NCFGS = {}, 0 end
+  CFGS[text], NCFGS = t, NCFGS + 1
   return t
 end
 -- 0 admitted, 1 admitted as a probe, or -(ms until it admits) refused.
@@ -449,7 +459,7 @@ redis.call('HSET', KB, id, body)
 redis.call('HINCRBY', KI, 'sent', 1)
 if high then redis.call('HINCRBY', KI, 'sent_high', 1) end
 senders_add(ARGV[1], 1, now, pre)
-arrived(1, pre)
+arrived(1, pre, true)
 if bp then
   redis.call('HINCRBY', KI, 'backpressure_success', 1)
   redis.call('HINCRBY', KI, 'metrics', ml)
@@ -522,7 +532,7 @@ if n > 0 then
   redis.call('HINCRBY', KI, 'sent', n)
   if high then redis.call('HINCRBY', KI, 'sent_high', n) end
   senders_add(ARGV[1], n, now)
-  arrived(n)
+  arrived(n, nil, true)
   out[2] = cb_record(false, now, cfg)
 end
 out[#out + 1] = (#KEYS < 14) and -1 or (copy and 1 or 0)
@@ -819,7 +829,8 @@ return out
 # it moved from ARGV[2], else count this consumer as waiting, 0; "leave": uncount it)
 ARRIVE = _PRELUDE + r"""
 if redis.call('EXISTS', KI) == 0 then return -1 end
-local arr = tonumber(redis.call('HGET', KI, 'arr') or '0')
+local m = redis.call('HMGET', KI, 'arr', 'sent')
+local arr = tonumber(m[1] or '0') + tonumber(m[2] or '0')
 if ARGV[1] == 'look' then return arr end
 if ARGV[1] == 'enter' then
   if arr ~= tonumber(ARGV[2]) then return 1 end

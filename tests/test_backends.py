@@ -495,3 +495,28 @@ def test_the_drop_in_works_on_both(backend: str, tmp_path) -> None:
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_an_arrival_between_the_look_and_the_wait_ends_the_wait_at_once(backend: str, make_bus) -> None:
+    """A consumer reads the arrivals before it looks in the inbox, then waits
+    on them: whatever arrived in between (a send, a batch, a claim nacked
+    back) must end that wait at once, or the consumer sleeps through it."""
+    bus = make_bus()
+    bus.init_message_bus("bob")
+    st = bus.storage
+    bus.send_message("a", "bob", "t", 0)
+    claimed = bus.claim_messages("bob", 1)
+    arrive = {
+        "send": lambda: bus.send_message("a", "bob", "t", 1),
+        "batch": lambda: bus.send_batch("a", "bob", "t", [2, 3]),
+        "nack": lambda: bus.nack_messages("bob", claimed),
+    }
+    for how, act in arrive.items():
+        seen = st.arrivals("bob")
+        act()
+        assert st.arrivals("bob") != seen, how
+        t0 = time.monotonic()
+        assert st.wait_arrival("bob", seen, 5_000_000_000) is True, how
+        assert time.monotonic() - t0 < 2.5, how  # ended by the arrival, not by its 5 s timeout
+    seen = st.arrivals("bob")
+    assert st.wait_arrival("bob", seen, 50_000_000) is False  # nothing arrived: the wait runs out
