@@ -4,6 +4,7 @@ module-level functions and child processes see the same isolated bus. No test
 touches the real /dev/shm/cfn-mvp."""
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -17,6 +18,14 @@ from cfn_fast import Config, MessageBus, _core
 from cfn_fast.config import SETTINGS
 from faults import faultshim  # noqa: F401  (the session fixture; see tests/faults/__init__.py)
 from redis_fixtures import _redis_root, backend, redis_cluster, redis_server, redis_url  # noqa: F401  (real Redis)
+
+# A child forked from the test process (multiprocessing's fork context) holds
+# the whole pytest heap: every module, every earlier test's objects. A full
+# collection in the child walked all of it (a watchdog caught one take in
+# test_priority's consumer spending 189 ms of CPU there, and the test's high
+# senders waited behind it). Frozen at the fork, the inherited objects stay
+# out of the child's collections; what the child makes is collected as usual.
+os.register_at_fork(after_in_child=gc.freeze)
 
 _TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 

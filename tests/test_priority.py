@@ -9,7 +9,6 @@ message's envelope carries "priority": "high" and its id ends in -hi, so a
 bash reader still reads it, in (timestamp, sequence) order."""
 from __future__ import annotations
 
-import gc
 import json
 import multiprocessing as mp
 import os
@@ -120,7 +119,6 @@ def test_a_bash_reader_reads_high_messages_in_time_order(base: Path, workdir: Pa
 
 
 def _mixed_sender(rank: int, high: bool, n: int, out: "mp.Queue[tuple[int, bool, list[int]]]") -> None:
-    gc.freeze()  # see _slow_consumer
     bus = MessageBus(config=Config.from_env().replace(max_inbox_size=20, priority_headroom_pct=25,
                                                       backpressure_wait_ms=5, backpressure_max_retries=20_000))
     waited = []
@@ -133,11 +131,6 @@ def _mixed_sender(rank: int, high: bool, n: int, out: "mp.Queue[tuple[int, bool,
 
 
 def _slow_consumer(stop: "mp.Event", ready: "mp.Event", out: "mp.Queue[list[tuple[int, int]]]") -> None:
-    # Forked from the test process, this one holds its whole heap: a full
-    # collection here walked it (189 ms of CPU inside one take, seen with a
-    # watchdog), and the high senders waited behind the stalled consumer.
-    # Frozen, the parent's objects are left out of every collection.
-    gc.freeze()
     bus = MessageBus(config=Config.from_env().replace(priority_ratio=4))
     got: list[tuple[int, int]] = []
     while True:
