@@ -169,7 +169,8 @@ class RedisStorage:
         self._outbox: dict[str, tuple[bool, float]] = {}
         self._okeys: dict[tuple[str, str], list[bytes]] = {}
         self._kpack: dict[tuple[bytes, ...], bytes] = {}  # (target, *keys) -> the step's packed head and keys
-        self._checked: dict[tuple[str, str, bytes], bytes] = {}  # (sender, to, type) checked -> escaped type
+        # (sender, to, type) checked -> sender, recipient and escaped type, packed for DELIVER's ARGV
+        self._checked: dict[tuple[str, str, bytes], _Packed] = {}
         self._claims: dict[str, int] = {}
         self._reads: dict[tuple[int, str], list[bytes]] = {}
         self._beat: Optional[threading.Thread] = None
@@ -194,9 +195,8 @@ class RedisStorage:
         # Cluster): see _run_direct. None until first use; False: none here.
         self._direct: Any = None
         self._direct_lock = threading.Lock()
-        # a send's arguments without backpressure (DELIVER's ARGV) but for the
-        # payload and the token: 5-7 us a send to pack one by one
-        self._heads: dict[tuple[str, str, bytes], _Packed] = {}  # (sender, recipient, escaped type) -> packed
+        # the rest of a send's arguments without backpressure (DELIVER's ARGV)
+        # but for the payload and the token: 5-7 us a send to pack one by one
         self._fixed = _Packed(["", c.max_inbox_size, 0, 0, 0, self._ttl, 0])
         self._tails = {hi: _Packed([self._cb, 0, 0, int(hi), c.outbox_max]) for hi in (False, True)}
         self._fcall = True  # the direct path calls the library's functions; False: EVALSHA (see _fcall_missing)
@@ -509,21 +509,22 @@ class RedisStorage:
         return bool(self._do(self._c().exists, k[0])) or bool(self._do(self._c().exists, k[1]))
 
     # -- sending ------------------------------------------------------------------------------
-    def _message(self, sender: str, to: str, mtype: bytes, payload: bytes) -> tuple[bytes, bytes]:
-        """The escaped type and the payload's JSON, both checked: the ids and
-        type once per (sender, recipient, type) a storage has seen pass (a
-        bounded memo of str, str, bytes, so nothing else is taken for one)."""
+    def _message(self, sender: str, to: str, mtype: bytes, payload: bytes) -> tuple[_Packed, bytes]:
+        """The sender, recipient and escaped type, packed (the type is
+        lead.args[2]), and the payload's JSON, all checked: the ids and type
+        once per (sender, recipient, type) a storage has seen pass (a bounded
+        memo of str, str, bytes, so nothing else is taken for one)."""
         memo = type(sender) is str and type(to) is str and type(mtype) is bytes
-        etype = self._checked.get((sender, to, mtype)) if memo else None
-        if etype is None:
+        lead = self._checked.get((sender, to, mtype)) if memo else None
+        if lead is None:
             storage.check_agent(sender, "sender")
             storage.check_agent(to, "recipient")
-            etype = _escape_type(mtype)
+            lead = _Packed([sender, to, _escape_type(mtype)])
             if memo:
                 if len(self._checked) > 4096:
                     self._checked.clear()
-                self._checked[(sender, to, mtype)] = etype
-        return etype, self._payload(payload)
+                self._checked[(sender, to, mtype)] = lead
+        return lead, self._payload(payload)
 
     def _payload(self, payload: bytes) -> bytes:
         if len(payload) > self.config.max_message_bytes:
@@ -608,15 +609,11 @@ class RedisStorage:
 
     def deliver(self, sender: str, to: str, mtype: bytes, payload: bytes, backpressure: bool,
                 deadline_ns: int = 0, high: bool = False, last_try: bool = False) -> SendResult:
-        etype, data = self._message(sender, to, mtype, payload)
+        lead, data = self._message(sender, to, mtype, payload)
+        etype: bytes = lead.args[2]  # type: ignore[assignment]
         keys = self._send_keys(sender, to)
         tok = os.urandom(8).hex()
         if not backpressure:
-            lead = self._heads.get((sender, to, etype))
-            if lead is None:
-                if len(self._heads) > 4096:
-                    self._heads.clear()
-                lead = self._heads[(sender, to, etype)] = _Packed([sender, to, etype])
             r = self._run("DELIVER", keys, [lead, data, self._fixed, tok, self._tails[bool(high)]])
             if r[0] == 1:
                 head = f", and its {int(r[4])} places of high-priority headroom" if int(r[4]) else ""
